@@ -1,0 +1,190 @@
+"""The build pipeline: config -> checkpoint -> model spec -> export -> optimize -> verify -> engine dir."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bei import __version__
+from bei.checkpoint import Checkpoint, check_required_files, resolve_checkpoint
+from bei.config import BeiConfig
+from bei.engine.layout import staged_engine_dir
+from bei.engine.manifest import Manifest, PoolingInfo, SourceInfo, TargetInfo, VerificationInfo
+from bei.errors import EngineError
+from bei.export import onnxruntime as ort_target
+from bei.export.onnx import export_onnx
+from bei.export.verify import compare, require_agreement
+from bei.modeling.detect import read_model_spec
+from bei.modeling.module import OUTPUT_NAMES, EngineModule, build_module, input_names
+from bei.modeling.spec import ModelSpec, Task
+from bei.progress import Progress
+from bei.runtime.base import Batch
+from bei.runtime.onnxruntime import OnnxRuntimeBackend
+from bei.runtime.tokenizer import Encoded, TokenizerRuntime
+
+STAGES = ["resolve checkpoint", "read pooling", "export", "optimize", "verify", "write"]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+)
+GRAPH_FILE = "model.onnx"
+
+# sample inputs of unequal length: exported and verified with padding in every batch
+SAMPLE_TEXTS = (
+    "Hello world.",
+    "The quick brown fox jumps over the lazy dog near the river bank on a sunny afternoon.",
+    "A",
+    "Engines are compiled once and served many times; verification compares them with the reference.",
+)
+SAMPLE_PAIRS = tuple(zip(SAMPLE_TEXTS, reversed(SAMPLE_TEXTS)))
+
+# fp32 CPU engines must agree with the torch reference this closely, or the build fails
+MIN_COSINE = 0.99999
+MAX_ABS_DIFF = 2e-3
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    engine_dir: Path
+    manifest: Manifest
+
+
+def default_target() -> str:
+    """The CPU engine wherever no GPU is present."""
+    return ort_target.TARGET_NAME
+
+
+def sample_batch(spec: ModelSpec, tokenizer: TokenizerRuntime) -> Batch:
+    items: list[str | tuple[str, str]] = list(SAMPLE_PAIRS if spec.task in (Task.RERANK, Task.CLASSIFY) else SAMPLE_TEXTS)
+    encoded: list[Encoded] = []
+    for i, item in enumerate(items):
+        prompt = "query: " if (spec.pooling and not spec.pooling.include_prompt and i % 2 == 0) else None
+        encoded.append(tokenizer.encode(item, truncate=True, prompt=prompt))
+    return Batch.pad(encoded, tokenizer.pad_id, spec.padding_side)
+
+
+def reference_outputs(module: EngineModule, batch: Batch) -> np.ndarray:
+    feeds = {k: torch.from_numpy(v) for k, v in batch.feeds(input_names(module.spec)).items()}
+    with torch.no_grad():
+        return module(**feeds).float().numpy()
+
+
+def build_engine(
+    config: BeiConfig,
+    *,
+    config_dir: Path,
+    engines_root: Path,
+    target: str | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build `engines_root/<config.name>` atomically; on any failure nothing is left to load."""
+    target = target or default_target()
+    if target != ort_target.TARGET_NAME:
+        raise EngineError(f"target {target!r} cannot be built here; available: {ort_target.TARGET_NAME}")
+    progress = progress or Progress(STAGES)
+    started = time.perf_counter()
+    build = config.trt_llm.build
+    repo = build.checkpoint_repository
+
+    with progress.stage("resolve checkpoint"):
+        checkpoint: Checkpoint = resolve_checkpoint(
+            repo.source.value,
+            repo.repo,
+            revision=repo.revision,
+            secret_name=repo.runtime_secret_name,
+            base_dir=config_dir,
+            progress=progress.note,
+        )
+        check_required_files(checkpoint.path)
+        progress.note(f"{checkpoint.path}")
+
+    with progress.stage("read pooling"):
+        spec = read_model_spec(checkpoint.path, base_model=build.base_model.value, max_seq_len=build.max_seq_len)
+        pooling = spec.pooling.name if spec.pooling else "none"
+        progress.note(f"{spec.architecture}: task {spec.task.value}, pooling {pooling}, normalize {spec.normalize}")
+        tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len)
+
+    engine_dir = engines_root / config.name
+    with staged_engine_dir(engine_dir) as staging:
+        with progress.stage("export"):
+            module = build_module(spec)
+            sample = sample_batch(spec, tokenizer)
+            reference = reference_outputs(module, sample)  # before export: exporters may alter the module
+            raw_graph = staging / "exported.onnx"
+            export_onnx(module, sample, raw_graph)
+            del module
+
+        with progress.stage("optimize"):
+            fused = ort_target.optimize(spec, raw_graph, staging / GRAPH_FILE)
+            for leftover in staging.glob("exported.onnx*"):
+                leftover.unlink()
+            progress.note("fused: " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "none"))
+
+        with progress.stage("verify"):
+            backend = OnnxRuntimeBackend(staging / GRAPH_FILE, input_names(spec))
+            agreement = compare(reference, backend.infer(sample))
+            backend.close()
+            require_agreement(agreement, min_cosine=MIN_COSINE, max_abs_diff=MAX_ABS_DIFF, what="the ONNX Runtime engine")
+            progress.note(f"cosine {agreement.min_cosine:.7f}, max abs diff {agreement.max_abs_diff:.1e}")
+
+        with progress.stage("write"):
+            for name in TOKENIZER_FILES:
+                if (checkpoint.path / name).exists():
+                    shutil.copy2(checkpoint.path / name, staging / name)
+            manifest = Manifest(
+                bei_version=__version__,
+                name=config.name,
+                source=SourceInfo(
+                    source=checkpoint.source,
+                    repo=checkpoint.repo,
+                    revision=checkpoint.revision,
+                    file_hashes=checkpoint.file_hashes(),
+                ),
+                task=spec.task.value,
+                architecture=spec.architecture,
+                model_type=spec.model_type,
+                base_model=spec.base_model,
+                pooling=PoolingInfo(modes=[m.value for m in spec.pooling.modes], include_prompt=spec.pooling.include_prompt)
+                if spec.pooling
+                else None,
+                normalize=spec.normalize,
+                embedding_dim=spec.embedding_dim,
+                labels=list(spec.labels),
+                max_input_tokens=spec.max_seq_len,
+                max_num_tokens=build.max_num_tokens,
+                max_batch_size=build.max_batch_size,
+                padding_side=spec.padding_side,
+                prompts=spec.prompts,
+                default_prompt_name=spec.default_prompt_name,
+                default_route=config.trt_llm.runtime.webserver_default_route.value
+                if config.trt_llm.runtime.webserver_default_route
+                else None,
+                precision="fp32",
+                target=TargetInfo(name=target, versions=ort_target.versions()),
+                graph_file=GRAPH_FILE,
+                graph_inputs=input_names(spec),
+                graph_output=OUTPUT_NAMES[spec.task],
+                build_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                build_seconds=round(time.perf_counter() - started, 2),
+                verification=VerificationInfo(
+                    reference="transformers (torch, fp32)",
+                    samples=agreement.samples,
+                    max_abs_diff=agreement.max_abs_diff,
+                    min_cosine=agreement.min_cosine,
+                ),
+                config=config.model_dump(mode="json"),
+                config_fingerprint=config.fingerprint(),
+            )
+            manifest.write(staging)  # last: a folder without a manifest is never loaded
+    return BuildResult(engine_dir=engine_dir.resolve(), manifest=manifest)

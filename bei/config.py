@@ -1,0 +1,381 @@
+"""config.yaml: pydantic models of the Truss-style config that `bei build` reads.
+
+`load_config` / `parse_config` turn a file or a mapping into a `BeiConfig`; every problem comes
+out as one `ConfigError` whose message names each field path, the bad value and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from bei.errors import ConfigError
+
+__all__ = [
+    "TRUSS_TOP_LEVEL_KEYS",
+    "BaseModelKind",
+    "BeiConfig",
+    "BuildConfig",
+    "CheckpointRepository",
+    "CheckpointSource",
+    "QuantizationConfig",
+    "QuantizationType",
+    "Resources",
+    "Route",
+    "RuntimeConfig",
+    "TrtLlmConfig",
+    "compute_capability",
+    "load_config",
+    "parse_config",
+]
+
+
+class CheckpointSource(str, enum.Enum):
+    """Where the checkpoint comes from."""
+
+    HF = "HF"
+    LOCAL = "LOCAL"
+    REMOTE_URL = "REMOTE_URL"
+    S3 = "S3"
+    GCS = "GCS"
+    AZURE = "AZURE"
+
+
+class QuantizationType(str, enum.Enum):
+    NO_QUANT = "no_quant"
+    FP8 = "fp8"
+    FP4 = "fp4"
+    FP4_MLP_ONLY = "fp4_mlp_only"
+
+
+class BaseModelKind(str, enum.Enum):
+    """`encoder`: causal decoders used as embedders; `encoder_bert`: BERT-like bidirectional models."""
+
+    ENCODER = "encoder"
+    ENCODER_BERT = "encoder_bert"
+
+
+class Route(str, enum.Enum):
+    EMBEDDINGS = "/v1/embeddings"
+    RERANK = "/rerank"
+    PREDICT = "/predict"
+    PREDICT_TOKENS = "/predict_tokens"
+    EMBED_SPARSE = "/embed_sparse"
+
+
+# Top-level keys of a Truss config.yaml; bei reads some and ignores the others.
+TRUSS_TOP_LEVEL_KEYS: tuple[str, ...] = (
+    "model_name", "description", "model_metadata", "python_version", "requirements",
+    "requirements_file", "environment_variables", "secrets", "system_packages", "build_commands",
+    "base_image", "docker_server", "model_cache", "external_package_dirs", "model_class_filename",
+    "model_class_name", "model_module_dir", "data_dir", "bundled_packages_dir", "live_reload",
+    "apply_library_patches", "runtime", "build", "spec_version", "resources", "trt_llm",
+    "model_framework", "model_type", "input_type", "examples_filename", "training_checkpoints",
+    "weights",
+)  # fmt: skip
+
+# Compute capability (major, minor) per accelerator family name.
+_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
+    "T4": (7, 5), "V100": (7, 0), "A10": (8, 6), "A10G": (8, 6), "A100": (8, 0),
+    "L4": (8, 9), "L40": (8, 9), "L40S": (8, 9), "H100": (9, 0), "H100MIG": (9, 0),
+    "H200": (9, 0), "B200": (10, 0), "GB200": (10, 0),
+}  # fmt: skip
+
+# Minimum compute capability per quantization type (only those that need one).
+_MIN_CAPABILITY: dict[QuantizationType, tuple[int, int]] = {
+    QuantizationType.FP8: (8, 9),
+    QuantizationType.FP4: (10, 0),
+    QuantizationType.FP4_MLP_ONLY: (10, 0),
+}
+
+# Quantization types each base model supports.
+_ALLOWED_QUANT: dict[BaseModelKind, tuple[QuantizationType, ...]] = {
+    BaseModelKind.ENCODER: tuple(QuantizationType),
+    BaseModelKind.ENCODER_BERT: (QuantizationType.NO_QUANT,),
+}
+
+
+def compute_capability(accelerator: str) -> tuple[int, int] | None:
+    """Compute capability of an accelerator string such as "H100", "h100:2" or "H100_40GB"; None if unknown."""
+    name = accelerator.split(":", 1)[0].strip().upper().replace("-", "_")
+    if name.startswith("NVIDIA_"):
+        name = name[len("NVIDIA_"):]
+    return _COMPUTE_CAPABILITY.get(name) or _COMPUTE_CAPABILITY.get(name.split("_", 1)[0])
+
+
+def _null_means_default(field: str) -> Any:
+    """A before-validator that reads `field: null` as the field's default (an empty mapping)."""
+
+    def validate(cls: type, value: Any) -> Any:
+        return {} if value is None else value
+
+    return field_validator(field, mode="before")(validate)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointRepository(_Strict):
+    source: CheckpointSource
+    repo: str = Field(min_length=1)
+    revision: str | None = None
+    runtime_secret_name: str | None = None
+
+
+class QuantizationConfig(_Strict):
+    calib_size: int = Field(default=1024, gt=0)
+    calib_dataset: str | None = None
+    calib_max_seq_length: int = Field(default=1536, gt=0)
+
+
+class BuildConfig(_Strict):
+    base_model: BaseModelKind = BaseModelKind.ENCODER_BERT
+    checkpoint_repository: CheckpointRepository
+    quantization_type: QuantizationType = QuantizationType.NO_QUANT
+    quantization_config: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    max_num_tokens: int = Field(default=16384, gt=64, le=1048576)
+    max_batch_size: int = Field(default=256, ge=1, le=2048)
+    max_seq_len: int | None = Field(default=None, gt=0)
+    num_builder_gpus: int | None = Field(default=None, gt=0)
+
+    _null_is_default = _null_means_default("quantization_config")
+
+
+class RuntimeConfig(_Strict):
+    webserver_default_route: Route | None = None
+
+
+class TrtLlmConfig(_Strict):
+    inference_stack: Literal["v1"] = "v1"
+    build: BuildConfig
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    _null_is_default = _null_means_default("runtime")
+
+
+class Resources(BaseModel):
+    """Truss `resources:`; bei reads `accelerator`, other keys pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    accelerator: str | None = None
+    use_gpu: bool | None = None
+    cpu: str | int | float | None = None
+    memory: str | None = None
+    node_count: int | None = None
+
+
+class _Problems(ConfigError):
+    """A ConfigError carrying its individual problems, so that they can be merged with others."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class BeiConfig(BaseModel):
+    """The whole config.yaml; top-level keys other than Truss's known ones are errors."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_name: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    trt_llm: TrtLlmConfig
+
+    _null_is_default = _null_means_default("resources")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> BeiConfig:
+        unknown = _unknown_keys(self.model_extra or {})
+        problems = [_unknown_field_message("", key, TRUSS_TOP_LEVEL_KEYS) for key in unknown]
+        problems += _cross_field_problems(self)
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    @property
+    def name(self) -> str:
+        """A filesystem-safe, lowercase model name: `model_name`, else the repo's last path part."""
+        return _safe_name(self.model_name or _repo_basename(self.trt_llm.build.checkpoint_repository.repo))
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the canonical JSON of the config: equal configs give equal fingerprints."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _cross_field_problems(cfg: BeiConfig) -> list[str]:
+    build = cfg.trt_llm.build
+    quant, path = build.quantization_type, "trt_llm.build.quantization_type"
+    problems = []
+    allowed = _ALLOWED_QUANT[build.base_model]
+    if quant not in allowed:
+        problems.append(
+            f"{path}: {quant.value!r} is not supported for base_model {build.base_model.value} "
+            f"(allowed: {', '.join(q.value for q in allowed)})"
+        )
+    accelerator = cfg.resources.accelerator
+    need = _MIN_CAPABILITY.get(quant)
+    have = compute_capability(accelerator) if accelerator else None
+    if need is not None and have is not None and have < need:
+        problems.append(
+            f"{path}: {quant.value!r} needs compute capability >= {need[0]}.{need[1]}; "
+            f"resources.accelerator {accelerator!r} has {have[0]}.{have[1]}"
+        )
+    return problems
+
+
+def _repo_basename(repo: str) -> str:
+    text = repo.strip()
+    if "://" in text:
+        text = text.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    elif re.match(r"^[A-Za-z][\w+.-]*:(?![\\/])", text):  # "package:foo", not "C:\\dir"
+        text = text.split(":", 1)[1]
+    text = text.rstrip("/\\")
+    text = re.split(r"[/\\]", text)[-1]
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if text.lower().endswith(suffix):
+            text = text[: -len(suffix)]
+            break
+    return text
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.strip().lower())
+    name = re.sub(r"-{2,}", "-", name).strip(".-_")
+    return name or "model"
+
+
+def _unknown_keys(data: dict[Any, Any]) -> list[Any]:
+    return [key for key in data if key not in TRUSS_TOP_LEVEL_KEYS]
+
+
+# --- error messages ---------------------------------------------------------------------------
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _field_at(loc: tuple[int | str, ...]) -> tuple[FieldInfo | None, type[BaseModel] | None]:
+    """The field at a pydantic error location, and the model class that holds that location."""
+    model: type[BaseModel] | None = BeiConfig
+    field: FieldInfo | None = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None, None
+        field = model.model_fields[part]
+        inner = _unwrap_optional(field.annotation)
+        model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    return field, model
+
+
+def _allowed_values(field: FieldInfo | None) -> list[str] | None:
+    if field is None:
+        return None
+    inner = _unwrap_optional(field.annotation)
+    if isinstance(inner, type) and issubclass(inner, enum.Enum):
+        return [str(m.value) for m in inner]
+    if typing.get_origin(inner) is Literal:
+        return [str(a) for a in typing.get_args(inner)]
+    return None
+
+
+def _bounds(field: FieldInfo | None) -> str | None:
+    if field is None:
+        return None
+    parts = []
+    for meta in field.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if isinstance(meta, getattr(annotated_types, attr.capitalize())):
+                parts.append(f"{op} {getattr(meta, attr)}")
+    return " and ".join(parts) or None
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _unknown_field_message(parent: str, key: Any, allowed: typing.Iterable[str]) -> str:
+    path = f"{parent}.{key}" if parent else str(key)
+    return f"{path}: unknown field {str(key)!r} (allowed: {', '.join(allowed)})"
+
+
+def _format_error(err: Any) -> str:
+    loc: tuple[int | str, ...] = tuple(err["loc"])
+    kind, value, path = err["type"], err.get("input"), _dotted(loc)
+    if kind == "missing":
+        return f"{path}: missing required field"
+    if kind == "extra_forbidden":
+        _, parent_model = _field_at(loc[:-1]) if loc[:-1] else (None, BeiConfig)
+        allowed = list(parent_model.model_fields) if parent_model else []
+        return _unknown_field_message(_dotted(loc[:-1]) if loc[:-1] else "", loc[-1], allowed)
+    field, _ = _field_at(loc)
+    if kind in ("enum", "literal_error"):
+        allowed = _allowed_values(field)
+        if allowed:
+            return f"{path}: {value!r} is not one of {', '.join(allowed)}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds = _bounds(field)
+        if bounds:
+            return f"{path}: {value!r} must be {bounds}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: expected a mapping, got {type(value).__name__} {value!r}"
+    return f"{path}: {value!r} is invalid: {err['msg']}"
+
+
+def _raise(source: str, problems: list[str]) -> typing.NoReturn:
+    if len(problems) == 1:
+        raise ConfigError(f"{source}: {problems[0]}")
+    raise ConfigError(f"{source}: {len(problems)} errors:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def parse_config(data: Any, source: str = "<config>") -> BeiConfig:
+    """Validate a mapping (a parsed config.yaml) into a BeiConfig; any problem raises one ConfigError."""
+    if not isinstance(data, dict):
+        kind = "an empty document" if data is None else type(data).__name__
+        _raise(source, [f"expected a mapping at the top level, got {kind}"])
+    unknown = _unknown_keys(data)
+    problems = [_unknown_field_message("", key, TRUSS_TOP_LEVEL_KEYS) for key in unknown]
+    try:
+        config = BeiConfig.model_validate({k: v for k, v in data.items() if k not in unknown})
+    except ValidationError as exc:
+        problems += [_format_error(err) for err in exc.errors(include_url=False)]
+    except _Problems as exc:
+        problems += exc.problems
+    if problems:
+        _raise(source, problems)
+    return config
+
+
+def load_config(path: str | Path) -> BeiConfig:
+    """Read and validate a config.yaml; a missing file, bad YAML or an invalid config raise ConfigError."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    return parse_config(data, source)

@@ -1,0 +1,102 @@
+"""manifest.json: what an engine directory holds, where it came from, and what it was built for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from bei.errors import EngineError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class SourceInfo(BaseModel):
+    source: str
+    repo: str
+    revision: str | None = None
+    file_hashes: dict[str, str] = Field(default_factory=dict)
+
+
+class PoolingInfo(BaseModel):
+    modes: list[str]
+    include_prompt: bool = True
+
+
+class TargetInfo(BaseModel):
+    """The runtime an engine was compiled for; GPU engines add the GPU and the TensorRT version."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str  # "onnxruntime-cpu", "tensorrt", ...
+    versions: dict[str, str] = Field(default_factory=dict)
+    gpu: str | None = None
+    compute_capability: str | None = None
+
+
+class VerificationInfo(BaseModel):
+    reference: str
+    samples: int
+    max_abs_diff: float
+    min_cosine: float
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    bei_version: str
+    name: str
+    source: SourceInfo
+    task: str
+    architecture: str
+    model_type: str
+    base_model: str
+    pooling: PoolingInfo | None = None
+    normalize: bool = False
+    embedding_dim: int | None = None
+    labels: list[str] = Field(default_factory=list)
+    max_input_tokens: int
+    max_num_tokens: int
+    max_batch_size: int
+    padding_side: str = "right"
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt_name: str | None = None
+    default_route: str | None = None
+    precision: str
+    target: TargetInfo
+    graph_file: str
+    graph_inputs: list[str]
+    graph_output: str
+    build_time: str
+    build_seconds: float
+    verification: VerificationInfo
+    config: dict[str, Any]
+    config_fingerprint: str
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read and validate `folder/manifest.json`; an engine without one is not an engine."""
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise EngineError(f"engine directory not found: {folder}")
+    if not path.exists():
+        raise EngineError(f"{folder} is not a complete engine: {MANIFEST_FILE} is missing (build it with `bei build`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EngineError(f"{path} is not valid JSON: {err}") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise EngineError(
+            f"{path}: engine format {data.get('format_version')!r} is not {FORMAT_VERSION}; rebuild it with this bei"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except PydanticValidationError as err:
+        raise EngineError(f"{path} is invalid: {err}") from None

@@ -1,0 +1,125 @@
+"""The BeiError family: every failure a user can see, with its message and HTTP status.
+
+The HTTP status of each error type is set in one table, `HTTP_STATUS`, read by the API layer.
+Build-time errors (config, checkpoint, model, export, engine) carry a status too, so that a
+server that builds on start answers with a meaningful code if it is ever asked.
+"""
+
+from __future__ import annotations
+
+
+class BeiError(Exception):
+    """Base of every error bei reports to a user. `message` is meant to be read by a person."""
+
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def status(self) -> int:
+        return http_status(self)
+
+
+# --- build time -----------------------------------------------------------------------------
+class ConfigError(BeiError):
+    """config.yaml is invalid: the message names the field path, the value and the allowed ones."""
+
+    error_type = "config_error"
+
+
+class CheckpointError(BeiError):
+    """The checkpoint cannot be fetched or lacks a file bei needs."""
+
+    error_type = "checkpoint_error"
+
+
+class ModelError(BeiError):
+    """The checkpoint is of an architecture, task or pooling bei cannot serve."""
+
+    error_type = "model_error"
+
+
+class ExportError(BeiError):
+    """Export or verification of the engine graph failed."""
+
+    error_type = "export_error"
+
+
+class EngineError(BeiError):
+    """An engine directory is missing, incomplete, or built for another target."""
+
+    error_type = "engine_error"
+
+
+# --- request time ---------------------------------------------------------------------------
+class ValidationError(BeiError):
+    """A request's JSON or fields are invalid."""
+
+    error_type = "validation"
+
+
+class EmptyInputError(BeiError):
+    """A request has no input, or an empty string."""
+
+    error_type = "empty"
+
+
+class InputTooLongError(BeiError):
+    """An input is longer than the engine's limit and truncation is off."""
+
+    error_type = "validation"
+
+
+class TooManyInputsError(BeiError):
+    """More inputs in one request than `max_client_batch_size`."""
+
+    error_type = "validation"
+
+
+class WrongRouteError(BeiError):
+    """A route the served engine's task cannot answer."""
+
+    error_type = "wrong_route"
+
+
+class PayloadTooLargeError(BeiError):
+    error_type = "payload_limit"
+
+
+class OverloadedError(BeiError):
+    error_type = "overloaded"
+
+
+class NotReadyError(BeiError):
+    error_type = "unhealthy"
+
+
+HTTP_STATUS: dict[type[BeiError], int] = {
+    ValidationError: 422,
+    InputTooLongError: 422,
+    TooManyInputsError: 422,
+    EmptyInputError: 400,
+    WrongRouteError: 400,
+    PayloadTooLargeError: 413,
+    OverloadedError: 429,
+    NotReadyError: 503,
+    ConfigError: 400,
+    CheckpointError: 500,
+    ModelError: 500,
+    ExportError: 500,
+    EngineError: 500,
+    BeiError: 500,
+}
+
+
+def http_status(error: BeiError) -> int:
+    """The HTTP status of an error: the entry of its nearest class in `HTTP_STATUS`."""
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]  # type: ignore[index]
+    return 500

@@ -1,0 +1,200 @@
+"""Read a checkpoint folder into a `ModelSpec`: task from config.json, pooling from modules.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bei.errors import ModelError
+from bei.modeling.pooling import PoolingConfig, PoolingMode
+from bei.modeling.spec import DenseLayer, ModelSpec, Task
+
+# model_type -> the base_model that serves it
+ARCHITECTURES: dict[str, str] = {
+    "bert": "encoder_bert",
+    "roberta": "encoder_bert",
+    "xlm-roberta": "encoder_bert",
+    "modernbert": "encoder_bert",
+    "distilbert": "encoder_bert",
+    "llama": "encoder",
+    "mistral": "encoder",
+    "qwen2": "encoder",
+    "qwen3": "encoder",
+    "gemma2": "encoder",
+}
+
+_ACTIVATIONS = {
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.GELU": "gelu",
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"missing file: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) and not isinstance(data, list):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return data  # type: ignore[return-value]
+
+
+def _module_kind(entry: dict[str, Any]) -> str:
+    """`sentence_transformers.models.Pooling` (and newer module paths) -> `Pooling`."""
+    return str(entry.get("type", "")).rsplit(".", 1)[-1]
+
+
+def _read_modules(path: Path) -> list[dict[str, Any]]:
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return []
+    modules = json.loads(modules_file.read_text())
+    if not isinstance(modules, list):
+        raise ModelError(f"{modules_file} must hold a list of modules")
+    return sorted(modules, key=lambda m: int(m.get("idx", 0)))
+
+
+def _read_dense(folder: Path) -> DenseLayer:
+    config = _read_json(folder / "config.json")
+    activation_name = str(config.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    if activation_name not in _ACTIVATIONS:
+        raise ModelError(
+            f"{folder / 'config.json'}: activation_function {activation_name!r} is not one of "
+            + ", ".join(_ACTIVATIONS)
+        )
+    if not any((folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ModelError(f"Dense module {folder} has no model.safetensors")
+    return DenseLayer(
+        path=folder,
+        in_features=int(config["in_features"]),
+        out_features=int(config["out_features"]),
+        bias=bool(config.get("bias", True)),
+        activation=_ACTIVATIONS[activation_name],
+    )
+
+
+def detect_task(config: dict[str, Any], modules: list[dict[str, Any]]) -> Task:
+    architecture = (config.get("architectures") or [""])[0]
+    if architecture.endswith("ForSequenceClassification"):
+        labels = config.get("id2label") or {}
+        n_labels = int(config.get("num_labels", len(labels) or 2))
+        return Task.RERANK if n_labels == 1 or len(labels) == 1 else Task.CLASSIFY
+    if architecture.endswith("ForTokenClassification"):
+        return Task.NER
+    if architecture.endswith("ForMaskedLM") and any(
+        _module_kind(m) in ("SpladePooling", "MLMTransformer") for m in modules
+    ):
+        return Task.SPARSE
+    return Task.EMBED
+
+
+def _labels(config: dict[str, Any], task: Task, config_path: Path) -> tuple[str, ...]:
+    if task not in (Task.CLASSIFY, Task.NER, Task.RERANK):
+        return ()
+    id2label = config.get("id2label")
+    if not id2label:
+        if task is Task.RERANK:
+            return ("score",)
+        raise ModelError(f"{config_path}: id2label is required for a {config.get('architectures')} model")
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
+
+
+def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> int:
+    model_type = config.get("model_type", "")
+    positions = int(config.get("max_position_embeddings") or 512)
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(config.get("pad_token_id", 1)) + 1  # position ids start after the pad index
+    limit = positions
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        st_max = json.loads(st_config.read_text()).get("max_seq_length")
+        if st_max:
+            limit = min(limit, int(st_max))
+    if override is not None:
+        if override > positions:
+            raise ModelError(
+                f"trt_llm.build.max_seq_len: {override} is over the model's {positions} position embeddings"
+            )
+        limit = override
+    return limit
+
+
+def _padding_side(path: Path, base_model: str) -> str:
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        side = json.loads(tokenizer_config.read_text()).get("padding_side")
+        if side in ("left", "right"):
+            return str(side)
+    return "right"
+
+
+def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
+    """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
+    config_path = path / "config.json"
+    config = _read_json(config_path)
+    model_type = str(config.get("model_type", ""))
+    architecture = (config.get("architectures") or [""])[0]
+    if model_type not in ARCHITECTURES:
+        raise ModelError(
+            f"{config_path}: model_type {model_type!r} ({architecture or 'no architectures'}) is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
+    family = ARCHITECTURES[model_type]
+    if base_model is not None and base_model != family:
+        raise ModelError(
+            f"trt_llm.build.base_model: {base_model!r} does not match the checkpoint's {model_type} "
+            f"({architecture}); use base_model: {family}"
+        )
+    modules = _read_modules(path)
+    task = detect_task(config, modules)
+    pooling: PoolingConfig | None = None
+    normalize = False
+    dense: list[DenseLayer] = []
+    if task is Task.EMBED:
+        pooling_entries = [m for m in modules if _module_kind(m) == "Pooling"]
+        if not pooling_entries:
+            missing = path / "modules.json" if not modules else path / "1_Pooling" / "config.json"
+            raise ModelError(
+                f"an embedding checkpoint needs its pooling: missing {missing} "
+                "(sentence-transformers' modules.json with a Pooling module and 1_Pooling/config.json)"
+            )
+        pooling = PoolingConfig.read(path / str(pooling_entries[0].get("path", "1_Pooling")) / "config.json")
+        for entry in modules:
+            kind = _module_kind(entry)
+            if kind == "Dense":
+                dense.append(_read_dense(path / str(entry["path"])))
+            elif kind == "Normalize":
+                normalize = True
+    elif task is Task.SPARSE:
+        pooling = PoolingConfig(modes=(PoolingMode.SPLADE_MAX,))
+    prompts: dict[str, str] = {}
+    default_prompt_name: str | None = None
+    st_config = path / "config_sentence_transformers.json"
+    if st_config.exists():
+        data = json.loads(st_config.read_text())
+        prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
+        default_prompt_name = data.get("default_prompt_name")
+    return ModelSpec(
+        path=path,
+        architecture=architecture,
+        model_type=model_type,
+        base_model=family,
+        task=task,
+        hidden_size=int(config.get("hidden_size") or config.get("dim") or 0),
+        num_heads=int(config.get("num_attention_heads") or config.get("n_heads") or 0),
+        max_seq_len=_max_seq_len(path, config, max_seq_len),
+        pooling=pooling,
+        normalize=normalize,
+        dense=tuple(dense),
+        labels=_labels(config, task, config_path),
+        uses_token_type_ids=model_type == "bert" and int(config.get("type_vocab_size", 0)) > 1,
+        padding_side=_padding_side(path, family),
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+    )

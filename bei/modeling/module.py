@@ -1,0 +1,109 @@
+"""The torch module that becomes the engine graph: transformer + pooling + heads, one forward.
+
+Outputs, by task (batch-first, so the runtime can split any output by row):
+- embed:    `sentence_embedding` [batch, dim] (pooled, Dense applied; normalization is the runtime's,
+            so `/embed` can serve `normalize: false` and `dimensions` can re-normalize after truncation)
+- rerank / classify: `logits` [batch, labels]
+- ner:      `logits` [batch, seq, labels]
+- sparse:   `sparse_embedding` [batch, vocab]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from bei.errors import ModelError
+from bei.modeling.pooling import pool
+from bei.modeling.spec import DenseLayer, ModelSpec, Task
+
+_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
+    "tanh": torch.nn.Tanh,
+    "identity": torch.nn.Identity,
+    "relu": torch.nn.ReLU,
+    "gelu": torch.nn.GELU,
+    "sigmoid": torch.nn.Sigmoid,
+}
+
+OUTPUT_NAMES: dict[Task, str] = {
+    Task.EMBED: "sentence_embedding",
+    Task.RERANK: "logits",
+    Task.CLASSIFY: "logits",
+    Task.NER: "logits",
+    Task.SPARSE: "sparse_embedding",
+}
+
+
+def input_names(spec: ModelSpec) -> list[str]:
+    """The graph's inputs, in order: what the runtime feeds for this checkpoint."""
+    names = ["input_ids", "attention_mask"]
+    if spec.uses_token_type_ids:
+        names.append("token_type_ids")
+    if spec.pooling is not None and not spec.pooling.include_prompt:
+        names.append("prompt_length")
+    return names
+
+
+def _dense(layer: DenseLayer) -> torch.nn.Module:
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+    weights_file = layer.path / "model.safetensors"
+    state = load_file(weights_file) if weights_file.exists() else torch.load(layer.path / "pytorch_model.bin")
+    state = {k.removeprefix("linear."): v for k, v in state.items()}
+    linear.load_state_dict(state)
+    return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
+
+
+def load_transformer(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformers model of the checkpoint, with the head its task needs."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    auto: Any = {
+        Task.EMBED: transformers.AutoModel,
+        Task.RERANK: transformers.AutoModelForSequenceClassification,
+        Task.CLASSIFY: transformers.AutoModelForSequenceClassification,
+        Task.NER: transformers.AutoModelForTokenClassification,
+        Task.SPARSE: transformers.AutoModelForMaskedLM,
+    }[spec.task]
+    try:
+        model = auto.from_pretrained(str(spec.path), dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load {spec.architecture} from {spec.path}: {err}") from err
+    return model.eval()
+
+
+class EngineModule(torch.nn.Module):
+    """transformer -> (pooling -> dense) or head logits; the forward that is exported."""
+
+    def __init__(self, spec: ModelSpec, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.transformer = transformer
+        self.dense = torch.nn.Sequential(*[_dense(layer) for layer in spec.dense])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        prompt_length: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.transformer(**kwargs)
+        if self.spec.task is Task.EMBED:
+            assert self.spec.pooling is not None
+            hidden = out.last_hidden_state
+            pooled = pool(self.spec.pooling, hidden, attention_mask, prompt_length)
+            return self.dense(pooled)
+        if self.spec.task is Task.SPARSE:
+            assert self.spec.pooling is not None
+            return pool(self.spec.pooling, out.logits, attention_mask)
+        return out.logits
+
+
+def build_module(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> EngineModule:
+    return EngineModule(spec, load_transformer(spec, dtype)).eval()

@@ -1,0 +1,59 @@
+"""What a checkpoint is, as one typed object: task, architecture, pooling, heads, limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from bei.modeling.pooling import PoolingConfig
+
+
+class Task(str, Enum):
+    EMBED = "embed"  # dense embeddings: /v1/embeddings, /embed
+    RERANK = "rerank"  # sequence classification with one label: /rerank, /v1/rerank, /predict
+    CLASSIFY = "classify"  # sequence classification with id2label: /predict
+    NER = "ner"  # token classification: /predict_tokens
+    SPARSE = "sparse"  # SPLADE: /embed_sparse
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers `Dense` module: Linear(in, out, bias) then an activation."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # "tanh", "identity", "relu", "gelu", "sigmoid"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the export and the runtime need to know about a checkpoint."""
+
+    path: Path
+    architecture: str  # config.json architectures[0], e.g. "BertModel"
+    model_type: str  # config.json model_type, e.g. "bert"
+    base_model: str  # "encoder_bert" | "encoder"
+    task: Task
+    hidden_size: int
+    num_heads: int
+    max_seq_len: int
+    pooling: PoolingConfig | None = None
+    normalize: bool = False
+    dense: tuple[DenseLayer, ...] = ()
+    labels: tuple[str, ...] = ()
+    uses_token_type_ids: bool = False
+    padding_side: str = "right"
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+    @property
+    def embedding_dim(self) -> int | None:
+        if self.task is not Task.EMBED:
+            return None
+        if self.dense:
+            return self.dense[-1].out_features
+        n_modes = len(self.pooling.modes) if self.pooling else 1
+        return self.hidden_size * n_modes

@@ -1,0 +1,122 @@
+"""Tokenization with the `tokenizers` library: single texts, pairs, token ids; truncation both ways."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Encoding, Tokenizer
+
+from bei.errors import EmptyInputError, InputTooLongError, ValidationError
+
+Direction = Literal["right", "left"]
+TextInput = str | tuple[str, str] | list[int]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One input as the engine sees it."""
+
+    ids: list[int]
+    type_ids: list[int]
+    offsets: list[tuple[int, int]]
+    prompt_length: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class TokenizerRuntime:
+    """Three `tokenizers.Tokenizer` instances from one tokenizer.json: untruncated, truncate right, left.
+
+    Separate instances because truncation is tokenizer state and encoding runs on several threads.
+    """
+
+    def __init__(self, tokenizer_file: Path, max_length: int) -> None:
+        self.max_length = max_length
+        self._plain = Tokenizer.from_file(str(tokenizer_file))
+        self._plain.no_truncation()
+        self._plain.no_padding()
+        self._truncating: dict[str, Tokenizer] = {}
+        for direction in ("right", "left"):
+            tok = Tokenizer.from_file(str(tokenizer_file))
+            tok.no_padding()
+            tok.enable_truncation(max_length, direction=direction)
+            self._truncating[direction] = tok
+        self.pad_id = self._pad_id()
+
+    def _pad_id(self) -> int:
+        padding = self._plain.padding
+        if padding and padding.get("pad_id") is not None:
+            return int(padding["pad_id"])
+        for token in ("[PAD]", "<pad>", "<|endoftext|>", "</s>", "<eos>"):
+            token_id = self._plain.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return 0
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._plain.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._plain.id_to_token(token_id)
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        """Tokens a prompt prefix contributes, as sentence-transformers counts them (no trailing special)."""
+        enc = self._plain.encode(prompt, add_special_tokens=True)
+        n = len(enc.ids)
+        if n and enc.special_tokens_mask[-1]:
+            n -= 1
+        return n
+
+    def encode(
+        self,
+        item: TextInput,
+        *,
+        truncate: bool = False,
+        direction: Direction = "right",
+        prompt: str | None = None,
+    ) -> Encoded:
+        if isinstance(item, list):
+            return self._from_ids(item, truncate=truncate, direction=direction)
+        if isinstance(item, tuple):
+            if not item[0] and not item[1]:
+                raise EmptyInputError("input is empty")
+        elif not item:
+            raise EmptyInputError("input is empty")
+        prompt_length = 0
+        if prompt:
+            prompt_length = self.count_prompt_tokens(prompt)
+            item = prompt + item if isinstance(item, str) else (prompt + item[0], item[1])
+        enc = self._encode(self._plain, item)
+        if len(enc.ids) > self.max_length:
+            if not truncate:
+                raise InputTooLongError(
+                    f"input of {len(enc.ids)} tokens is longer than the model's limit of {self.max_length} tokens; "
+                    "shorten it or set truncate: true"
+                )
+            enc = self._encode(self._truncating[direction], item)
+        return Encoded(ids=list(enc.ids), type_ids=list(enc.type_ids), offsets=list(enc.offsets), prompt_length=prompt_length)
+
+    @staticmethod
+    def _encode(tok: Tokenizer, item: str | tuple[str, str]) -> Encoding:
+        if isinstance(item, tuple):
+            return tok.encode(item[0], item[1], add_special_tokens=True)
+        return tok.encode(item, add_special_tokens=True)
+
+    def _from_ids(self, ids: list[int], *, truncate: bool, direction: Direction) -> Encoded:
+        if not ids:
+            raise EmptyInputError("input is empty")
+        vocab = self._plain.get_vocab_size(with_added_tokens=True)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValidationError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if len(ids) > self.max_length:
+            if not truncate:
+                raise InputTooLongError(
+                    f"input of {len(ids)} tokens is longer than the model's limit of {self.max_length} tokens; "
+                    "shorten it or set truncate: true"
+                )
+            ids = ids[: self.max_length] if direction == "right" else ids[-self.max_length :]
+        return Encoded(ids=list(ids), type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids))

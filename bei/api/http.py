@@ -1,0 +1,80 @@
+"""One function per HTTP concern, shared by every route: parse a body, render errors, set headers."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bei.errors import BeiError, PayloadTooLargeError, ValidationError, http_status
+
+M = TypeVar("M", bound=BaseModel)
+
+OPENAI_STYLE_PREFIX = "/v1/"
+
+
+async def parse_body(request: Request, model: type[M], payload_limit: int) -> M:
+    """The request body as `model`: 413 over the limit, 422 for bad JSON or fields (naming them)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > payload_limit:
+        raise PayloadTooLargeError(f"request body of {declared} bytes is over the {payload_limit}-byte limit")
+    body = await request.body()
+    if len(body) > payload_limit:
+        raise PayloadTooLargeError(f"request body of {len(body)} bytes is over the {payload_limit}-byte limit")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValidationError(f"request body is not valid JSON: {err}") from None
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as err:
+        raise ValidationError(describe_validation_error(err)) from None
+
+
+def describe_validation_error(err: PydanticValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"] if not str(part).startswith(("function-", "union[")))
+        problems.append(f"{where or 'body'}: {e['msg']}")
+    return "; ".join(dict.fromkeys(problems))
+
+
+def error_response(error: BeiError, path: str) -> JSONResponse:
+    """TEI/BEI body `{"error", "error_type"}`; OpenAI's `{"error": {...}}` on /v1/ routes."""
+    status = http_status(error)
+    body: dict[str, Any]
+    if path.startswith(OPENAI_STYLE_PREFIX):
+        body = {"error": {"message": error.message, "type": error.error_type, "code": status}}
+    else:
+        body = {"error": error.message, "error_type": error.error_type}
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class Timing:
+    """Filled by a route, rendered as the x-* headers every response carries."""
+
+    started: float = field(default_factory=time.perf_counter)
+    compute_tokens: int = 0
+    queue_time: float = 0.0
+    inference_time: float = 0.0
+
+    def headers(self) -> dict[str, str]:
+        total = time.perf_counter() - self.started
+        return {
+            "x-compute-tokens": str(self.compute_tokens),
+            "x-queue-time": f"{self.queue_time * 1000:.3f}",
+            "x-inference-time": f"{self.inference_time * 1000:.3f}",
+            "x-total-time": f"{total * 1000:.3f}",
+        }
+
+
+def json_response(payload: Any, timing: Timing) -> Response:
+    return JSONResponse(payload, headers=timing.headers())

@@ -1,0 +1,92 @@
+"""`bei build` and `bei serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bei import __version__
+from bei.errors import BeiError
+from bei.settings import add_arguments, engines_dir_default, settings_from
+
+
+def _build(config_path: Path, engines_root: Path, target: str | None, quiet: bool) -> Path:
+    from bei.build import STAGES, build_engine
+    from bei.config import load_config
+    from bei.progress import Progress
+
+    config = load_config(config_path)
+    result = build_engine(
+        config,
+        config_dir=config_path.resolve().parent,
+        engines_root=engines_root,
+        target=target,
+        progress=Progress(STAGES, enabled=not quiet),
+    )
+    print(f"engine written to {result.engine_dir}", file=sys.stderr)
+    return result.engine_dir
+
+
+def _up_to_date_engine(config_path: Path, engines_root: Path) -> Path | None:
+    """The engine of this config, if one exists built from the same config by this bei version."""
+    from bei.config import load_config
+    from bei.engine.manifest import read_manifest
+
+    config = load_config(config_path)
+    folder = engines_root / config.name
+    try:
+        manifest = read_manifest(folder)
+    except BeiError:
+        return None
+    if manifest.config_fingerprint == config.fingerprint() and manifest.bei_version == __version__:
+        return folder
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bei", description="Build and serve embedding, reranking, classification and NER engines.")
+    parser.add_argument("--version", action="version", version=f"bei {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="compile a config.yaml into engines/<name>/")
+    build.add_argument("config", type=Path, help="Truss-style config.yaml")
+    build.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines, env BEI_ENGINES_DIR)")
+    build.add_argument("--target", default=None, help="onnxruntime-cpu (default without a GPU)")
+    build.add_argument("--quiet", action="store_true", help="no progress display")
+
+    serve = commands.add_parser("serve", help="serve an engine directory over HTTP")
+    serve.add_argument("engine", type=Path, nargs="?", help="engine directory (engines/<name>)")
+    serve.add_argument("--config", type=Path, default=None, help="serve this config's engine, building it first when none is up to date")
+    serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
+    add_arguments(serve)
+
+    args = parser.parse_args(argv)
+    engines_root = args.engines_dir or engines_dir_default()
+    try:
+        if args.command == "build":
+            _build(args.config, engines_root, args.target, args.quiet)
+            return 0
+        settings = settings_from(args)
+        if (args.engine is None) == (args.config is None):
+            parser.error("serve takes an engine directory or --config, one of the two")
+        engine_dir = args.engine
+        if args.config is not None:
+            engine_dir = _up_to_date_engine(args.config, engines_root)
+            if engine_dir is None:
+                print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
+                engine_dir = _build(args.config, engines_root, None, quiet=False)
+        from bei.serve import serve as run_server
+
+        run_server(engine_dir, settings)
+        return 0
+    except BeiError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

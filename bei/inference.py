@@ -1,0 +1,60 @@
+"""What every route calls: tokenize off the event loop, then batch and run on the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from bei.runtime.engine import LoadedEngine
+from bei.runtime.tokenizer import Direction, Encoded, TextInput
+from bei.scheduler.batcher import Batcher, Result
+from bei.settings import ServeSettings
+
+
+class InferenceService:
+    def __init__(self, engine: LoadedEngine, settings: ServeSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer = engine.tokenizer
+        self.max_batch_tokens = settings.max_batch_tokens or engine.manifest.max_num_tokens
+        self.max_batch_requests = settings.max_batch_requests or engine.manifest.max_batch_size
+        self._tokenizers = ThreadPoolExecutor(settings.tokenization_workers, thread_name_prefix="bei-tokenize")
+        self.batcher = Batcher(
+            engine.backend,
+            pad_id=engine.tokenizer.pad_id,
+            padding_side=engine.manifest.padding_side,
+            max_batch_tokens=max(self.max_batch_tokens, engine.manifest.max_input_tokens),
+            max_batch_requests=self.max_batch_requests,
+            per_token_output=engine.per_token_output,
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._tokenizers.shutdown(wait=False)
+        self.engine.backend.close()
+
+    async def encode(
+        self,
+        items: Sequence[TextInput],
+        *,
+        truncate: bool = False,
+        direction: Direction = "right",
+        prompt: str | None = None,
+    ) -> list[Encoded]:
+        truncate = truncate or self.settings.auto_truncate
+
+        def work() -> list[Encoded]:
+            return [self.tokenizer.encode(item, truncate=truncate, direction=direction, prompt=prompt) for item in items]
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, work)
+
+    async def infer(self, encoded: Sequence[Encoded]) -> Result:
+        return await self.batcher.submit(encoded)
+
+    async def warmup(self) -> None:
+        """One call through the whole path, so the first request does not pay for lazy setup."""
+        await self.infer(await self.encode(["warm up"], truncate=True))

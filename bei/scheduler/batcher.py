@@ -1,0 +1,116 @@
+"""The batcher: one worker that drains the token-budget queue into engine calls.
+
+Requests submit encoded inputs and await their rows; the worker runs the backend on a thread
+(ONNX Runtime releases the GIL), so inputs that arrive during a call join the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bei.errors import NotReadyError
+from bei.runtime.base import Backend, Batch
+from bei.runtime.tokenizer import Encoded
+from bei.scheduler.queue import TokenBudgetQueue
+
+
+@dataclass
+class _Pending:
+    encoded: Encoded
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+    queue_time: float = 0.0
+    inference_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """Rows of one request, in its input order, with the time they spent queued and computed."""
+
+    rows: list[np.ndarray]
+    queue_time: float
+    inference_time: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        pad_id: int,
+        padding_side: str,
+        max_batch_tokens: int,
+        max_batch_requests: int,
+        per_token_output: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.pad_id = pad_id
+        self.padding_side = padding_side
+        self.per_token_output = per_token_output
+        self.queue: TokenBudgetQueue[_Pending] = TokenBudgetQueue(max_batch_tokens, max_batch_requests)
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-engine")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches_run = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="bei-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, encoded: Sequence[Encoded]) -> Result:
+        if self._closing:
+            raise NotReadyError("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(enc, loop.create_future()) for enc in encoded]
+        for item in pending:
+            self.queue.push(len(item.encoded), item)
+        self._wakeup.set()
+        rows = list(await asyncio.gather(*(p.future for p in pending)))
+        return Result(
+            rows=rows,
+            queue_time=max(p.queue_time for p in pending),
+            inference_time=max(p.inference_time for p in pending),
+        )
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not len(self.queue):
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            group = self.queue.next_batch()
+            started = time.perf_counter()
+            for item in group:
+                item.queue_time = started - item.enqueued
+            batch = Batch.pad([p.encoded for p in group], self.pad_id, self.padding_side)
+            try:
+                output = await loop.run_in_executor(self._executor, self.backend.infer, batch)
+            except Exception as err:  # a failed call fails its requests, not the server
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            elapsed = time.perf_counter() - started
+            self.batches_run += 1
+            for row, item in enumerate(group):
+                item.inference_time = elapsed
+                if not item.future.done():  # the request may have been cancelled meanwhile
+                    value = batch.row_tokens(output, row) if self.per_token_output else output[row]
+                    item.future.set_result(value)

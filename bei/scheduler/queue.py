@@ -1,0 +1,64 @@
+"""The token-budget queue: plain state, no threads, no model.
+
+Waiting jobs are grouped into engine calls by a token budget (padded positions: rows x the longest
+row) and a request cap. Jobs are sorted by length so that a batch pads to neighbours of similar
+length, never to the longest input of the whole queue; the batch always holds the oldest waiting
+job, so no job waits behind an endless stream of better-fitting ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(order=True)
+class Job(Generic[T]):
+    """One input waiting for the engine. `payload` is whatever the batcher needs back."""
+
+    tokens: int
+    seq: int
+    payload: T = field(compare=False)
+
+
+class TokenBudgetQueue(Generic[T]):
+    def __init__(self, max_batch_tokens: int, max_batch_requests: int) -> None:
+        if max_batch_tokens < 1 or max_batch_requests < 1:
+            raise ValueError("max_batch_tokens and max_batch_requests must be positive")
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self._jobs: list[Job[T]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def push(self, tokens: int, payload: T) -> None:
+        self._jobs.append(Job(tokens=tokens, seq=next(self._counter), payload=payload))
+
+    def _fits(self, count: int, longest: int) -> bool:
+        return count <= self.max_batch_requests and count * longest <= self.max_batch_tokens
+
+    def next_batch(self) -> list[T]:
+        """Remove and return the next engine call's payloads, shortest first; [] when empty.
+
+        Jobs sorted by length are cut greedily into budget-sized groups; the group holding the
+        oldest job is the next batch. A job longer than the budget goes alone.
+        """
+        if not self._jobs:
+            return []
+        oldest = min(self._jobs, key=lambda job: job.seq)
+        ordered = sorted(self._jobs)
+        group: list[Job[T]] = []
+        for job in ordered:
+            if group and not self._fits(len(group) + 1, job.tokens):
+                if any(j is oldest for j in group):
+                    break
+                group = []
+            group.append(job)
+        taken = {id(job) for job in group}
+        self._jobs = [job for job in self._jobs if id(job) not in taken]
+        return [job.payload for job in group]

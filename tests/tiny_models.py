@@ -1,0 +1,480 @@
+"""Tiny RANDOM checkpoints, written offline exactly as a Hugging Face / sentence-transformers repo.
+
+`make_checkpoint(folder, model_type, task, ...)` writes config.json + model.safetensors (through
+transformers' `save_pretrained`), a fast tokenizer trained here with the `tokenizers` library
+(tokenizer.json, tokenizer_config.json, special_tokens_map.json) and, for embed / sparse, the
+sentence-transformers module files (modules.json, 1_Pooling/, N_Dense/, N_Normalize/ or
+1_SpladePooling/, sentence_bert_config.json, config_sentence_transformers.json).
+
+`SUPPORTED` maps each model_type to the tasks it can be made for (checked with the smoke loop in
+`python tests/tiny_models.py`); `TEXTS` are sentences for parity tests.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+MODEL_TYPES = ENCODERS + DECODERS
+TASKS = ("embed", "rerank", "classify", "ner", "sparse")
+
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "bert": ("embed", "rerank", "classify", "ner", "sparse"),
+    "roberta": ("embed", "rerank", "classify", "ner", "sparse"),
+    "xlm-roberta": ("embed", "rerank", "classify", "ner"),
+    "modernbert": ("embed", "rerank", "classify", "ner", "sparse"),
+    "distilbert": ("embed", "rerank", "classify", "ner", "sparse"),
+    "llama": ("embed", "rerank", "classify", "ner"),
+    "mistral": ("embed", "rerank", "classify", "ner"),
+    "qwen2": ("embed", "rerank", "classify", "ner"),
+    "qwen3": ("embed", "rerank", "classify", "ner"),
+    "gemma2": ("embed", "rerank", "classify", "ner"),
+}
+
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
+CLASS_LABELS = ("LABEL_A", "LABEL_B", "LABEL_C", "LABEL_D", "LABEL_E", "LABEL_F", "LABEL_G", "LABEL_H")
+
+TEXTS: list[str] = [
+    "Hello!",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France, with 2,102,650 residents in 2023.",
+    "A café in Zürich serves coffee.",
+    "I'd like 3 tickets, please; the 7:45 train to Berlin.",
+    "Machine learning models turn text into vectors",
+    "She said: \"it works\" -- and it did (mostly).",
+    "Numbers like 42, 3.14 and 1,000,000 appear in reports.",
+    "embeddings",
+    "On Monday, the small company in London hired two engineers and a designer, who will build a new "
+    "search engine for old books, maps and letters from the library archive next year.",
+    "Why do rivers flow toward the sea, and why does the sea never fill up?",
+]
+
+# --- corpus ---------------------------------------------------------------------------------
+_SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the small company", "John", "Maria",
+             "the old man", "a young engineer", "the search engine", "this model", "the city council", "Alice",
+             "the river", "a student", "the doctor", "Bob", "the library", "the government"]
+_VERBS = ["reads", "writes", "builds", "finds", "sees", "likes", "sells", "buys", "opens", "closes",
+          "visits", "answers", "explains", "computes", "ranks", "sorts", "cleans", "paints", "plays", "hired"]
+_OBJECTS = ["a book", "the letter", "three apples", "the report", "new maps", "an old car", "the question",
+            "the vectors", "a red house", "the results", "coffee", "the music", "two tickets", "the archive",
+            "a small boat", "the code", "the sentence", "a long story", "the data", "fresh bread"]
+_PLACES = ["in Paris", "in London", "in Berlin", "at home", "near the sea", "in Zürich", "in the park",
+           "at the café", "in New York", "on the train", "in Tokyo", "at school", "in France", "by the river"]
+_TIMES = ["on Monday", "yesterday", "today", "next year", "in 2023", "at 7:45", "every morning", "tonight",
+          "last week", "in summer", "before noon", "after lunch"]
+_EXTRA = ["machine learning", "quick brown fox", "lazy dog", "capital", "populous", "residents", "engineers",
+          "designer", "archive", "letters", "embeddings", "numbers", "reports", "mostly", "rivers", "flow",
+          "toward", "never", "fill", "serves", "tickets", "please", "models", "turn", "text", "into", "works",
+          "naïve", "résumé", "über", "façade", "jumps", "over", "what", "why", "does", "hello", "most",
+          "with", "and", "who", "will", "from", "for", "search", "engine", "city", "small"]
+
+
+def _corpus() -> list[str]:
+    rng = random.Random(1234)
+    lines: list[str] = []
+    for i in range(400):
+        s, v, o = rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)
+        kind = i % 6
+        if kind == 0:
+            line = f"{s.capitalize()} {v} {o} {rng.choice(_PLACES)}."
+        elif kind == 1:
+            line = f"Why does {s} {v.rstrip('s')} {o} {rng.choice(_TIMES)}?"
+        elif kind == 2:
+            line = f"{rng.choice(_TIMES).capitalize()}, {s} {v} {rng.randint(0, 9999)} items, {o} and {rng.choice(_OBJECTS)}!"
+        elif kind == 3:
+            line = f"\"{s.capitalize()} {v} {o},\" she said; ({rng.randint(1, 99)}.{rng.randint(0, 99)}% of it) -- {rng.choice(_EXTRA)}."
+        elif kind == 4:
+            line = " ".join(rng.choice(_EXTRA) for _ in range(rng.randint(3, 12)))
+        else:
+            line = f"{s} {v} {o} {rng.choice(_PLACES)} {rng.choice(_TIMES)}: {rng.choice(_EXTRA)} {rng.choice(_EXTRA)}"
+        lines.append(line)
+    return lines + TEXTS
+
+
+# --- tokenizers -----------------------------------------------------------------------------
+# family -> which tokenizer a model type gets
+_FAMILY = {
+    "bert": "wordpiece", "distilbert": "wordpiece",
+    "roberta": "roberta_bpe", "xlm-roberta": "xlmr_unigram", "modernbert": "modernbert_bpe",
+    "llama": "causal_bpe", "mistral": "causal_bpe", "qwen2": "causal_bpe", "qwen3": "causal_bpe",
+    "gemma2": "causal_bpe",
+}
+
+# family -> special tokens by role (ids are the order of `_SPECIALS_ORDER`)
+_SPECIALS: dict[str, dict[str, str]] = {
+    "wordpiece": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                  "mask_token": "[MASK]"},
+    "modernbert_bpe": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                       "mask_token": "[MASK]"},
+    "roberta_bpe": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                    "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"},
+    "xlmr_unigram": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                     "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"},
+    "causal_bpe": {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "bos_token": "<|im_start|>"},
+}
+_SPECIALS_ORDER: dict[str, list[str]] = {
+    "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "modernbert_bpe": ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+    "roberta_bpe": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    "xlmr_unigram": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    "causal_bpe": ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
+}
+_VOCAB_SIZE = 1000
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def _template(single: str, pair: str, tok: Tokenizer, specials: Sequence[str]) -> processors.TemplateProcessing:
+    return processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in specials]
+    )
+
+
+def _train(family: str) -> Tokenizer:
+    specials = _SPECIALS_ORDER[family]
+    corpus = _corpus()
+    if family == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer: Any = trainers.WordPieceTrainer(vocab_size=_VOCAB_SIZE, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        tok.post_processor = _template("[CLS]:0 $A:0 [SEP]:0", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", tok,
+                                       ["[CLS]", "[SEP]"])
+    elif family == "xlmr_unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        trainer = trainers.UnigramTrainer(vocab_size=_VOCAB_SIZE, special_tokens=specials, unk_token="<unk>",
+                                          show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        tok.post_processor = _template("<s>:0 $A:0 </s>:0", "<s>:0 $A:0 </s>:0 </s>:0 $B:0 </s>:0", tok,
+                                       ["<s>", "</s>"])
+    else:  # byte-level BPE
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(corpus, trainer)
+        if family == "roberta_bpe":
+            tok.post_processor = processors.RobertaProcessing(
+                sep=("</s>", tok.token_to_id("</s>")), cls=("<s>", tok.token_to_id("<s>")),
+                trim_offsets=True, add_prefix_space=False,
+            )
+        elif family == "modernbert_bpe":
+            tok.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=True),
+                _template("[CLS]:0 $A:0 [SEP]:0", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", tok, ["[CLS]", "[SEP]"]),
+            ])
+        else:  # causal: EOS appended to every text, as Qwen3-Embedding does
+            tok.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=True),
+                _template("$A:0 <|endoftext|>:0", "$A:0 <|endoftext|>:0 $B:1 <|endoftext|>:1", tok,
+                          ["<|endoftext|>"]),
+            ])
+    return tok
+
+
+def trained_tokenizer(model_type: str) -> Tokenizer:
+    """The `tokenizers.Tokenizer` for a model type (trained once per family in this process; a copy)."""
+    family = _FAMILY[model_type]
+    if family not in _TOKENIZERS:
+        _TOKENIZERS[family] = _train(family)
+    return Tokenizer.from_str(_TOKENIZERS[family].to_str())
+
+
+def _save_tokenizer(folder: Path, model_type: str, padding_side: str, model_max_length: int) -> Tokenizer:
+    from transformers import PreTrainedTokenizerFast
+
+    family = _FAMILY[model_type]
+    tok = trained_tokenizer(model_type)
+    specials = _SPECIALS[family]
+    input_names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else [
+        "input_ids", "attention_mask"]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        padding_side=padding_side,
+        model_max_length=model_max_length,
+        model_input_names=input_names,
+        clean_up_tokenization_spaces=False,
+        **specials,
+    )
+    fast.save_pretrained(str(folder))
+    # transformers 5 keeps special tokens in tokenizer_config.json only; repos still ship the map
+    special_map = folder / "special_tokens_map.json"
+    if not special_map.exists():
+        special_map.write_text(json.dumps(specials, indent=2) + "\n")
+    return tok
+
+
+# --- models ---------------------------------------------------------------------------------
+def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
+    import transformers
+
+    family = _FAMILY[model_type]
+    ids = {role: tok.token_to_id(t) for role, t in _SPECIALS[family].items()}
+    vocab = tok.get_vocab_size()
+    common: dict[str, Any] = {"vocab_size": vocab}
+    if task == "rerank":
+        common["num_labels"] = 1
+    elif task == "classify":
+        if not 2 <= num_labels <= len(CLASS_LABELS):
+            raise ValueError(f"num_labels must be 2..{len(CLASS_LABELS)}")
+        common["id2label"] = {i: CLASS_LABELS[i] for i in range(num_labels)}
+        common["label2id"] = {v: k for k, v in common["id2label"].items()}
+    elif task == "ner":
+        common["id2label"] = dict(enumerate(NER_LABELS))
+        common["label2id"] = {v: k for k, v in common["id2label"].items()}
+    enc = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    if model_type == "bert":
+        return transformers.BertConfig(**common, **enc, max_position_embeddings=128, type_vocab_size=2,
+                                       pad_token_id=ids["pad_token"])
+    if model_type in ("roberta", "xlm-roberta"):
+        cls = transformers.RobertaConfig if model_type == "roberta" else transformers.XLMRobertaConfig
+        return cls(**common, **enc, max_position_embeddings=130, type_vocab_size=1, pad_token_id=ids["pad_token"],
+                   bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"])
+    if model_type == "distilbert":
+        return transformers.DistilBertConfig(**common, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                             max_position_embeddings=128, pad_token_id=ids["pad_token"])
+    if model_type == "modernbert":
+        return transformers.ModernBertConfig(
+            **common, **enc, max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=64,
+            pad_token_id=ids["pad_token"], bos_token_id=ids["cls_token"], eos_token_id=ids["sep_token"],
+            cls_token_id=ids["cls_token"], sep_token_id=ids["sep_token"],
+        )
+    dec: dict[str, Any] = {
+        **common, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],
+        "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "tie_word_embeddings": False,
+    }
+    if model_type == "llama":
+        return transformers.LlamaConfig(**dec)
+    if model_type == "mistral":
+        return transformers.MistralConfig(**dec, sliding_window=None, head_dim=8)
+    if model_type == "qwen2":
+        return transformers.Qwen2Config(**dec, use_sliding_window=False)
+    if model_type == "qwen3":
+        return transformers.Qwen3Config(**dec, head_dim=8, use_sliding_window=False)
+    if model_type == "gemma2":
+        return transformers.Gemma2Config(**dec, head_dim=8, query_pre_attn_scalar=8, sliding_window=64)
+    raise ValueError(f"unknown model_type {model_type!r}; one of {', '.join(MODEL_TYPES)}")
+
+
+_AUTO = {
+    "embed": "AutoModel",
+    "rerank": "AutoModelForSequenceClassification",
+    "classify": "AutoModelForSequenceClassification",
+    "ner": "AutoModelForTokenClassification",
+    "sparse": "AutoModelForMaskedLM",
+}
+
+
+def _rescale_heads(model: torch.nn.Module, n_out: int) -> None:
+    """Re-draw the classification head so logits are O(1) and vary between inputs (init std 0.02 is flat)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features == n_out and (
+            name.startswith(("classifier", "score")) or name.endswith(("out_proj", "classifier", "score"))
+        ):
+            with torch.no_grad():
+                module.weight.normal_(0.0, 1.0 / module.in_features**0.5)
+                if module.bias is not None:
+                    module.bias.uniform_(-0.1, 0.1)
+
+
+def _pooling_config(pooling: str | Sequence[str], hidden: int, include_prompt: bool) -> dict[str, Any]:
+    if isinstance(pooling, str) and pooling.startswith("new:"):
+        name = pooling[len("new:"):]
+        modes: str | list[str] = name.split("+") if "+" in name else name
+        for mode in [modes] if isinstance(modes, str) else modes:
+            if mode not in POOLING_MODES:
+                raise ValueError(f"pooling mode {mode!r} not in {POOLING_MODES}")
+        return {"embedding_dimension": hidden, "pooling_mode": modes, "include_prompt": include_prompt}
+    names = [pooling] if isinstance(pooling, str) else list(pooling)
+    for mode in names:
+        if mode not in POOLING_MODES:
+            raise ValueError(f"pooling mode {mode!r} not in {POOLING_MODES}")
+    return {
+        "word_embedding_dimension": hidden,
+        "pooling_mode_cls_token": "cls" in names,
+        "pooling_mode_mean_tokens": "mean" in names,
+        "pooling_mode_max_tokens": "max" in names,
+        "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens" in names,
+        "pooling_mode_weightedmean_tokens": "weightedmean" in names,
+        "pooling_mode_lasttoken": "lasttoken" in names,
+        "include_prompt": include_prompt,
+    }
+
+
+def _n_modes(pooling: str | Sequence[str]) -> int:
+    if isinstance(pooling, str):
+        return len(pooling.removeprefix("new:").split("+"))
+    return len(set(pooling))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+_ST_VERSION = {"sentence_transformers": "6.2.0", "transformers": "5.23.0", "pytorch": "2.13.0"}
+
+
+def make_checkpoint(
+    folder: Path,
+    model_type: str,
+    task: str,
+    *,
+    pooling: str | list[str] = "mean",
+    include_prompt: bool = True,
+    normalize: bool = False,
+    dense: Sequence[tuple[int, str]] = (),
+    num_labels: int = 2,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    padding_side: str | None = None,
+    max_seq_length: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
+
+    pooling: a mode ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken") or a list of
+    them, written in the legacy `pooling_mode_*` flag spelling; "new:<mode>" or "new:<mode>+<mode>" writes
+    the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module.
+    """
+    import transformers
+
+    if model_type not in SUPPORTED:
+        raise ValueError(f"unknown model_type {model_type!r}; one of {', '.join(SUPPORTED)}")
+    if task not in SUPPORTED[model_type]:
+        raise ValueError(f"{model_type} does not support task {task!r}; it supports {SUPPORTED[model_type]}")
+    if default_prompt_name is not None and default_prompt_name not in (prompts or {}):
+        raise ValueError(f"default_prompt_name {default_prompt_name!r} is not in prompts")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    causal = model_type in DECODERS
+    side = padding_side or ("left" if causal else "right")
+    positions = 128
+    tok = _save_tokenizer(folder, model_type, side, max_seq_length or positions)
+
+    torch.manual_seed(seed)
+    config = _config(model_type, tok, task, num_labels)
+    model = getattr(transformers, _AUTO[task]).from_config(config)
+    if task in ("rerank", "classify", "ner"):
+        _rescale_heads(model, config.num_labels)
+    model.eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+
+    st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}),
+                 "default_prompt_name": default_prompt_name}
+    if task == "embed":
+        hidden = config.hidden_size
+        modules: list[dict[str, Any]] = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        _write_json(folder / "1_Pooling" / "config.json", _pooling_config(pooling, hidden, include_prompt))
+        in_features = hidden * _n_modes(pooling)
+        for out_features, activation in dense:
+            idx = len(modules)
+            sub = f"{idx}_Dense"
+            if activation not in ("tanh", "identity"):
+                raise ValueError(f"dense activation {activation!r} is not 'tanh' or 'identity'")
+            linear = torch.nn.Linear(in_features, out_features, bias=True)
+            _write_json(folder / sub / "config.json", {
+                "in_features": in_features, "out_features": out_features, "bias": True,
+                "activation_function": "torch.nn.modules.activation.Tanh" if activation == "tanh"
+                else "torch.nn.modules.linear.Identity",
+            })
+            save_file({"linear.weight": linear.weight.detach().contiguous(),
+                       "linear.bias": linear.bias.detach().contiguous()}, str(folder / sub / "model.safetensors"))
+            modules.append({"idx": idx, "name": str(idx), "path": sub, "type": "sentence_transformers.models.Dense"})
+            in_features = out_features
+        if normalize:
+            idx = len(modules)
+            (folder / f"{idx}_Normalize").mkdir(exist_ok=True)
+            modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        _write_json(folder / "modules.json", modules)
+        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 64,
+                                                            "do_lower_case": False})
+        _write_json(folder / "config_sentence_transformers.json",
+                    {"model_type": "SentenceTransformer", **st_config, "similarity_fn_name": "cosine"})
+    elif task == "sparse":
+        _write_json(folder / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sparse_encoder.models.MLMTransformer"},
+            {"idx": 1, "name": "1", "path": "1_SpladePooling",
+             "type": "sentence_transformers.sparse_encoder.models.SpladePooling"},
+        ])
+        _write_json(folder / "1_SpladePooling" / "config.json", {
+            "pooling_strategy": "max", "activation_function": "relu", "word_embedding_dimension": config.vocab_size,
+        })
+        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 64,
+                                                            "do_lower_case": False})
+        _write_json(folder / "config_sentence_transformers.json",
+                    {"model_type": "SparseEncoder", **st_config, "similarity_fn_name": "dot"})
+    return folder
+
+
+# --- smoke loop: `python tests/tiny_models.py` ---------------------------------------------
+def _smoke(model_type: str, task: str, folder: Path) -> str:
+    make_checkpoint(folder, model_type, task)
+    if task == "embed":
+        from sentence_transformers import SentenceTransformer
+
+        out = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+        return f"embed {out.shape}"
+    if task in ("rerank", "classify"):
+        from sentence_transformers import CrossEncoder
+
+        scores = CrossEncoder(str(folder), device="cpu").predict([(TEXTS[2], t) for t in TEXTS])
+        assert len({round(float(x), 6) for x in scores.reshape(len(TEXTS), -1)[:, 0]}) > 1, "constant scores"
+        return f"{task} {scores.shape}"
+    if task == "sparse":
+        from sentence_transformers import SparseEncoder
+
+        out = SparseEncoder(str(folder), device="cpu").encode(TEXTS)
+        return f"sparse {tuple(out.shape)}"
+    from transformers import AutoTokenizer, pipeline
+
+    AutoTokenizer.from_pretrained(str(folder))
+    Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ents = pipeline("token-classification", model=str(folder), device="cpu")(TEXTS[3])
+    assert ents and all("start" in e and e["start"] is not None for e in ents)
+    return f"ner {len(ents)} tokens"
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+    import tempfile
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for mt in MODEL_TYPES:
+            for tk in TASKS:
+                t0 = time.perf_counter()
+                try:
+                    if tk not in SUPPORTED[mt]:
+                        continue
+                    result = _smoke(mt, tk, Path(tmp) / f"{mt}-{tk}")
+                    print(f"ok   {mt:12s} {tk:8s} {result}  ({time.perf_counter() - t0:.2f}s)")
+                except Exception as err:  # noqa: BLE001
+                    failures += 1
+                    print(f"FAIL {mt:12s} {tk:8s} {type(err).__name__}: {err}")
+    sys.exit(1 if failures else 0)

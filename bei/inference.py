@@ -5,11 +5,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
 
 from bei.runtime.engine import LoadedEngine
 from bei.runtime.tokenizer import Direction, Encoded, TextInput
 from bei.scheduler.batcher import Batcher, Result
 from bei.settings import ServeSettings
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's inputs as encoded, their output rows in input order, and where the time went."""
+
+    encoded: list[Encoded]
+    rows: list[np.ndarray]
+    queue_time: float
+    inference_time: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e) for e in self.encoded)
 
 
 class InferenceService:
@@ -54,6 +71,19 @@ class InferenceService:
 
     async def infer(self, encoded: Sequence[Encoded]) -> Result:
         return await self.batcher.submit(encoded)
+
+    async def run(
+        self,
+        items: Sequence[TextInput],
+        *,
+        truncate: bool = False,
+        direction: Direction = "right",
+        prompt: str | None = None,
+    ) -> Outcome:
+        """Tokenize and run: the one path every task route takes to the engine."""
+        encoded = await self.encode(items, truncate=truncate, direction=direction, prompt=prompt)
+        result = await self.infer(encoded)
+        return Outcome(encoded, result.rows, result.queue_time, result.inference_time)
 
     async def warmup(self) -> None:
         """One call through the whole path, so the first request does not pay for lazy setup."""

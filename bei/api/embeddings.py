@@ -64,11 +64,9 @@ async def embed(
     prompt: str | None,
     timing: Timing,
 ) -> np.ndarray:
-    encoded = await service.encode(items, truncate=truncate, direction=direction, prompt=prompt)
-    result = await service.infer(encoded)
-    timing.compute_tokens = sum(len(e) for e in encoded)
-    timing.queue_time, timing.inference_time = result.queue_time, result.inference_time
-    return np.stack(result.rows).astype(np.float32, copy=False)
+    outcome = await service.run(items, truncate=truncate, direction=direction, prompt=prompt)
+    timing.record(outcome)
+    return np.stack(outcome.rows).astype(np.float32, copy=False)
 
 
 async def openai_embeddings(service: InferenceService, request: OpenAIEmbeddingsRequest, timing: Timing) -> Any:

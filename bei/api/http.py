@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bei.errors import BeiError, PayloadTooLargeError, ValidationError, http_status
+from bei.inference import Outcome
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,6 +66,11 @@ class Timing:
     compute_tokens: int = 0
     queue_time: float = 0.0
     inference_time: float = 0.0
+
+    def record(self, outcome: Outcome) -> None:
+        self.compute_tokens += outcome.tokens
+        self.queue_time = max(self.queue_time, outcome.queue_time)
+        self.inference_time += outcome.inference_time
 
     def headers(self) -> dict[str, str]:
         total = time.perf_counter() - self.started

@@ -44,3 +44,51 @@ class EmbedRequest(_Request, TruncationMixin):
     normalize: bool = True
     dimensions: int | None = Field(None, gt=0)
     prompt_name: str | None = None
+
+
+class RerankRequest(_Request, TruncationMixin):
+    """BEI/TEI /rerank: scores in the order of `texts`."""
+
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class CohereDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str
+
+
+class CohereRerankRequest(_Request):
+    """/v1/rerank (Cohere, Jina, Infinity, vLLM): results sorted by relevance, cut to top_n."""
+
+    query: str
+    documents: list[str | CohereDocument]
+    top_n: int | None = Field(None, gt=0)
+    return_documents: bool = False
+    model: str | None = None
+
+
+PredictInput = str | list[str] | list[list[str]]
+
+
+class PredictRequest(_Request, TruncationMixin):
+    inputs: PredictInput
+    raw_scores: bool = False
+
+
+class PredictTokensRequest(_Request, TruncationMixin):
+    inputs: PredictInput
+    raw_scores: bool = False
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "none"
+
+
+class SparseRequest(_Request, TruncationMixin):
+    inputs: str | list[str]
+
+
+class TokenizeRequest(_Request):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None

@@ -21,6 +21,7 @@ class Encoded:
     ids: list[int]
     type_ids: list[int]
     offsets: list[tuple[int, int]]
+    special: list[int]  # 1 where the tokenizer added a special token ([CLS], </s>, ...)
     prompt_length: int = 0
 
     def __len__(self) -> int:
@@ -62,6 +63,24 @@ class TokenizerRuntime:
     def id_to_token(self, token_id: int) -> str | None:
         return self._plain.id_to_token(token_id)
 
+    def decode_tokens(self, tokens: list[str]) -> str:
+        """Token strings back to text, as transformers' `convert_tokens_to_string`."""
+        decoder = self._plain.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    @property
+    def continuing_subword_prefix(self) -> str | None:
+        return getattr(self._plain.model, "continuing_subword_prefix", None)
+
+    @property
+    def unk_id(self) -> int | None:
+        token = getattr(self._plain.model, "unk_token", None)
+        return self._plain.token_to_id(token) if token else None
+
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        """The raw `tokenizers` encoding, untruncated: for /tokenize."""
+        return self._plain.encode(text, add_special_tokens=add_special_tokens)
+
     def count_prompt_tokens(self, prompt: str) -> int:
         """Tokens a prompt prefix contributes, as sentence-transformers counts them (no trailing special)."""
         enc = self._plain.encode(prompt, add_special_tokens=True)
@@ -97,7 +116,13 @@ class TokenizerRuntime:
                     "shorten it or set truncate: true"
                 )
             enc = self._encode(self._truncating[direction], item)
-        return Encoded(ids=list(enc.ids), type_ids=list(enc.type_ids), offsets=list(enc.offsets), prompt_length=prompt_length)
+        return Encoded(
+            ids=list(enc.ids),
+            type_ids=list(enc.type_ids),
+            offsets=list(enc.offsets),
+            special=list(enc.special_tokens_mask),
+            prompt_length=prompt_length,
+        )
 
     @staticmethod
     def _encode(tok: Tokenizer, item: str | tuple[str, str]) -> Encoding:
@@ -119,4 +144,4 @@ class TokenizerRuntime:
                     "shorten it or set truncate: true"
                 )
             ids = ids[: self.max_length] if direction == "right" else ids[-self.max_length :]
-        return Encoded(ids=list(ids), type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids))
+        return Encoded(ids=list(ids), type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids), special=[0] * len(ids))

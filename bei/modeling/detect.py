@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from bei.errors import ModelError
+from bei.modeling.files import read_json
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import DenseLayer, ModelSpec, Task
 
@@ -33,16 +33,11 @@ _ACTIVATIONS = {
 }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"missing file: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) and not isinstance(data, list):
+def _read_json(path: Path) -> Any:
+    data = read_json(path)
+    if not isinstance(data, (dict, list)):
         raise ModelError(f"{path} does not hold a JSON object")
-    return data  # type: ignore[return-value]
+    return data
 
 
 def _module_kind(entry: dict[str, Any]) -> str:
@@ -54,7 +49,7 @@ def _read_modules(path: Path) -> list[dict[str, Any]]:
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return []
-    modules = json.loads(modules_file.read_text())
+    modules = _read_json(modules_file)
     if not isinstance(modules, list):
         raise ModelError(f"{modules_file} must hold a list of modules")
     return sorted(modules, key=lambda m: int(m.get("idx", 0)))
@@ -113,7 +108,7 @@ def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> in
     limit = positions
     st_config = path / "sentence_bert_config.json"
     if st_config.exists():
-        st_max = json.loads(st_config.read_text()).get("max_seq_length")
+        st_max = _read_json(st_config).get("max_seq_length")
         if st_max:
             limit = min(limit, int(st_max))
     if override is not None:
@@ -128,7 +123,7 @@ def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> in
 def _padding_side(path: Path, base_model: str) -> str:
     tokenizer_config = path / "tokenizer_config.json"
     if tokenizer_config.exists():
-        side = json.loads(tokenizer_config.read_text()).get("padding_side")
+        side = _read_json(tokenizer_config).get("padding_side")
         if side in ("left", "right"):
             return str(side)
     return "right"
@@ -177,7 +172,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
     default_prompt_name: str | None = None
     st_config = path / "config_sentence_transformers.json"
     if st_config.exists():
-        data = json.loads(st_config.read_text())
+        data = _read_json(st_config)
         prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
         default_prompt_name = data.get("default_prompt_name")
     return ModelSpec(

@@ -8,7 +8,6 @@ plain tensor ops that export to ONNX with dynamic batch and sequence axes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from bei.errors import ModelError
+from bei.modeling.files import read_json
 
 
 class PoolingMode(str, Enum):
@@ -70,12 +70,9 @@ class PoolingConfig:
 
     @classmethod
     def read(cls, path: Path) -> PoolingConfig:
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelError(f"pooling config not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ModelError(f"{path} is not valid JSON: {err}") from None
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ModelError(f"{path} does not hold a JSON object")
         return cls.from_dict(data, source=str(path))
 
 

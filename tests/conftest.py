@@ -1,0 +1,43 @@
+"""Shared test setup: offline Hugging Face, and tiny random checkpoints (see tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import os
+
+# huggingface_hub reads HF_HUB_OFFLINE once, at its first import: set it before any test module imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`factory(model_type, task, **make_checkpoint_kwargs) -> Path`, one folder per distinct arguments.
+
+    Folders are shared by every test of the session: copy one before changing its files.
+    """
+    from tests.tiny_models import make_checkpoint
+
+    cache: dict[Any, Path] = {}
+
+    def factory(model_type: str, task: str, **kwargs: Any) -> Path:
+        key = (model_type, task, _freeze(kwargs))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{model_type}-{task}")
+            cache[key] = make_checkpoint(folder, model_type, task, **kwargs)
+        return cache[key]
+
+    return factory

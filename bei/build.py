@@ -113,7 +113,7 @@ def build_engine(
         spec = read_model_spec(checkpoint.path, base_model=build.base_model.value, max_seq_len=build.max_seq_len)
         pooling = spec.pooling.name if spec.pooling else "none"
         progress.note(f"{spec.architecture}: task {spec.task.value}, pooling {pooling}, normalize {spec.normalize}")
-        tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len)
+        tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
 
     engine_dir = engines_root / config.name
     with staged_engine_dir(engine_dir) as staging:
@@ -167,6 +167,7 @@ def build_engine(
                 padding_side=spec.padding_side,
                 prompts=spec.prompts,
                 default_prompt_name=spec.default_prompt_name,
+                chat_template=spec.chat_template,
                 default_route=config.trt_llm.runtime.webserver_default_route.value
                 if config.trt_llm.runtime.webserver_default_route
                 else None,

@@ -65,6 +65,7 @@ class Manifest(BaseModel):
     padding_side: str = "right"
     prompts: dict[str, str] = Field(default_factory=dict)
     default_prompt_name: str | None = None
+    chat_template: str | None = None  # inputs rendered through it (causal rerankers / classifiers), as ST does
     default_route: str | None = None
     precision: str
     target: TargetInfo

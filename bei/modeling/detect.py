@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,9 @@ from bei.errors import ModelError
 from bei.modeling.files import read_json
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import DenseLayer, ModelSpec, Task
+from bei.runtime.chat_template import ChatTemplate, read_chat_template, read_special_tokens
+
+log = logging.getLogger(__name__)
 
 # model_type -> the base_model that serves it
 ARCHITECTURES: dict[str, str] = {
@@ -129,6 +133,27 @@ def _padding_side(path: Path, base_model: str) -> str:
     return "right"
 
 
+def _chat_template(path: Path, family: str, task: Task) -> str | None:
+    """The template sentence-transformers renders a causal reranker's / classifier's inputs through.
+
+    ST (6.x) applies the tokenizer's chat template (chat_template.jinja, else tokenizer_config.json's
+    `chat_template`) whenever there is one, a pair as "query" and "document" messages. A template that
+    loses either role (a chat model's stock template) makes ST refuse pairs; such a checkpoint was
+    trained on plain pairs, so it keeps the plain pair tokenization here.
+    """
+    if family != "encoder" or task not in (Task.RERANK, Task.CLASSIFY):
+        return None
+    template = read_chat_template(path)
+    if template is None:
+        return None
+    failure = ChatTemplate(template, read_special_tokens(path)).pair_roles_failure()
+    if failure is not None:
+        log.warning("%s: the chat template cannot carry a (query, document) pair (%s); inputs are tokenized as "
+                    "plain pairs", path, failure)
+        return None
+    return template
+
+
 def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
     """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
     config_path = path / "config.json"
@@ -192,4 +217,5 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         padding_side=_padding_side(path, family),
         prompts=prompts,
         default_prompt_name=default_prompt_name,
+        chat_template=_chat_template(path, family, task),
     )

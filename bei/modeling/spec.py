@@ -48,6 +48,8 @@ class ModelSpec:
     padding_side: str = "right"
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    # causal rerankers / classifiers whose checkpoint defines one: inputs are rendered through it (as ST does)
+    chat_template: str | None = None
 
     @property
     def embedding_dim(self) -> int | None:

@@ -35,5 +35,5 @@ def open_backend(folder: Path, manifest: Manifest, threads: int | None = None) -
 def load_engine(folder: Path, *, threads: int | None = None) -> LoadedEngine:
     manifest = read_manifest(folder)
     check_compatible(manifest)
-    tokenizer = TokenizerRuntime(folder / "tokenizer.json", manifest.max_input_tokens)
+    tokenizer = TokenizerRuntime(folder / "tokenizer.json", manifest.max_input_tokens, chat_template=manifest.chat_template)
     return LoadedEngine(folder=folder, manifest=manifest, backend=open_backend(folder, manifest, threads), tokenizer=tokenizer)

@@ -9,6 +9,7 @@ from typing import Literal
 from tokenizers import Encoding, Tokenizer
 
 from bei.errors import EmptyInputError, InputTooLongError, ValidationError
+from bei.runtime.chat_template import ChatTemplate, read_special_tokens, truncate_keeping_suffix
 
 Direction = Literal["right", "left"]
 TextInput = str | tuple[str, str] | list[int]
@@ -32,10 +33,17 @@ class TokenizerRuntime:
     """Three `tokenizers.Tokenizer` instances from one tokenizer.json: untruncated, truncate right, left.
 
     Separate instances because truncation is tokenizer state and encoding runs on several threads.
+
+    With a `chat_template` (a causal reranker / classifier whose checkpoint defines one), texts and pairs
+    are rendered through it as sentence-transformers' CrossEncoder does (see `bei.runtime.chat_template`);
+    special tokens for the template come from tokenizer_config.json next to `tokenizer_file`.
     """
 
-    def __init__(self, tokenizer_file: Path, max_length: int) -> None:
+    def __init__(self, tokenizer_file: Path, max_length: int, chat_template: str | None = None) -> None:
         self.max_length = max_length
+        self.chat_template: ChatTemplate | None = None
+        if chat_template:
+            self.chat_template = ChatTemplate(chat_template, read_special_tokens(Path(tokenizer_file).parent))
         self._plain = Tokenizer.from_file(str(tokenizer_file))
         self._plain.no_truncation()
         self._plain.no_padding()
@@ -104,6 +112,8 @@ class TokenizerRuntime:
                 raise EmptyInputError("input is empty")
         elif not item:
             raise EmptyInputError("input is empty")
+        if self.chat_template is not None:
+            return self._encode_chat(self.chat_template, item, truncate=truncate, direction=direction)
         prompt_length = 0
         if prompt:
             prompt_length = self.count_prompt_tokens(prompt)
@@ -122,6 +132,35 @@ class TokenizerRuntime:
             offsets=list(enc.offsets),
             special=list(enc.special_tokens_mask),
             prompt_length=prompt_length,
+        )
+
+    def _chat_ids(self, text: str) -> list[int]:
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
+
+    def _encode_chat(
+        self, template: ChatTemplate, item: str | tuple[str, str], *, truncate: bool, direction: Direction
+    ) -> Encoded:
+        """Render through the chat template, tokenize without special tokens (they are in the text), and
+        truncate as sentence-transformers does: cut to the limit, then the template suffix written back."""
+        try:
+            text = template.render(item)
+        except Exception as err:  # noqa: BLE001 - a template that cannot render this input
+            raise ValidationError(f"the model's chat template cannot render this input: {err}") from None
+        enc = self._plain.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        if len(ids) > self.max_length and not truncate:
+            raise InputTooLongError(
+                f"input of {len(ids)} tokens (with the model's chat template) is longer than the model's limit of "
+                f"{self.max_length} tokens; shorten it or set truncate: true"
+            )
+        if len(ids) >= self.max_length:
+            ids = truncate_keeping_suffix(ids, template.suffix_ids(item, self._chat_ids), self.max_length, direction)
+            return Encoded(ids=ids, type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids), special=[0] * len(ids))
+        return Encoded(
+            ids=ids,
+            type_ids=[0] * len(ids),
+            offsets=list(enc.offsets),
+            special=list(enc.special_tokens_mask),
         )
 
     @staticmethod

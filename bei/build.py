@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,12 +15,13 @@ import torch
 from bei import __version__
 from bei.checkpoint import Checkpoint, check_required_files, resolve_checkpoint
 from bei.config import BeiConfig
+from bei.engine.compat import Host, detect_host
 from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import Manifest, PoolingInfo, SourceInfo, TargetInfo, VerificationInfo
-from bei.errors import EngineError
 from bei.export import onnxruntime as ort_target
 from bei.export.onnx import export_onnx
-from bei.export.verify import compare, require_agreement
+from bei.export.plan import GPU_TARGET, BuildPlan, check_target_hardware, choose_target, make_plan
+from bei.export.verify import Agreement, compare, require_agreement
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import OUTPUT_NAMES, EngineModule, build_module, input_names
 from bei.modeling.spec import ModelSpec, Task
@@ -60,9 +62,15 @@ class BuildResult:
     manifest: Manifest
 
 
-def default_target() -> str:
-    """The CPU engine wherever no GPU is present."""
-    return ort_target.TARGET_NAME
+def stages_for(target: str, quantized: bool) -> list[str]:
+    if target == GPU_TARGET:
+        return ["resolve checkpoint", "read pooling"] + (["quantize"] if quantized else []) + [
+            "export",
+            "compile",
+            "verify",
+            "write",
+        ]
+    return STAGES
 
 
 def sample_batch(spec: ModelSpec, tokenizer: TokenizerRuntime) -> Batch:
@@ -80,22 +88,25 @@ def reference_outputs(module: EngineModule, batch: Batch) -> np.ndarray:
         return module(**feeds).float().numpy()
 
 
-def build_engine(
+def plan_build(
     config: BeiConfig,
     *,
     config_dir: Path,
-    engines_root: Path,
-    target: str | None = None,
+    target: str = "auto",
     progress: Progress | None = None,
-) -> BuildResult:
-    """Build `engines_root/<config.name>` atomically; on any failure nothing is left to load."""
-    target = target or default_target()
-    if target != ort_target.TARGET_NAME:
-        raise EngineError(f"target {target!r} cannot be built here; available: {ort_target.TARGET_NAME}")
-    progress = progress or Progress(STAGES)
-    started = time.perf_counter()
+    host: Host | None = None,
+    dry_run: bool = False,
+) -> tuple[Checkpoint, ModelSpec, BuildPlan]:
+    """Everything decided before the heavy work; `bei build --dry-run` stops here."""
     build = config.trt_llm.build
     repo = build.checkpoint_repository
+    host = host or detect_host()
+    choice = choose_target(target, host, dry_run=dry_run)
+    # hardware rules before any download
+    check_target_hardware(choice, build.base_model.value, build.quantization_type.value, host)
+    progress = progress or Progress(stages_for(choice.name, False))
+    progress.stages = stages_for(choice.name, build.quantization_type.value != "no_quant" and choice.name == GPU_TARGET)
+    progress.note(f"target {choice.name}: {choice.reason}")
 
     with progress.stage("resolve checkpoint"):
         checkpoint: Checkpoint = resolve_checkpoint(
@@ -113,7 +124,42 @@ def build_engine(
         spec = read_model_spec(checkpoint.path, base_model=build.base_model.value, max_seq_len=build.max_seq_len)
         pooling = spec.pooling.name if spec.pooling else "none"
         progress.note(f"{spec.architecture}: task {spec.task.value}, pooling {pooling}, normalize {spec.normalize}")
-        tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
+        plan = make_plan(
+            spec,
+            target=choice,
+            base_model=build.base_model.value,
+            quantization=build.quantization_type.value,
+            max_num_tokens=build.max_num_tokens,
+            max_batch_size=build.max_batch_size,
+            accelerator=config.resources.accelerator,
+            host=host,
+        )
+        for line in plan.notes:
+            progress.note(line)
+    return checkpoint, spec, plan
+
+
+def build_engine(
+    config: BeiConfig,
+    *,
+    config_dir: Path,
+    engines_root: Path,
+    target: str = "auto",
+    progress: Progress | None = None,
+    host: Host | None = None,
+) -> BuildResult:
+    """Build `engines_root/<config.name>` atomically; on any failure nothing is left to load."""
+    started = time.perf_counter()
+    progress = progress or Progress(STAGES)
+    checkpoint, spec, plan = plan_build(config, config_dir=config_dir, target=target, progress=progress, host=host)
+    if plan.max_input_tokens != spec.max_seq_len:
+        spec = replace(spec, max_seq_len=plan.max_input_tokens)
+    if plan.target == GPU_TARGET:
+        from bei.export.gpu_build import build_gpu_engine
+
+        return build_gpu_engine(config, checkpoint, spec, plan, engines_root=engines_root, progress=progress, started=started)
+    build = config.trt_llm.build
+    tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
 
     engine_dir = engines_root / config.name
     with staged_engine_dir(engine_dir) as staging:
@@ -139,53 +185,87 @@ def build_engine(
             progress.note(f"cosine {agreement.min_cosine:.7f}, max abs diff {agreement.max_abs_diff:.1e}")
 
         with progress.stage("write"):
-            for name in TOKENIZER_FILES:
-                if (checkpoint.path / name).exists():
-                    shutil.copy2(checkpoint.path / name, staging / name)
-            manifest = Manifest(
-                bei_version=__version__,
-                name=config.name,
-                source=SourceInfo(
-                    source=checkpoint.source,
-                    repo=checkpoint.repo,
-                    revision=checkpoint.revision,
-                    file_hashes=checkpoint.file_hashes(),
-                ),
-                task=spec.task.value,
-                architecture=spec.architecture,
-                model_type=spec.model_type,
-                base_model=spec.base_model,
-                pooling=PoolingInfo(modes=[m.value for m in spec.pooling.modes], include_prompt=spec.pooling.include_prompt)
-                if spec.pooling
-                else None,
-                normalize=spec.normalize,
-                embedding_dim=spec.embedding_dim,
-                labels=list(spec.labels),
-                max_input_tokens=spec.max_seq_len,
-                max_num_tokens=build.max_num_tokens,
-                max_batch_size=build.max_batch_size,
-                padding_side=spec.padding_side,
-                prompts=spec.prompts,
-                default_prompt_name=spec.default_prompt_name,
-                chat_template=spec.chat_template,
-                default_route=config.trt_llm.runtime.webserver_default_route.value
-                if config.trt_llm.runtime.webserver_default_route
-                else None,
-                precision="fp32",
-                target=TargetInfo(name=target, versions=ort_target.versions()),
+            manifest = manifest_for(
+                config,
+                checkpoint,
+                spec,
+                plan,
+                agreement,
                 graph_file=GRAPH_FILE,
-                graph_inputs=input_names(spec),
-                graph_output=OUTPUT_NAMES[spec.task],
-                build_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                build_seconds=round(time.perf_counter() - started, 2),
-                verification=VerificationInfo(
-                    reference="transformers (torch, fp32)",
-                    samples=agreement.samples,
-                    max_abs_diff=agreement.max_abs_diff,
-                    min_cosine=agreement.min_cosine,
-                ),
-                config=config.model_dump(mode="json"),
-                config_fingerprint=config.fingerprint(),
+                target=TargetInfo(name=plan.target, versions=ort_target.versions()),
+                reference="transformers (torch, fp32)",
+                build_seconds=time.perf_counter() - started,
             )
-            manifest.write(staging)  # last: a folder without a manifest is never loaded
+            write_engine_files(checkpoint, staging, manifest)
     return BuildResult(engine_dir=engine_dir.resolve(), manifest=manifest)
+
+
+def manifest_for(
+    config: BeiConfig,
+    checkpoint: Checkpoint,
+    spec: ModelSpec,
+    plan: BuildPlan,
+    agreement: Agreement,
+    *,
+    graph_file: str,
+    target: TargetInfo,
+    reference: str,
+    build_seconds: float,
+    quantization: dict[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of an engine of any target."""
+    build = config.trt_llm.build
+    default_route = config.trt_llm.runtime.webserver_default_route
+    return Manifest(
+        bei_version=__version__,
+        name=config.name,
+        source=SourceInfo(
+            source=checkpoint.source,
+            repo=checkpoint.repo,
+            revision=checkpoint.revision,
+            file_hashes=checkpoint.file_hashes(),
+        ),
+        task=spec.task.value,
+        architecture=spec.architecture,
+        model_type=spec.model_type,
+        base_model=spec.base_model,
+        pooling=PoolingInfo(modes=[m.value for m in spec.pooling.modes], include_prompt=spec.pooling.include_prompt)
+        if spec.pooling
+        else None,
+        normalize=spec.normalize,
+        embedding_dim=spec.embedding_dim,
+        labels=list(spec.labels),
+        max_input_tokens=spec.max_seq_len,
+        max_num_tokens=build.max_num_tokens,
+        max_batch_size=build.max_batch_size,
+        padding_side=spec.padding_side,
+        prompts=spec.prompts,
+        default_prompt_name=spec.default_prompt_name,
+        chat_template=spec.chat_template,
+        default_route=default_route.value if default_route else None,
+        precision=plan.precision,
+        target=target,
+        graph_file=graph_file,
+        graph_inputs=input_names(spec),
+        graph_output=OUTPUT_NAMES[spec.task],
+        build_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(build_seconds, 2),
+        verification=VerificationInfo(
+            reference=reference,
+            samples=agreement.samples,
+            max_abs_diff=agreement.max_abs_diff,
+            min_cosine=agreement.min_cosine,
+        ),
+        config=config.model_dump(mode="json"),
+        config_fingerprint=config.fingerprint(),
+        profiles=[p.as_dict() for p in plan.profiles],
+        quantization=quantization,
+    )
+
+
+def write_engine_files(checkpoint: Checkpoint, staging: Path, manifest: Manifest) -> None:
+    """Tokenizer and reference files, then the manifest, last: a folder without one is never loaded."""
+    for name in TOKENIZER_FILES:
+        if (checkpoint.path / name).exists():
+            shutil.copy2(checkpoint.path / name, staging / name)
+    manifest.write(staging)

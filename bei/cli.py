@@ -11,7 +11,25 @@ from bei.errors import BeiError
 from bei.settings import add_arguments, engines_dir_default, settings_from
 
 
-def _build(config_path: Path, engines_root: Path, target: str | None, quiet: bool) -> Path:
+def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
+    import json
+
+    from bei.build import STAGES, plan_build
+    from bei.config import load_config
+    from bei.progress import Progress
+
+    config = load_config(config_path)
+    _, _, plan = plan_build(
+        config,
+        config_dir=config_path.resolve().parent,
+        target=target,
+        progress=Progress(STAGES, enabled=not as_json),
+        dry_run=True,
+    )
+    print(json.dumps(plan.as_dict(), indent=2) if as_json else plan.render())
+
+
+def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> Path:
     from bei.build import STAGES, build_engine
     from bei.config import load_config
     from bei.progress import Progress
@@ -52,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build", help="compile a config.yaml into engines/<name>/")
     build.add_argument("config", type=Path, help="Truss-style config.yaml")
     build.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines, env BEI_ENGINES_DIR)")
-    build.add_argument("--target", default=None, help="onnxruntime-cpu (default without a GPU)")
+    build.add_argument(
+        "--target",
+        default="auto",
+        choices=["auto", "tensorrt", "onnxruntime"],
+        help="auto (default): TensorRT where a CUDA GPU and tensorrt are present, else the ONNX Runtime CPU engine",
+    )
     build.add_argument("--quiet", action="store_true", help="no progress display")
+    build.add_argument("--dry-run", action="store_true", help="print the plan (target, precision, profiles, memory) and stop")
+    build.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
 
     serve = commands.add_parser("serve", help="serve an engine directory over HTTP")
     serve.add_argument("engine", type=Path, nargs="?", help="engine directory (engines/<name>)")
@@ -65,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     engines_root = args.engines_dir or engines_dir_default()
     try:
         if args.command == "build":
-            _build(args.config, engines_root, args.target, args.quiet)
+            if args.dry_run:
+                _dry_run(args.config, args.target, args.json)
+            else:
+                _build(args.config, engines_root, args.target, args.quiet)
             return 0
         settings = settings_from(args)
         if (args.engine is None) == (args.config is None):
@@ -75,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             engine_dir = _up_to_date_engine(args.config, engines_root)
             if engine_dir is None:
                 print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
-                engine_dir = _build(args.config, engines_root, None, quiet=False)
+                engine_dir = _build(args.config, engines_root, "auto", quiet=False)
         from bei.serve import serve as run_server
 
         run_server(engine_dir, settings)

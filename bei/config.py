@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from bei.errors import ConfigError
+from bei.hardware import compute_capability, hardware_problems
 
 __all__ = [
     "TRUSS_TOP_LEVEL_KEYS",
@@ -85,33 +86,11 @@ TRUSS_TOP_LEVEL_KEYS: tuple[str, ...] = (
     "weights",
 )  # fmt: skip
 
-# Compute capability (major, minor) per accelerator family name.
-_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
-    "T4": (7, 5), "V100": (7, 0), "A10": (8, 6), "A10G": (8, 6), "A100": (8, 0),
-    "L4": (8, 9), "L40": (8, 9), "L40S": (8, 9), "H100": (9, 0), "H100MIG": (9, 0),
-    "H200": (9, 0), "B200": (10, 0), "GB200": (10, 0),
-}  # fmt: skip
-
-# Minimum compute capability per quantization type (only those that need one).
-_MIN_CAPABILITY: dict[QuantizationType, tuple[int, int]] = {
-    QuantizationType.FP8: (8, 9),
-    QuantizationType.FP4: (10, 0),
-    QuantizationType.FP4_MLP_ONLY: (10, 0),
-}
-
 # Quantization types each base model supports.
 _ALLOWED_QUANT: dict[BaseModelKind, tuple[QuantizationType, ...]] = {
     BaseModelKind.ENCODER: tuple(QuantizationType),
     BaseModelKind.ENCODER_BERT: (QuantizationType.NO_QUANT,),
 }
-
-
-def compute_capability(accelerator: str) -> tuple[int, int] | None:
-    """Compute capability of an accelerator string such as "H100", "h100:2" or "H100_40GB"; None if unknown."""
-    name = accelerator.split(":", 1)[0].strip().upper().replace("-", "_")
-    if name.startswith("NVIDIA_"):
-        name = name[len("NVIDIA_"):]
-    return _COMPUTE_CAPABILITY.get(name) or _COMPUTE_CAPABILITY.get(name.split("_", 1)[0])
 
 
 def _null_means_default(field: str) -> Any:
@@ -138,6 +117,8 @@ class QuantizationConfig(_Strict):
     calib_size: int = Field(default=1024, gt=0)
     calib_dataset: str | None = None
     calib_max_seq_length: int = Field(default=1536, gt=0)
+    # bei's own: the build fails when the quantized engine's cosine to the unquantized model is lower
+    min_accuracy: float = Field(default=0.99, gt=0, le=1)
 
 
 class BuildConfig(_Strict):
@@ -227,12 +208,9 @@ def _cross_field_problems(cfg: BeiConfig) -> list[str]:
             f"(allowed: {', '.join(q.value for q in allowed)})"
         )
     accelerator = cfg.resources.accelerator
-    need = _MIN_CAPABILITY.get(quant)
-    have = compute_capability(accelerator) if accelerator else None
-    if need is not None and have is not None and have < need:
-        problems.append(
-            f"{path}: {quant.value!r} needs compute capability >= {need[0]}.{need[1]}; "
-            f"resources.accelerator {accelerator!r} has {have[0]}.{have[1]}"
+    if accelerator:
+        problems += hardware_problems(
+            build.base_model.value, quant.value, compute_capability(accelerator), f"resources.accelerator {accelerator!r}"
         )
     return problems
 

@@ -53,18 +53,19 @@ def _check_cpu(manifest: Manifest, host: Host) -> None:
 def _check_gpu(manifest: Manifest, host: Host) -> None:
     built_gpu = manifest.target.gpu
     built_trt = manifest.target.versions.get("tensorrt")
+    rebuild = "rebuild it on this machine with `bei build <config.yaml> --target tensorrt`"
     if host.gpu is None:
         raise EngineError(
             f"engine {manifest.name!r} was built for the GPU {built_gpu} and this machine has no GPU; "
             f"build a CPU engine (the default target here) or serve it on a {built_gpu}"
         )
     if host.gpu != built_gpu:
-        raise EngineError(f"engine {manifest.name!r} was built for {built_gpu}, not for this machine's {host.gpu}; rebuild it here")
+        raise EngineError(f"engine {manifest.name!r} was built for {built_gpu}, not for this machine's {host.gpu}; {rebuild}")
     if "tensorrt" not in host.versions:
         raise EngineError(f"engine {manifest.name!r} needs TensorRT {built_trt}, which is not installed")
     if host.versions["tensorrt"] != built_trt:
         raise EngineError(
-            f"engine {manifest.name!r} was built with TensorRT {built_trt}; this machine has {host.versions['tensorrt']}; rebuild it"
+            f"engine {manifest.name!r} was built with TensorRT {built_trt}; this machine has {host.versions['tensorrt']}; {rebuild}"
         )
 
 

@@ -77,6 +77,8 @@ class Manifest(BaseModel):
     verification: VerificationInfo
     config: dict[str, Any]
     config_fingerprint: str
+    profiles: list[dict[str, list[int]]] = Field(default_factory=list)  # TensorRT optimization profiles
+    quantization: dict[str, Any] | None = None  # quantized engines: type, calibration, accuracy figures
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")

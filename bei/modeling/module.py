@@ -55,20 +55,26 @@ def _dense(layer: DenseLayer) -> torch.nn.Module:
     return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
 
 
-def load_transformer(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The transformers model of the checkpoint, with the head its task needs."""
+def auto_class(task: Task) -> Any:
+    """The transformers Auto class whose head serves `task`."""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    auto: Any = {
+    return {
         Task.EMBED: transformers.AutoModel,
         Task.RERANK: transformers.AutoModelForSequenceClassification,
         Task.CLASSIFY: transformers.AutoModelForSequenceClassification,
         Task.NER: transformers.AutoModelForTokenClassification,
         Task.SPARSE: transformers.AutoModelForMaskedLM,
-    }[spec.task]
+    }[task]
+
+
+def load_transformer(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformers model of the checkpoint, with the head its task needs."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(str(spec.path), dtype=dtype, attn_implementation="eager")
+        model = auto_class(spec.task).from_pretrained(str(spec.path), dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {spec.architecture} from {spec.path}: {err}") from err
     return model.eval()

@@ -29,6 +29,12 @@ def open_backend(folder: Path, manifest: Manifest, threads: int | None = None) -
         from bei.runtime.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(folder / manifest.graph_file, manifest.graph_inputs, threads=threads)
+    if manifest.target.name == "tensorrt":
+        from bei.export.profiles import Profile
+        from bei.runtime.tensorrt import TensorRTBackend
+
+        profiles = [Profile(batch=tuple(p["batch"]), seq=tuple(p["seq"])) for p in manifest.profiles]  # type: ignore[arg-type]
+        return TensorRTBackend(folder / manifest.graph_file, manifest.graph_inputs, manifest.graph_output, profiles)
     raise EngineError(f"no backend for target {manifest.target.name!r}")
 
 

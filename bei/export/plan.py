@@ -1,0 +1,194 @@
+"""What a build will make, decided before any heavy work: target, precision, profiles, the layers
+quantization touches and a memory estimate. `bei build --dry-run` prints it; no GPU is needed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bei.engine.compat import Host
+from bei.errors import ConfigError, EngineError
+from bei.export.profiles import Profile, derive_profiles
+from bei.hardware import compute_capability, hardware_problems
+from bei.modeling.spec import ModelSpec
+
+CPU_TARGET = "onnxruntime-cpu"
+GPU_TARGET = "tensorrt"
+TARGET_ALIASES = {"onnxruntime": CPU_TARGET, CPU_TARGET: CPU_TARGET, GPU_TARGET: GPU_TARGET, "auto": "auto"}
+
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5625, "nvfp4-mlp": 1.0}
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    name: str
+    reason: str
+
+
+def choose_target(requested: str, host: Host, *, dry_run: bool = False) -> TargetChoice:
+    """`auto` picks TensorRT when a CUDA GPU and the tensorrt package are present, else the CPU engine."""
+    if requested not in TARGET_ALIASES:
+        raise ConfigError(f"--target: {requested!r} is not one of auto, tensorrt, onnxruntime")
+    wanted = TARGET_ALIASES[requested]
+    has_trt = "tensorrt" in host.versions
+    if wanted == CPU_TARGET:
+        return TargetChoice(CPU_TARGET, "asked for with --target")
+    if wanted == GPU_TARGET:
+        missing = [what for what, ok in (("a CUDA GPU", host.gpu is not None), ("the tensorrt package", has_trt)) if not ok]
+        if missing and dry_run:
+            return TargetChoice(GPU_TARGET, f"asked for with --target; a plan only: this machine lacks {' and '.join(missing)}")
+        if missing:
+            raise EngineError(
+                f"--target tensorrt needs {' and '.join(missing)}, which this machine lacks; "
+                "build the CPU engine (--target onnxruntime) or build on the GPU you will serve on"
+            )
+        return TargetChoice(GPU_TARGET, f"asked for with --target, on {host.gpu}")
+    if host.gpu is not None and has_trt:
+        return TargetChoice(GPU_TARGET, f"auto: {host.gpu} and TensorRT {host.versions['tensorrt']} are present")
+    why = "no CUDA GPU" if host.gpu is None else "the tensorrt package is not installed"
+    return TargetChoice(CPU_TARGET, f"auto: {why}, so the ONNX Runtime CPU engine")
+
+
+def precision_for(target: str, base_model: str, quantization: str) -> str:
+    if target == CPU_TARGET:
+        return "fp32"
+    if quantization == "fp8":
+        return "fp8"
+    if quantization == "fp4":
+        return "nvfp4"
+    if quantization == "fp4_mlp_only":
+        return "nvfp4-mlp"
+    return "fp16" if base_model == "encoder_bert" else "bf16"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    target: str
+    target_reason: str
+    precision: str
+    gpu: str | None
+    compute_capability: str | None
+    max_input_tokens: int
+    max_num_tokens: int
+    max_batch_size: int
+    profiles: list[Profile] = field(default_factory=list)
+    quantized_layers: list[str] = field(default_factory=list)
+    parameters: int = 0
+    weights_bytes: int = 0
+    activation_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profiles"] = [p.as_dict() for p in self.profiles]
+        return data
+
+    def render(self) -> str:
+        gib = 1024**3
+        lines = [
+            f"target:     {self.target} ({self.target_reason})",
+            f"precision:  {self.precision}",
+            f"gpu:        {self.gpu or 'none'}" + (f" (compute capability {self.compute_capability})" if self.compute_capability else ""),
+            f"max input:  {self.max_input_tokens} tokens; budget {self.max_num_tokens} tokens / call; batch <= {self.max_batch_size}",
+        ]
+        for i, p in enumerate(self.profiles):
+            lines.append(f"profile {i}:  batch {p.batch[0]}/{p.batch[1]}/{p.batch[2]}, seq {p.seq[0]}/{p.seq[1]}/{p.seq[2]} (min/opt/max)")
+        if self.quantized_layers:
+            lines.append(f"quantized:  {len(self.quantized_layers)} Linear layers, e.g. {', '.join(self.quantized_layers[:3])}")
+        lines.append(
+            f"memory:     ~{(self.weights_bytes + self.activation_bytes) / gib:.2f} GiB "
+            f"(weights {self.weights_bytes / gib:.2f} GiB for {self.parameters / 1e6:.1f}M parameters, "
+            f"activations ~{self.activation_bytes / gib:.2f} GiB at the largest profile)"
+        )
+        lines += [f"note:       {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _linear_layers(spec: ModelSpec) -> tuple[list[str], int, int, int]:
+    """Linear layer names, parameter count, hidden and intermediate sizes, without loading weights."""
+    import torch
+    import transformers
+
+    from bei.modeling.module import auto_class
+
+    config = transformers.AutoConfig.from_pretrained(str(spec.path))
+    with torch.device("meta"):
+        model = auto_class(spec.task).from_config(config)
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    params = sum(p.numel() for p in model.parameters())
+    intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "hidden_dim", 0) or 4 * spec.hidden_size)
+    return names, params, spec.hidden_size, intermediate
+
+
+_HEADS = ("classifier", "score", "lm_head", "pooler", "qa_outputs", "decoder", "cls.predictions", "head")
+_MLP = ("mlp", "intermediate.dense", "ffn", "feed_forward", "lin1", "lin2", "Wi", "Wo")
+
+
+def quantized_layer_names(names: list[str], precision: str) -> list[str]:
+    """The Linear layers FP8/NVFP4 quantize: all but the heads; MLP layers only for nvfp4-mlp."""
+    if precision not in ("fp8", "nvfp4", "nvfp4-mlp"):
+        return []
+    body = [n for n in names if not any(n == h or n.startswith(h + ".") or f".{h}" in n for h in _HEADS)]
+    if precision == "nvfp4-mlp":
+        body = [n for n in body if any(part in n for part in _MLP) or (".output.dense" in n and ".attention." not in n)]
+    return body
+
+
+def check_target_hardware(target: TargetChoice, base_model: str, quantization: str, host: Host) -> None:
+    """The GPU present must run the config's precision (the config's own accelerator was checked at load)."""
+    if target.name != GPU_TARGET or host.gpu is None:
+        return
+    cap = tuple(int(x) for x in host.compute_capability.split(".")) if host.compute_capability else compute_capability(host.gpu)
+    problems = hardware_problems(base_model, quantization, cap, f"this machine's {host.gpu}")  # type: ignore[arg-type]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def make_plan(
+    spec: ModelSpec,
+    *,
+    target: TargetChoice,
+    base_model: str,
+    quantization: str,
+    max_num_tokens: int,
+    max_batch_size: int,
+    accelerator: str | None,
+    host: Host,
+) -> BuildPlan:
+    notes: list[str] = []
+    gpu = host.gpu if target.name == GPU_TARGET else None
+    capability = host.compute_capability if gpu else None
+    if gpu is None and accelerator and target.name == GPU_TARGET:  # a plan made away from the GPU
+        cap = compute_capability(accelerator)
+        capability = f"{cap[0]}.{cap[1]}" if cap else None
+        gpu = accelerator
+    precision = precision_for(target.name, base_model, quantization)
+    if target.name == CPU_TARGET and quantization != "no_quant":
+        notes.append(f"quantization_type {quantization} applies to TensorRT engines; the CPU engine is fp32")
+    max_input = spec.max_seq_len
+    if max_input > max_num_tokens:
+        notes.append(f"max input capped from {max_input} to max_num_tokens {max_num_tokens}: one input must fit one call")
+        max_input = max_num_tokens
+    profiles = derive_profiles(max_num_tokens, max_batch_size, max_input) if target.name == GPU_TARGET else []
+    names, params, hidden, intermediate = _linear_layers(spec)
+    weight_bytes = BYTES_PER_WEIGHT[precision]
+    activation_width = 2.0 if precision != "fp32" else 4.0
+    largest = max((p.max_tokens for p in profiles), default=max_num_tokens)
+    # a few hidden-sized buffers plus one intermediate-sized one per token live at once (layers reuse them)
+    activation = int(largest * (6 * hidden + intermediate) * activation_width)
+    return BuildPlan(
+        target=target.name,
+        target_reason=target.reason,
+        precision=precision,
+        gpu=gpu,
+        compute_capability=capability,
+        max_input_tokens=max_input,
+        max_num_tokens=max_num_tokens,
+        max_batch_size=max_batch_size,
+        profiles=profiles,
+        quantized_layers=quantized_layer_names(names, precision),
+        parameters=params,
+        weights_bytes=int(params * weight_bytes),
+        activation_bytes=activation,
+        notes=notes,
+    )

@@ -1,0 +1,47 @@
+"""GPU facts and the rules that tie precision to hardware: one table, used by the config check
+(`resources.accelerator`) and by the build (the GPU present)."""
+
+from __future__ import annotations
+
+Capability = tuple[int, int]
+
+# Compute capability (major, minor) per accelerator family name.
+COMPUTE_CAPABILITY: dict[str, Capability] = {
+    "T4": (7, 5), "V100": (7, 0), "A10": (8, 6), "A10G": (8, 6), "A100": (8, 0),
+    "L4": (8, 9), "L40": (8, 9), "L40S": (8, 9), "H100": (9, 0), "H100MIG": (9, 0),
+    "H200": (9, 0), "B200": (10, 0), "GB200": (10, 0),
+}  # fmt: skip
+
+# Minimum compute capability per quantization type (only those that need one).
+MIN_CAPABILITY: dict[str, Capability] = {"fp8": (8, 9), "fp4": (10, 0), "fp4_mlp_only": (10, 0)}
+
+# Causal (`encoder`) models need BF16 and flash attention: Ampere or newer (not T4, not V100).
+CAUSAL_MIN_CAPABILITY: Capability = (8, 0)
+
+
+def compute_capability(accelerator: str) -> Capability | None:
+    """Compute capability of "H100", "h100:2", "H100_40GB" or "NVIDIA H100 80GB HBM3"; None if unknown."""
+    name = accelerator.split(":", 1)[0].strip().upper().replace("-", "_").replace(" ", "_")
+    if name.startswith("NVIDIA_"):
+        name = name[len("NVIDIA_") :]
+    return COMPUTE_CAPABILITY.get(name) or COMPUTE_CAPABILITY.get(name.split("_", 1)[0])
+
+
+def hardware_problems(base_model: str, quantization: str, capability: Capability | None, what: str) -> list[str]:
+    """Why `what` (e.g. "resources.accelerator 'A100'") cannot run this build; [] when it can or is unknown."""
+    if capability is None:
+        return []
+    have = f"{capability[0]}.{capability[1]}"
+    problems = []
+    need = MIN_CAPABILITY.get(quantization)
+    if need is not None and capability < need:
+        problems.append(
+            f"trt_llm.build.quantization_type: {quantization!r} needs compute capability >= {need[0]}.{need[1]}; "
+            f"{what} has {have}"
+        )
+    if base_model == "encoder" and capability < CAUSAL_MIN_CAPABILITY:
+        problems.append(
+            f"trt_llm.build.base_model: 'encoder' (causal models) needs compute capability >= "
+            f"{CAUSAL_MIN_CAPABILITY[0]}.{CAUSAL_MIN_CAPABILITY[1]} (not T4 or V100); {what} has {have}"
+        )
+    return problems

@@ -107,7 +107,7 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
       "max_num_tokens"]),
     ("typo_in_quant_config", _set("trt_llm", "build", "quantization_config", "calib_sz", value=8),
      ["trt_llm.build.quantization_config.calib_sz: unknown field 'calib_sz' (allowed: calib_size, calib_dataset, "
-      "calib_max_seq_length)"]),
+      "calib_max_seq_length, min_accuracy)"]),
     ("unknown_top_level", _set("trt_llm_config", value={}),
      ["trt_llm_config: unknown field 'trt_llm_config' (allowed: model_name,", "trt_llm"]),
     ("max_num_tokens_64", _build(max_num_tokens=64),
@@ -337,3 +337,29 @@ def test_direct_model_validation_applies_rules() -> None:
     data["unknown_key"] = 1
     with pytest.raises(ConfigError, match="unknown field 'unknown_key'"):
         BeiConfig.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "fragment"),
+    [
+        ("T4", "'encoder' (causal models) needs compute capability >= 8.0 (not T4 or V100); resources.accelerator 'T4' has 7.5"),
+        ("V100", "resources.accelerator 'V100' has 7.0"),
+    ],
+)
+def test_causal_models_are_refused_on_old_gpus(accelerator: str, fragment: str) -> None:
+    data = {
+        "resources": {"accelerator": accelerator},
+        "trt_llm": {"build": {"base_model": "encoder", "checkpoint_repository": {"source": "HF", "repo": "a/b"}}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="x.yaml")
+    assert "trt_llm.build.base_model" in info.value.message
+    assert fragment in info.value.message
+
+
+def test_causal_models_are_accepted_on_ampere() -> None:
+    data = {
+        "resources": {"accelerator": "A10G"},
+        "trt_llm": {"build": {"base_model": "encoder", "checkpoint_repository": {"source": "HF", "repo": "a/b"}}},
+    }
+    assert parse_config(data).resources.accelerator == "A10G"

@@ -41,3 +41,18 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callabl
         return cache[key]
 
     return factory
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Tests marked `gpu` run only where a CUDA GPU and TensorRT are present."""
+    import pytest
+
+    from bei.engine.compat import detect_host
+
+    host = detect_host()
+    if host.gpu is not None and "tensorrt" in host.versions:
+        return
+    reason = "needs a CUDA GPU and TensorRT: " + ("no CUDA GPU here" if host.gpu is None else "tensorrt is not installed")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

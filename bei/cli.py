@@ -14,11 +14,12 @@ from bei.settings import add_arguments, engines_dir_default, settings_from
 def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
     import json
 
-    from bei.build import STAGES, plan_build
     from bei.config import load_config
-    from bei.progress import Progress
 
     config = load_config(config_path)
+    from bei.build import STAGES, plan_build
+    from bei.progress import Progress
+
     _, _, plan = plan_build(
         config,
         config_dir=config_path.resolve().parent,
@@ -30,11 +31,12 @@ def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
 
 
 def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> Path:
-    from bei.build import STAGES, build_engine
     from bei.config import load_config
+
+    config = load_config(config_path)  # config errors come before the heavy imports
+    from bei.build import STAGES, build_engine
     from bei.progress import Progress
 
-    config = load_config(config_path)
     result = build_engine(
         config,
         config_dir=config_path.resolve().parent,

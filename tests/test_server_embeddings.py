@@ -196,6 +196,23 @@ def test_token_id_outside_vocabulary_is_422(http: httpx.Client) -> None:
     assert "vocabulary" in response.json()["error"]["message"]
 
 
+def test_booleans_are_not_token_ids(http: httpx.Client) -> None:
+    response = http.post("/v1/embeddings", json={"input": [True, False]})
+    assert response.status_code == 422, response.text
+    assert "input" in response.json()["error"]["message"]
+
+
+def test_chunked_body_over_the_limit_is_413(http: httpx.Client) -> None:
+    def body():  # type: ignore[no-untyped-def]  # a generator body goes out chunked, without content-length
+        yield b'{"input": "'
+        for _ in range(300):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    response = http.post("/v1/embeddings", content=body(), headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+
+
 # --- TEI /embed ----------------------------------------------------------------------------
 def test_embed_normalized(http: httpx.Client, reference: np.ndarray) -> None:
     response = http.post("/embed", json={"inputs": TEXTS})

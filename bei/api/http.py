@@ -25,9 +25,14 @@ async def parse_body(request: Request, model: type[M], payload_limit: int) -> M:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > payload_limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes is over the {payload_limit}-byte limit")
-    body = await request.body()
-    if len(body) > payload_limit:
-        raise PayloadTooLargeError(f"request body of {len(body)} bytes is over the {payload_limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # a chunked body has no content-length: count as it comes
+        size += len(chunk)
+        if size > payload_limit:
+            raise PayloadTooLargeError(f"request body is over the {payload_limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

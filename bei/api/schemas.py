@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-TokenIds = list[int]
+TokenIds = list[StrictInt]
 EmbeddingInput = str | list[str] | TokenIds | list[TokenIds]
 
 

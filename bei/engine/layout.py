@@ -25,6 +25,7 @@ def staged_engine_dir(target: Path) -> Iterator[Path]:
     """
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _restore_interrupted_swap(target)
     for stale in staging_dirs(target.parent, target.name):
         if not _owner_alive(stale, target.name):
             shutil.rmtree(stale, ignore_errors=True)
@@ -36,6 +37,16 @@ def staged_engine_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _restore_interrupted_swap(target: Path) -> None:
+    """A build killed between its two renames leaves the old engine set aside: put it back."""
+    if target.exists():
+        return
+    for old in sorted(target.parent.glob(f"{STAGING_PREFIX}{target.name}-old-*")):
+        if (old / "manifest.json").exists():
+            os.replace(old, target)
+            return
 
 
 def _owner_alive(staging: Path, name: str) -> bool:

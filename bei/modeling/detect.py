@@ -94,14 +94,35 @@ def detect_task(config: dict[str, Any], modules: list[dict[str, Any]]) -> Task:
 
 
 def _labels(config: dict[str, Any], task: Task, config_path: Path) -> tuple[str, ...]:
+    """The label of each output of the head, in output order.
+
+    "id2label is required" means: config.json has an `id2label` mapping that names every output,
+    keys 0..n-1. The names transformers writes for a head nobody named (LABEL_0, LABEL_1, ...) are
+    accepted, as TEI and transformers' pipelines accept them: they still say which output is which.
+    A reranker (one output) needs no name.
+    """
     if task not in (Task.CLASSIFY, Task.NER, Task.RERANK):
         return ()
     id2label = config.get("id2label")
+    architecture = (config.get("architectures") or ["a classification"])[0]
     if not id2label:
         if task is Task.RERANK:
             return ("score",)
-        raise ModelError(f"{config_path}: id2label is required for a {config.get('architectures')} model")
-    return tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
+        raise ModelError(
+            f"{config_path}: id2label is required for {architecture}: a mapping from each output index "
+            '(0, 1, ...) to its label name, e.g. "id2label": {"0": "negative", "1": "positive"}'
+        )
+    if not isinstance(id2label, dict):
+        raise ModelError(f"{config_path}: id2label must be a mapping of output index to label, not {id2label!r}")
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ModelError(f"{config_path}: id2label keys must be output indices 0, 1, ...; got {list(id2label)}") from None
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ModelError(
+            f"{config_path}: id2label must name outputs 0..{len(by_index) - 1} without gaps; got indices {sorted(by_index)}"
+        )
+    return tuple(by_index[i] for i in range(len(by_index)))
 
 
 def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> int:

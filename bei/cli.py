@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
 
     serve = commands.add_parser("serve", help="serve an engine directory over HTTP")
-    serve.add_argument("engine", type=Path, nargs="?", help="engine directory (engines/<name>)")
+    serve.add_argument("engines", type=Path, nargs="*", help="engine directories (engines/<name>); several serve together")
     serve.add_argument("--config", type=Path, default=None, help="serve this config's engine, building it first when none is up to date")
     serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
     add_arguments(serve)
@@ -98,17 +98,18 @@ def main(argv: list[str] | None = None) -> int:
                 _build(args.config, engines_root, args.target, args.quiet)
             return 0
         settings = settings_from(args)
-        if (args.engine is None) == (args.config is None):
-            parser.error("serve takes an engine directory or --config, one of the two")
-        engine_dir = args.engine
+        if bool(args.engines) == (args.config is not None):
+            parser.error("serve takes engine directories or --config, one of the two")
+        engine_dirs = list(args.engines)
         if args.config is not None:
             engine_dir = _up_to_date_engine(args.config, engines_root)
             if engine_dir is None:
                 print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
                 engine_dir = _build(args.config, engines_root, "auto", quiet=False)
+            engine_dirs = [engine_dir]
         from bei.serve import serve as run_server
 
-        run_server(engine_dir, settings)
+        run_server(engine_dirs, settings)
         return 0
     except BeiError as error:
         print(f"error: {error.message}", file=sys.stderr)

@@ -87,6 +87,18 @@ class WrongRouteError(BeiError):
     error_type = "wrong_route"
 
 
+class ModelNotFoundError(BeiError):
+    """A request names a model this server does not serve."""
+
+    error_type = "model_not_found"
+
+
+class EngineFailedError(BeiError):
+    """The engine call of a batch failed: only that batch's requests fail."""
+
+    error_type = "backend"
+
+
 class PayloadTooLargeError(BeiError):
     error_type = "payload_limit"
 
@@ -105,6 +117,8 @@ HTTP_STATUS: dict[type[BeiError], int] = {
     TooManyInputsError: 422,
     EmptyInputError: 400,
     WrongRouteError: 400,
+    ModelNotFoundError: 404,
+    EngineFailedError: 424,
     PayloadTooLargeError: 413,
     OverloadedError: 429,
     NotReadyError: 503,

@@ -1,25 +1,55 @@
-"""Process lifecycle of `bei serve`: check the engine, start uvicorn, drain on SIGTERM."""
+"""Process lifecycle of `bei serve`: check the engines, start uvicorn, drain on SIGTERM.
+
+On SIGTERM (or Ctrl-C) the server first drains: /health answers 503 and new requests get 503
+while the requests already accepted finish (up to `DRAIN_TIMEOUT_S`); then uvicorn shuts down.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
-from bei.api.app import app_for_engine
+from bei.api.app import create_app, state_for_engines
+from bei.api.state import AppState
 from bei.settings import ServeSettings
 
+DRAIN_TIMEOUT_S = 30.0
+log = logging.getLogger("bei")
 
-def serve(engine_dir: Path, settings: ServeSettings) -> None:
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.draining:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        self.state.draining = True
+        log.info("draining: %d requests in flight", self.state.in_flight)
+        asyncio.get_event_loop().create_task(self._exit_when_drained(sig, frame))
+
+    async def _exit_when_drained(self, sig: int, frame: FrameType | None) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self.state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        super().handle_exit(sig, frame)
+
+
+def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = app_for_engine(engine_dir, settings)
+    state = state_for_engines(engine_dirs, settings)
     config = uvicorn.Config(
-        app,
+        create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-        limit_concurrency=None,
+        timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, state).run()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,81 +15,101 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from bei import __version__
-from bei.api.http import Timing, error_response, json_response, parse_body
-from bei.api.metrics import Metrics
+from bei.api.http import Timing, error_response, json_response, read_json, validate
 from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
-from bei.engine.manifest import Manifest
-from bei.errors import BeiError, NotReadyError, OverloadedError, WrongRouteError
+from bei.api.search import SearchRequest, search
+from bei.api.state import AppState, ServedModel
+from bei.errors import BeiError, NotReadyError, OverloadedError
 from bei.inference import InferenceService
-from bei.modeling.spec import Task
-from bei.runtime.engine import LoadedEngine, load_engine
+from bei.runtime.engine import load_engine
 from bei.settings import ServeSettings
 
 log = logging.getLogger("bei")
 
-
-@dataclass
-class AppState:
-    settings: ServeSettings
-    manifest: Manifest
-    load: Callable[[], LoadedEngine]
-    service: InferenceService | None = None
-    load_error: str | None = None
-    draining: bool = False
-    in_flight: int = 0
-    metrics: Metrics = field(default_factory=Metrics)
-
-    @property
-    def task(self) -> Task:
-        return Task(self.manifest.task)
-
-    @property
-    def model_id(self) -> str:
-        return self.settings.served_model_name or self.manifest.name
-
-    def ready_service(self) -> InferenceService:
-        if self.draining:
-            raise NotReadyError("the server is shutting down")
-        if self.service is None:
-            raise NotReadyError(self.load_error or "the model is loading")
-        return self.service
+CLIENT_CLOSED = 499  # nginx's code for a request whose client went away; nobody reads it
 
 
-def _task_endpoint(state: AppState, route: TaskRoute) -> Callable[[Request], Any]:
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; if the client disconnects first, cancel it (its inputs leave the queue)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+RouteWork = Callable[[AppState, Request, Any, Timing], Awaitable[tuple[Any, dict[str, str]]]]
+
+
+def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request], Awaitable[Response]]:
+    """The one request path of every POST route: limits, JSON, the work, errors, headers, metrics."""
+
     async def endpoint(request: Request) -> Response:
         timing = Timing()
-        status = 200
         state.in_flight += 1
         try:
             if state.in_flight > state.settings.max_concurrent_requests:
                 raise OverloadedError(
                     f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests"
                 )
-            service = state.ready_service()
-            if state.task not in route.tasks:
-                raise WrongRouteError(
-                    f"{route.path} cannot serve this {state.task.value} engine; its routes are: "
-                    + ", ".join(routes_for(state.task))
-                )
-            body = await parse_body(request, route.request, state.settings.payload_limit)
-            response = json_response(await route.handler(service, body, timing), timing)
+            if state.draining:
+                raise NotReadyError("the server is shutting down")
+            data = await read_json(request, state.settings.payload_limit)
+            payload, headers = await _until_disconnect(request, work(state, request, data, timing))
+            response = json_response(payload, timing)
+            response.headers.update(headers)
+        except ClientDisconnected:
+            response = Response(status_code=CLIENT_CLOSED)
         except BeiError as error:
-            response = error_response(error, route.path)
+            response = error_response(error, path)
             response.headers.update(timing.headers())
-            status = response.status_code
         finally:
             state.in_flight -= 1
-        state.metrics.observe(route.path, status, timing.compute_tokens, timing.queue_time, timing.inference_time)
+        state.metrics.observe(path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time)
         return response
 
     return endpoint
 
 
-def _info(state: AppState) -> dict[str, Any]:
-    m = state.manifest
-    service = state.service
+def _task_work(route: TaskRoute) -> RouteWork:
+    async def work(state: AppState, request: Request, data: Any, timing: Timing) -> tuple[Any, dict[str, str]]:
+        requested = data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str) else None
+        model = state.pick(route, requested, request.path_params.get("model_name"))
+        service = state.ready(model)
+        return await route.handler(service, validate(route.request, data), timing), {}
+
+    return work
+
+
+_SEARCH_ROUTES = {r.path: r for r in TASK_ROUTES}
+
+
+async def _search_work(state: AppState, request: Request, data: Any, timing: Timing) -> tuple[Any, dict[str, str]]:
+    body = validate(SearchRequest, data)
+    embedder = state.ready(state.pick(_SEARCH_ROUTES["/v1/embeddings"], body.embed_model))
+    reranker = state.ready(state.pick(_SEARCH_ROUTES["/rerank"], body.rerank_model)) if body.rerank else None
+    return await search(embedder, reranker, body, timing)
+
+
+def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
+    m = model.manifest
+    service = model.service
     return {
-        "model_id": state.model_id,
+        "model_id": model.name,
         "model_sha": m.source.revision,
         "model_dtype": m.precision,
         "model_type": {m.task: {"pooling": m.pooling.modes if m.pooling else None, "labels": m.labels or None}},
@@ -106,7 +125,7 @@ def _info(state: AppState) -> dict[str, Any]:
         "max_concurrent_requests": state.settings.max_concurrent_requests,
         "auto_truncate": state.settings.auto_truncate,
         "tokenization_workers": state.settings.tokenization_workers,
-        "routes": routes_for(state.task),
+        "routes": routes_for(model.task),
         "version": __version__,
     }
 
@@ -130,36 +149,50 @@ def openapi_schema(state: AppState) -> dict[str, Any]:
                               "429": {"description": "overloaded"}, "503": {"description": "not ready"}},
             }
         }
+    search_schema = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["SearchRequest"] = search_schema
+    paths["/v1/search"] = {
+        "post": {
+            "summary": "embed, keep the top_k by cosine, rerank: one round trip",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}}}},
+            "responses": {"200": {"description": "OK"}},
+        }
+    }
     for path, summary in (("/health", "200 once loaded and warmed"), ("/info", "what is served"),
                           ("/v1/models", "OpenAI model list"), ("/metrics", "Prometheus metrics")):
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "bei", "version": __version__, "description": f"serving {state.model_id} ({state.manifest.task})"},
+        "info": {"title": "bei", "version": __version__, "description": "serving " + ", ".join(f"{m.name} ({m.task.value})" for m in state.models.values())},
         "paths": paths,
         "components": {"schemas": components},
     }
 
 
 def create_app(state: AppState) -> Starlette:
+    first = next(iter(state.models.values()))
+
     async def health(_: Request) -> Response:
-        try:
-            state.ready_service()
-        except NotReadyError as error:
-            return error_response(error, "/health")
-        return JSONResponse({"status": "ok"})
+        if state.all_ready:
+            return JSONResponse({"status": "ok"})
+        failed = [m.load_error for m in state.models.values() if m.load_error]
+        reason = "the server is shutting down" if state.draining else (failed[0] if failed else "the model is loading")
+        return error_response(NotReadyError(reason), "/health")
 
     async def info(_: Request) -> Response:
-        return JSONResponse(_info(state))
+        if len(state.models) == 1:
+            return JSONResponse(_info(state, first))
+        return JSONResponse({"models": [_info(state, m) for m in state.models.values()], "version": __version__})
 
     async def models(_: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model", "owned_by": "bei", "created": 0}]})
+        data = [{"id": m.name, "object": "model", "owned_by": "bei", "created": 0, "task": m.task.value} for m in state.models.values()]
+        return JSONResponse({"object": "list", "data": data})
 
     async def metrics(_: Request) -> Response:
-        service = state.service
+        services = [m.service for m in state.models.values() if m.service is not None]
         text = state.metrics.render(
-            batches=service.batcher.batches_run if service else 0,
-            queue_depth=len(service.batcher.queue) if service else 0,
+            batches=sum(s.batcher.batches_run for s in services),
+            queue_depth=sum(len(s.batcher.queue) for s in services),
             in_flight=state.in_flight,
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -169,14 +202,16 @@ def create_app(state: AppState) -> Starlette:
 
     async def docs(_: Request) -> Response:
         items = "".join(f"<li><code>POST {r.path}</code>: {r.summary}</li>" for r in TASK_ROUTES)
-        return HTMLResponse(f"<html><body><h1>bei {__version__}</h1><p>{state.model_id}</p><ul>{items}</ul>"
+        served = ", ".join(state.models)
+        return HTMLResponse(f"<html><body><h1>bei {__version__}</h1><p>{served}</p><ul>{items}</ul>"
                             '<p>Schema: <a href="/openapi.json">/openapi.json</a></p></body></html>')
 
-    routes = [Route(r.path, _task_endpoint(state, r), methods=["POST"]) for r in TASK_ROUTES]
-    default_path = state.manifest.default_route or DEFAULT_ROUTE[state.task]
+    routes = [Route(r.path, _endpoint(state, r.path, _task_work(r)), methods=["POST"]) for r in TASK_ROUTES]
+    routes.append(Route("/v1/search", _endpoint(state, "/v1/search", _search_work), methods=["POST"]))
+    default_path = first.manifest.default_route or DEFAULT_ROUTE[first.task]
     default = next((r for r in TASK_ROUTES if r.path == default_path), None)
     if default is not None:
-        routes.append(Route("/", _task_endpoint(state, default), methods=["POST"]))
+        routes.append(Route("/", _endpoint(state, "/", _task_work(default)), methods=["POST"]))
     routes += [
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
@@ -185,10 +220,12 @@ def create_app(state: AppState) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
     ]
+    # /<model>/<route>: after the exact routes, so /v1/rerank is never read as model "v1"
+    routes += [Route("/{model_name}" + r.path, _endpoint(state, r.path, _task_work(r)), methods=["POST"]) for r in TASK_ROUTES]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        loader = asyncio.get_running_loop().create_task(_load(state))
+        loader = asyncio.get_running_loop().create_task(_load_all(state))
         try:
             yield
         finally:
@@ -196,37 +233,56 @@ def create_app(state: AppState) -> Starlette:
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            if state.service is not None:
-                await state.service.stop()
+            for model in state.models.values():
+                if model.service is not None:
+                    await model.service.stop()
 
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _load(state: AppState) -> None:
-    """Load and warm the engine in the background: /health answers 503 until this is done."""
+async def _load_all(state: AppState) -> None:
+    for model in state.models.values():  # one after the other: they share the device
+        await _load(state, model)
+
+
+async def _load(state: AppState, model: ServedModel) -> None:
+    """Load and warm one engine in the background: /health answers 503 until every one is done."""
     try:
-        engine = await asyncio.to_thread(state.load)
+        engine = await asyncio.to_thread(model.load)
         service = InferenceService(engine, state.settings)
         service.start()
         await service.warmup()
     except BeiError as error:
-        state.load_error = f"the engine failed to load: {error.message}"
-        log.error(state.load_error)
+        model.load_error = f"the engine {model.name!r} failed to load: {error.message}"
+        log.error(model.load_error)
         return
     except Exception as error:  # noqa: BLE001 - reported on /health and in the log
-        state.load_error = f"the engine failed to load: {error!r}"
+        model.load_error = f"the engine {model.name!r} failed to load: {error!r}"
         log.exception("the engine failed to load")
         return
-    state.service = service
-    log.info("engine %s ready: task %s, backend %s", state.manifest.name, state.manifest.task, state.manifest.target.name)
+    model.service = service
+    log.info("engine %s ready: task %s, backend %s", model.name, model.task.value, model.manifest.target.name)
+
+
+def state_for_engines(folders: list[Path], settings: ServeSettings) -> AppState:
+    """Check every engine's manifest now (clear errors before the server starts); backends load later."""
+    from bei.engine.compat import check_compatible
+    from bei.engine.manifest import read_manifest
+    from bei.errors import ConfigError
+
+    models: dict[str, ServedModel] = {}
+    for folder in folders:
+        manifest = read_manifest(folder)
+        check_compatible(manifest)
+        name = settings.served_model_name if settings.served_model_name and len(folders) == 1 else manifest.name
+        if name in models:
+            raise ConfigError(f"two engines are named {name!r}; serve each name once")
+        models[name] = ServedModel(
+            name=name, manifest=manifest, load=lambda folder=folder: load_engine(folder, threads=settings.engine_threads)
+        )
+    return AppState(settings=settings, models=models)
 
 
 def app_for_engine(folder: Path, settings: ServeSettings) -> Starlette:
-    """The app serving one engine directory (its manifest is checked now, its backend loads in the background)."""
-    from bei.engine.compat import check_compatible
-    from bei.engine.manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    check_compatible(manifest)
-    state = AppState(settings=settings, manifest=manifest, load=lambda: load_engine(folder, threads=settings.engine_threads))
-    return create_app(state)
+    """The app serving one engine directory."""
+    return create_app(state_for_engines([folder], settings))

@@ -20,8 +20,8 @@ M = TypeVar("M", bound=BaseModel)
 OPENAI_STYLE_PREFIX = "/v1/"
 
 
-async def parse_body(request: Request, model: type[M], payload_limit: int) -> M:
-    """The request body as `model`: 413 over the limit, 422 for bad JSON or fields (naming them)."""
+async def read_json(request: Request, payload_limit: int) -> Any:
+    """The request body as JSON: 413 over the limit, 422 when it is not JSON."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > payload_limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes is over the {payload_limit}-byte limit")
@@ -34,9 +34,13 @@ async def parse_body(request: Request, model: type[M], payload_limit: int) -> M:
         chunks.append(chunk)
     body = b"".join(chunks)
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValidationError(f"request body is not valid JSON: {err}") from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    """JSON data as `model`; 422 naming each bad field."""
     try:
         return model.model_validate(data)
     except PydanticValidationError as err:

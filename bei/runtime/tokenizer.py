@@ -53,12 +53,23 @@ class TokenizerRuntime:
             tok.no_padding()
             tok.enable_truncation(max_length, direction=direction)
             self._truncating[direction] = tok
-        self.pad_id = self._pad_id()
+        self.pad_id = self._pad_id(Path(tokenizer_file).parent)
 
-    def _pad_id(self) -> int:
+    def _pad_id(self, folder: Path) -> int:
+        """The id rows are padded with: tokenizer.json's padding, else the `pad_token` of the
+        tokenizer's JSON files (what transformers pads with), else a common pad token. It matters
+        beyond the attention mask: a causal sequence classifier takes each row's last token that is
+        not `pad_token_id` (transformers' rule), so right-padding with another id picks a pad."""
         padding = self._plain.padding
         if padding and padding.get("pad_id") is not None:
             return int(padding["pad_id"])
+        try:
+            named = read_special_tokens(folder).get("pad_token")
+        except (OSError, ValueError):
+            named = None
+        token_id = self._plain.token_to_id(named) if named else None
+        if token_id is not None:
+            return token_id
         for token in ("[PAD]", "<pad>", "<|endoftext|>", "</s>", "<eos>"):
             token_id = self._plain.token_to_id(token)
             if token_id is not None:

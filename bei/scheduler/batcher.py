@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bei.errors import NotReadyError
+from bei.errors import EngineFailedError, NotReadyError
 from bei.runtime.base import Backend, Batch
 from bei.runtime.tokenizer import Encoded
 from bei.scheduler.queue import TokenBudgetQueue
@@ -95,7 +95,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            group = self.queue.next_batch()
+            group = [item for item in self.queue.next_batch() if not item.future.done()]
+            if not group:  # every request of this batch went away (client disconnected)
+                continue
             started = time.perf_counter()
             for item in group:
                 item.queue_time = started - item.enqueued
@@ -103,9 +105,10 @@ class Batcher:
             try:
                 output = await loop.run_in_executor(self._executor, self.backend.infer, batch)
             except Exception as err:  # a failed call fails its requests, not the server
+                failure = EngineFailedError(f"the engine failed on a batch of {len(group)} inputs: {err!r}")
                 for item in group:
                     if not item.future.done():
-                        item.future.set_exception(err)
+                        item.future.set_exception(failure)
                 continue
             elapsed = time.perf_counter() - started
             self.batches_run += 1

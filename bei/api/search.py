@@ -1,0 +1,60 @@
+"""POST /v1/search: embed the query and the documents, keep the top_k by cosine, rerank them, in
+one round trip. Needs an embedding model and (with `rerank: true`) a reranker served together."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from bei.api.embeddings import finish
+from bei.api.http import Timing
+from bei.api.schemas import _Request
+from bei.api.scoring import activate, check_count
+from bei.inference import InferenceService
+from bei.runtime.tokenizer import TextInput
+
+
+class SearchRequest(_Request):
+    query: str
+    documents: list[str]
+    top_k: int = Field(10, gt=0)
+    rerank: bool = True
+    return_text: bool = False
+    embed_model: str | None = None
+    rerank_model: str | None = None
+
+
+async def search(
+    embedder: InferenceService, reranker: InferenceService | None, request: SearchRequest, timing: Timing
+) -> tuple[Any, dict[str, str]]:
+    check_count(len(request.documents), embedder)
+    started = time.perf_counter()
+    items: list[TextInput] = [request.query, *request.documents]
+    outcome = await embedder.run(items, truncate=True)
+    timing.record(outcome)
+    vectors = finish(np.stack(outcome.rows), normalize=True, dimensions=None, full_dim=outcome.rows[0].shape[0])
+    cosines = vectors[1:] @ vectors[0]
+    candidates = [int(i) for i in np.argsort(-cosines, kind="stable")[: request.top_k]]
+    embed_time = time.perf_counter() - started
+    scores = {i: float(cosines[i]) for i in candidates}
+    rerank_time = 0.0
+    if reranker is not None and candidates:
+        started = time.perf_counter()
+        pairs: list[TextInput] = [(request.query, request.documents[i]) for i in candidates]
+        ranked = await reranker.run(pairs, truncate=True)
+        timing.record(ranked)
+        probabilities = activate(np.stack(ranked.rows), raw=False)[:, 0]
+        scores = {i: float(p) for i, p in zip(candidates, probabilities)}
+        rerank_time = time.perf_counter() - started
+    order = sorted(candidates, key=lambda i: -scores[i])
+    results = []
+    for index in order:
+        item: dict[str, Any] = {"index": index, "score": scores[index]}
+        if request.return_text:
+            item["text"] = request.documents[index]
+        results.append(item)
+    headers = {"x-embed-time": f"{embed_time * 1000:.3f}", "x-rerank-time": f"{rerank_time * 1000:.3f}"}
+    return results, headers

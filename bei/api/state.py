@@ -1,0 +1,80 @@
+"""What a server holds: the models it serves (each loaded once), and which one a request means."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bei.api.metrics import Metrics
+from bei.api.routes import TaskRoute, routes_for
+from bei.engine.manifest import Manifest
+from bei.errors import ModelNotFoundError, NotReadyError, ValidationError, WrongRouteError
+from bei.inference import InferenceService
+from bei.modeling.spec import Task
+from bei.runtime.engine import LoadedEngine
+from bei.settings import ServeSettings
+
+
+@dataclass
+class ServedModel:
+    name: str
+    manifest: Manifest
+    load: Callable[[], LoadedEngine]
+    service: InferenceService | None = None
+    load_error: str | None = None
+
+    @property
+    def task(self) -> Task:
+        return Task(self.manifest.task)
+
+
+@dataclass
+class AppState:
+    settings: ServeSettings
+    models: dict[str, ServedModel]
+    draining: bool = False
+    in_flight: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def ready(self, model: ServedModel) -> InferenceService:
+        if self.draining:
+            raise NotReadyError("the server is shutting down")
+        if model.service is None:
+            raise NotReadyError(model.load_error or f"model {model.name!r} is loading")
+        return model.service
+
+    @property
+    def all_ready(self) -> bool:
+        return not self.draining and all(m.service is not None for m in self.models.values())
+
+    def pick(self, route: TaskRoute, requested: str | None, prefix: str | None = None) -> ServedModel:
+        """The model a request means: its path prefix, else its `model` field when served, else the
+        only model, else the only model whose task fits the route."""
+        names = ", ".join(self.models)
+        if prefix is not None:
+            if prefix not in self.models:
+                raise ModelNotFoundError(f"model {prefix!r} is not served here; served: {names}")
+            chosen = self.models[prefix]
+        elif requested in self.models:
+            chosen = self.models[requested]  # type: ignore[index]
+        elif len(self.models) == 1:
+            chosen = next(iter(self.models.values()))  # one model: `model` is optional and free-form
+        else:
+            fitting = [m for m in self.models.values() if m.task in route.tasks]
+            if len(fitting) == 1:
+                chosen = fitting[0]
+            elif requested is not None:
+                raise ModelNotFoundError(f"model {requested!r} is not served here; served: {names}")
+            elif not fitting:
+                raise WrongRouteError(f"{route.path}: none of the served models ({names}) can serve it")
+            else:
+                raise ValidationError(
+                    f"model: several served models fit {route.path} ({', '.join(m.name for m in fitting)}); "
+                    f"name one in `model` or post to /<model>{route.path}"
+                )
+        if chosen.task not in route.tasks:
+            raise WrongRouteError(
+                f"{route.path} cannot serve the {chosen.task.value} model {chosen.name!r}; its routes are: "
+                + ", ".join(routes_for(chosen.task))
+            )
+        return chosen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from bei.runtime.engine import LoadedEngine
 from bei.runtime.tokenizer import Direction, Encoded, TextInput
 from bei.scheduler.batcher import Batcher, Result
 from bei.settings import ServeSettings
+from bei.telemetry import TIME_BUCKETS, Histogram
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class InferenceService:
         self.tokenizer = engine.tokenizer
         self.max_batch_tokens = settings.max_batch_tokens or engine.manifest.max_num_tokens
         self.max_batch_requests = settings.max_batch_requests or engine.manifest.max_batch_size
+        self.tokenization_time = Histogram(TIME_BUCKETS)
         self._tokenizers = ThreadPoolExecutor(settings.tokenization_workers, thread_name_prefix="bei-tokenize")
         self.batcher = Batcher(
             engine.backend,
@@ -65,7 +68,10 @@ class InferenceService:
         truncate = truncate or self.settings.auto_truncate
 
         def work() -> list[Encoded]:
-            return [self.tokenizer.encode(item, truncate=truncate, direction=direction, prompt=prompt) for item in items]
+            started = time.perf_counter()
+            encoded = [self.tokenizer.encode(item, truncate=truncate, direction=direction, prompt=prompt) for item in items]
+            self.tokenization_time.observe(time.perf_counter() - started)
+            return encoded
 
         return await asyncio.get_running_loop().run_in_executor(self._tokenizers, work)
 

@@ -23,6 +23,7 @@ from bei.errors import BeiError, NotReadyError, OverloadedError
 from bei.inference import InferenceService
 from bei.runtime.engine import load_engine
 from bei.settings import ServeSettings
+from bei.telemetry import SIZE_BUCKETS, TIME_BUCKETS, Histogram
 
 log = logging.getLogger("bei")
 
@@ -79,7 +80,9 @@ def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request]
             response.headers.update(timing.headers())
         finally:
             state.in_flight -= 1
-        state.metrics.observe(path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time)
+        state.metrics.observe(
+            path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed
+        )
         return response
 
     return endpoint
@@ -103,6 +106,13 @@ async def _search_work(state: AppState, request: Request, data: Any, timing: Tim
     embedder = state.ready(state.pick(_SEARCH_ROUTES["/v1/embeddings"], body.embed_model))
     reranker = state.ready(state.pick(_SEARCH_ROUTES["/rerank"], body.rerank_model)) if body.rerank else None
     return await search(embedder, reranker, body, timing)
+
+
+def _merged(histograms: list[Histogram], buckets: tuple[float, ...]) -> Histogram:
+    total = Histogram(buckets)
+    for histogram in histograms:
+        total = total.merged(histogram)
+    return total
 
 
 def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
@@ -194,6 +204,9 @@ def create_app(state: AppState) -> Starlette:
             batches=sum(s.batcher.batches_run for s in services),
             queue_depth=sum(len(s.batcher.queue) for s in services),
             in_flight=state.in_flight,
+            batch_sizes=_merged([s.batcher.batch_sizes for s in services], SIZE_BUCKETS),
+            batch_tokens=_merged([s.batcher.batch_tokens for s in services], SIZE_BUCKETS),
+            tokenization_time=_merged([s.tokenization_time for s in services], TIME_BUCKETS),
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

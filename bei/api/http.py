@@ -81,8 +81,12 @@ class Timing:
         self.queue_time = max(self.queue_time, outcome.queue_time)
         self.inference_time += outcome.inference_time
 
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
     def headers(self) -> dict[str, str]:
-        total = time.perf_counter() - self.started
+        total = self.elapsed
         return {
             "x-compute-tokens": str(self.compute_tokens),
             "x-queue-time": f"{self.queue_time * 1000:.3f}",

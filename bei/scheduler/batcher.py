@@ -18,6 +18,7 @@ from bei.errors import EngineFailedError, NotReadyError
 from bei.runtime.base import Backend, Batch
 from bei.runtime.tokenizer import Encoded
 from bei.scheduler.queue import TokenBudgetQueue
+from bei.telemetry import SIZE_BUCKETS, Histogram
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.batches_run = 0
+        self.batch_sizes = Histogram(SIZE_BUCKETS)
+        self.batch_tokens = Histogram(SIZE_BUCKETS)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bei-batcher")
@@ -112,6 +115,8 @@ class Batcher:
                 continue
             elapsed = time.perf_counter() - started
             self.batches_run += 1
+            self.batch_sizes.observe(len(group))
+            self.batch_tokens.observe(batch.tokens)
             for row, item in enumerate(group):
                 item.inference_time = elapsed
                 if not item.future.done():  # the request may have been cancelled meanwhile

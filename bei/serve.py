@@ -1,7 +1,8 @@
 """Process lifecycle of `bei serve`: check the engines, start uvicorn, drain on SIGTERM.
 
 On SIGTERM (or Ctrl-C) the server first drains: /health answers 503 and new requests get 503
-while the requests already accepted finish (up to `DRAIN_TIMEOUT_S`); then uvicorn shuts down.
+while the requests already accepted finish (up to `DRAIN_TIMEOUT_S`); then uvicorn shuts down and
+the process exits 0.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while self.state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        super().handle_exit(sig, frame)
+        # not super().handle_exit: uvicorn would re-raise the signal once stopped, so a clean drain
+        # would end with "killed by SIGTERM" (-15 / 143) instead of exit status 0
+        self.should_exit = True
 
 
 def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:

@@ -80,6 +80,8 @@ def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request]
             response.headers.update(timing.headers())
         finally:
             state.in_flight -= 1
+        if state.draining:  # the server is going away: clients should not reuse this connection
+            response.headers["connection"] = "close"
         state.metrics.observe(
             path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed
         )
@@ -187,7 +189,10 @@ def create_app(state: AppState) -> Starlette:
             return JSONResponse({"status": "ok"})
         failed = [m.load_error for m in state.models.values() if m.load_error]
         reason = "the server is shutting down" if state.draining else (failed[0] if failed else "the model is loading")
-        return error_response(NotReadyError(reason), "/health")
+        response = error_response(NotReadyError(reason), "/health")
+        if state.draining:
+            response.headers["connection"] = "close"
+        return response
 
     async def info(_: Request) -> Response:
         if len(state.models) == 1:

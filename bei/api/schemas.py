@@ -11,8 +11,9 @@ EmbeddingInput = str | list[str] | TokenIds | list[TokenIds]
 
 
 class _Request(BaseModel):
-    # clients send fields of their own (`user`, `model`, Baseten's ids); unknown fields are ignored
+    # clients send fields of their own (`user`, Baseten's ids); unknown fields are ignored
     model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="which served model answers (needed only where several fit)")
 
 
 def _direction(value: str) -> str:
@@ -31,7 +32,6 @@ class TruncationMixin(BaseModel):
 
 class OpenAIEmbeddingsRequest(_Request):
     input: EmbeddingInput
-    model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, gt=0)
     user: str | None = None
@@ -67,7 +67,6 @@ class CohereRerankRequest(_Request):
     documents: list[str | CohereDocument]
     top_n: int | None = Field(None, gt=0)
     return_documents: bool = False
-    model: str | None = None
 
 
 PredictInput = str | list[str] | list[list[str]]

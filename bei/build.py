@@ -157,7 +157,9 @@ def build_engine(
     if plan.target == GPU_TARGET:
         from bei.export.gpu_build import build_gpu_engine
 
-        return build_gpu_engine(config, checkpoint, spec, plan, engines_root=engines_root, progress=progress, started=started)
+        return build_gpu_engine(
+            config, checkpoint, spec, plan, engines_root=engines_root, config_dir=config_dir, progress=progress, started=started
+        )
     build = config.trt_llm.build
     tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
 

@@ -3,8 +3,9 @@
 The flow, all of it runnable on the CPU (simulated "fake" quantization):
 
     reference = build_module(spec)
-    quantized = quantize_module(copy.deepcopy(reference), tokenizer, "fp8", calib_texts, max_seq_len)
-    acc = measure_accuracy(reference, quantized, heldout_batch, spec.task)
+    quantized = quantize_module(reference, tokenizer, "fp8", calib_texts, max_seq_len)  # a quantized copy
+    held_out = heldout_batch(spec, tokenizer, calib_texts, max_seq_len)
+    acc = measure_accuracy(reference, quantized, held_out, spec.task)
     require_accuracy(acc, 0.99)                      # ExportError with the figures below the threshold
     export_qdq_onnx(quantized, sample_batch, path)   # explicit Q/DQ graph for TensorRT
     count_qdq(path), qdq_layers(path)                # what the plan shows
@@ -229,6 +230,15 @@ def make_batches(
     ]
 
 
+def heldout_batch(
+    spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64
+) -> Batch:
+    """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`."""
+    from bei.export.calibration import heldout_texts
+
+    return make_batches(spec, tokenizer, heldout_texts(n, calib_texts), max_seq_len, batch_size=n)[0]
+
+
 def _feeds(module: EngineModule, batch: Batch) -> dict[str, torch.Tensor]:
     device = next(module.parameters()).device
     return {k: torch.from_numpy(v).to(device) for k, v in batch.feeds(input_names(module.spec)).items()}
@@ -241,14 +251,19 @@ def quantize_module(
     calib_texts: Sequence[str],
     max_seq_len: int,
     batch_size: int = 16,
+    *,
+    inplace: bool = False,
 ) -> EngineModule:
-    """Post-training quantization of `module` IN PLACE (deep-copy it first to keep a reference): ModelOpt
-    inserts quantizers (see `quant_config`), then max-calibrates their ranges over padded batches of
-    `calib_texts` (each cut to `max_seq_len` tokens). Runs where the module's parameters are (CPU or CUDA)."""
+    """A quantized copy of `module` (`module` itself with `inplace=True`; the unquantized module is the
+    reference of `measure_accuracy`): ModelOpt inserts quantizers (see `quant_config`), then max-calibrates
+    their ranges over padded batches of `calib_texts` (each cut to `max_seq_len` tokens). Runs where the
+    module's parameters are (CPU, or CUDA where ModelOpt's own kernels run)."""
     qtype = _check_qtype(qtype)
     mtq = _mtq()
     install_cpu_kernels()
     batches = make_batches(module.spec, tokenizer, calib_texts, max_seq_len, batch_size)
+    if not inplace:
+        module = copy.deepcopy(module)
     module.eval()
 
     def forward_loop(model: torch.nn.Module) -> None:
@@ -290,10 +305,15 @@ def quantized_layers(module: torch.nn.Module) -> list[str]:
 class Accuracy:
     """How close the quantized module's outputs are to the reference's on held-out inputs.
 
-    Cosines are per row (embedders, classifiers: per input; NER: per real token); rerankers (one score per
-    input) get the Pearson correlation of the scores over the batch as their cosine. `top1_agreement` is
-    the share of same argmax labels (classify, NER) or of equally ordered pairs of scores (rerank);
-    None for embedders."""
+    `metric` says what the cosines are:
+    - "row cosine" (embed, sparse): the cosine of each input's output vector with the reference's;
+    - "score correlation" (rerank, classify, NER): for each output score (label), the Pearson correlation
+      (the cosine of the centred values) of that score with the reference's over the held-out inputs (NER:
+      over their real tokens). A reranker has one score per input and a classifier a few: the cosine of
+      such short rows says nothing (two logits near zero can point anywhere), how each score tracks the
+      reference across inputs does.
+    `top1_agreement`: share of equal argmax labels (classify, NER) or of equally ordered pairs of scores
+    (rerank); None for embedders."""
 
     min_cosine: float
     mean_cosine: float
@@ -301,10 +321,18 @@ class Accuracy:
     samples: int
     top1_agreement: float | None = None
     qtype: str | None = None
+    metric: str = "row cosine"
     cosines: tuple[float, ...] = field(default=(), repr=False)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The figures, for the manifest (JSON-ready; per-row cosines left out)."""
+        return {
+            "min_cosine": self.min_cosine, "mean_cosine": self.mean_cosine, "max_abs_diff": self.max_abs_diff,
+            "samples": self.samples, "top1_agreement": self.top1_agreement, "metric": self.metric,
+        }
+
     def summary(self) -> str:
-        parts = [f"min cosine {self.min_cosine:.4f}", f"mean cosine {self.mean_cosine:.4f}",
+        parts = [f"min cosine {self.min_cosine:.4f} ({self.metric})", f"mean cosine {self.mean_cosine:.4f}",
                  f"max abs diff {self.max_abs_diff:.3g}"]
         if self.top1_agreement is not None:
             parts.append(f"top-1 agreement {self.top1_agreement:.1%}")
@@ -317,10 +345,21 @@ def _run(module: EngineModule, batch: Batch) -> np.ndarray:
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     dots = (a * b).sum(axis=1)
-    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
-    return np.where(norms > 0, dots / np.maximum(norms, 1e-300), np.where(both_zero, 1.0, 0.0))
+    return np.where(na * nb > 0, dots / np.maximum(na * nb, 1e-300), np.where((na == 0) & (nb == 0), 1.0, 0.0))
+
+
+def _score_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per column: Pearson correlation over the rows (plain cosine where a column does not vary)."""
+    out = []
+    for j in range(a.shape[1]):
+        x, y = a[:, j], b[:, j]
+        if len(x) > 1 and x.std() > 0 and y.std() > 0:
+            out.append(float(np.corrcoef(x, y)[0, 1]))
+        else:
+            out.append(float(_row_cosines(x[None, :], y[None, :])[0]))
+    return np.array(out)
 
 
 def _pair_order_agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -332,35 +371,44 @@ def _pair_order_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def measure_accuracy(reference: EngineModule, quantized: EngineModule, batch: Batch, task: Task | str) -> Accuracy:
     """Compare `quantized` with `reference` on `batch` (held-out inputs, not the calibration texts)."""
+    return accuracy_of_outputs(
+        _run(reference, batch), _run(quantized, batch), batch, task, qtype=getattr(quantized, "bei_quantization", None)
+    )
+
+
+def accuracy_of_outputs(
+    reference: np.ndarray, output: np.ndarray, batch: Batch, task: Task | str, qtype: str | None = None
+) -> Accuracy:
+    """`measure_accuracy` for outputs already computed on `batch` (e.g. a TensorRT engine's vs the reference's)."""
     task = Task(task)
-    ref, got = _run(reference, batch), _run(quantized, batch)
+    ref, got = np.asarray(reference, dtype=np.float64), np.asarray(output, dtype=np.float64)
     if ref.shape != got.shape:
         raise ExportError(f"quantized output shape {got.shape} differs from the reference's {ref.shape}")
     if not np.isfinite(got).all():
-        raise ExportError("quantized module output has NaN or infinite values")
-    top1: float | None = None
-    if task is Task.NER:
+        raise ExportError("quantized output has NaN or infinite values")
+    if task is Task.NER:  # real tokens only
         ref = np.concatenate([batch.row_tokens(ref, r) for r in range(ref.shape[0])])
         got = np.concatenate([batch.row_tokens(got, r) for r in range(got.shape[0])])
     ref, got = ref.reshape(ref.shape[0], -1), got.reshape(got.shape[0], -1)
-    if task is Task.RERANK and ref.shape[1] == 1:
-        a, b = ref[:, 0], got[:, 0]
-        if len(a) > 1 and a.std() > 0 and b.std() > 0:
-            cosines = np.array([float(np.corrcoef(a, b)[0, 1])])
+    top1: float | None = None
+    metric = "row cosine"
+    if task in (Task.RERANK, Task.CLASSIFY, Task.NER):
+        metric = "score correlation"
+        cosines = _score_correlations(ref, got)
+        if ref.shape[1] == 1:
+            top1 = _pair_order_agreement(ref[:, 0], got[:, 0])
         else:
-            cosines = _row_cosines(a[None, :], b[None, :])
-        top1 = _pair_order_agreement(a, b)
+            top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
     else:
         cosines = _row_cosines(ref, got)
-        if task in (Task.CLASSIFY, Task.NER, Task.RERANK) and ref.shape[1] > 1:
-            top1 = float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
     return Accuracy(
         min_cosine=float(cosines.min()),
         mean_cosine=float(cosines.mean()),
         max_abs_diff=float(np.abs(ref - got).max()),
         samples=int(batch.input_ids.shape[0]),
         top1_agreement=top1,
-        qtype=getattr(quantized, "bei_quantization", None),
+        qtype=qtype,
+        metric=metric,
         cosines=tuple(float(c) for c in cosines),
     )
 
@@ -368,8 +416,9 @@ def measure_accuracy(reference: EngineModule, quantized: EngineModule, batch: Ba
 def require_accuracy(acc: Accuracy, threshold: float = 0.99, *, min_top1: float | None = None) -> None:
     """ExportError unless the worst cosine reaches `threshold` (and top-1 agreement `min_top1`, if given)."""
     what = f"{acc.qtype} quantization" if acc.qtype else "quantization"
-    hint = ("calibrate with texts like the production inputs (quantization_config.calib_dataset), "
-            "use a milder quantization_type (fp8 or fp4_mlp_only), or no_quant; the engine was not written")
+    milder = {"fp4": "fp4_mlp_only, fp8 or no_quant", "fp4_mlp_only": "fp8 or no_quant"}.get(acc.qtype or "", "no_quant")
+    hint = ("calibrate with texts like the production inputs (quantization_config.calib_dataset) or use "
+            f"quantization_type {milder}; the engine was not written")
     if acc.min_cosine < threshold:
         raise ExportError(f"{what} keeps cosine {acc.min_cosine:.4f} < {threshold} required: {acc.summary()}; {hint}")
     if min_top1 is not None and acc.top1_agreement is not None and acc.top1_agreement < min_top1:
@@ -379,7 +428,7 @@ def require_accuracy(acc: Accuracy, threshold: float = 0.99, *, min_top1: float 
 
 # --- Q/DQ ONNX export -----------------------------------------------------------------------
 _ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
-_NP_DTYPE = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_NP_DTYPE: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 @dataclass(frozen=True)
@@ -400,10 +449,11 @@ def _export_plan(module: torch.nn.Module) -> dict[int, _QSpec]:
         if amax is None or amax.numel() != 1 or role not in ("weight", "input"):
             raise ExportError(f"quantizer {name} cannot be exported: only calibrated per-tensor weight and "
                               "input quantizers are supported")
-        num_bits, blocks = tuple(q.num_bits) if isinstance(q.num_bits, (tuple, list)) else q.num_bits, q.block_sizes
+        num_bits = tuple(q.num_bits) if isinstance(q.num_bits, (tuple, list)) else q.num_bits
+        blocks = q.block_sizes or {}
         if num_bits == (4, 3) and not blocks:
             plan[id(q)] = _QSpec("FP8QDQ", float(amax), layer, role)
-        elif num_bits == (2, 1) and blocks and blocks.get("type") == "dynamic" and tuple(blocks.get("scale_bits", ())) == (4, 3):
+        elif num_bits == (2, 1) and blocks.get("type") == "dynamic" and tuple(blocks.get("scale_bits", ())) == (4, 3):
             plan[id(q)] = _QSpec("NVFP4QDQ", float(amax), layer, role, int(blocks.get(-1) or NVFP4_BLOCK))
         else:
             raise ExportError(f"quantizer {name} ({num_bits} bits, blocks {blocks}) has no Q/DQ export")
@@ -427,11 +477,11 @@ def _placeholder_quantizers(plan: dict[int, _QSpec]) -> Iterator[None]:
         return torch.onnx.ops.symbolic(f"{QDOMAIN}::{spec.kind}", (inputs,), attrs,
                                        dtype=inputs.dtype, shape=inputs.shape, version=1)
 
-    cls.forward = forward
+    cls.forward = forward  # type: ignore[method-assign]
     try:
         yield
     finally:
-        cls.forward = original
+        cls.forward = original  # type: ignore[method-assign]
 
 
 def export_qdq_onnx(quantized: EngineModule, sample: Batch, path: Path) -> dict[str, int]:
@@ -449,9 +499,7 @@ def export_qdq_onnx(quantized: EngineModule, sample: Batch, path: Path) -> dict[
     model = onnx.load(str(path))
     try:
         model = _lower_qdq(model)
-    except ExportError:
-        raise
-    except Exception as err:  # noqa: BLE001
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ExportError(f"lowering the quantized graph to Q/DQ failed: {type(err).__name__}: {err}") from err
     for leftover in path.parent.glob(path.name + ".data"):
         leftover.unlink()
@@ -537,6 +585,9 @@ def _lower_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         elif kind == "NVFP4QDQ":
             s2 = amax / (E2M1_MAX * E4M3_MAX)
             s2_name = scale_init(f"{base}_global_scale", s2, TensorProto.FLOAT)
+            final = y
+            if dtype != TensorProto.FLOAT:  # the FP32 scales make FP32 values: back to the graph's dtype
+                y = f"{base}_dequantized"
             if x in inits:
                 w_f4, s_f8 = _nvfp4_weight(numpy_helper.to_array(inits[x]), block, s2, layer)
                 new_inits.append(_raw_tensor(f"{base}_fp4", TensorProto.FLOAT4E2M1, w_f4[0], w_f4[1]))
@@ -559,6 +610,8 @@ def _lower_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
                 new_nodes.append(_tag(helper.make_node(
                     "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale_f32"], [y],
                     name=f"{base}/DequantizeLinear", axis=-1, block_size=block), layer))
+            if y != final:
+                new_nodes.append(_tag(helper.make_node("Cast", [y], [final], name=f"{base}/Cast", to=dtype), layer))
         else:
             raise ExportError(f"unknown quantization placeholder {node.op_type}")
     for out in graph.output:

@@ -49,3 +49,14 @@ def test_stale_staging_of_a_dead_build_is_removed(tmp_path: Path) -> None:
     with staged_engine_dir(tmp_path / "m") as staging:
         (staging / "manifest.json").write_text("new")
     assert not stale.exists()
+
+
+def test_staging_of_an_engine_with_a_longer_name_is_left_alone(tmp_path: Path) -> None:
+    other = tmp_path / f"{STAGING_PREFIX}m-cls-{os.getpid() + 1}-abcd1234"  # `m-cls` being built meanwhile
+    other.mkdir()
+    old_other = tmp_path / f"{STAGING_PREFIX}m-cls-old-abcd1234"
+    _engine(old_other, "m-cls engine")
+    with staged_engine_dir(tmp_path / "m") as staging:
+        (staging / "manifest.json").write_text("new")
+    assert other.exists() and old_other.exists()
+    assert (tmp_path / "m" / "manifest.json").read_text() == "new"

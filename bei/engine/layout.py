@@ -4,6 +4,7 @@ renames it into place only when complete, so an interrupted build never leaves a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -13,8 +14,14 @@ from pathlib import Path
 STAGING_PREFIX = ".staging-"
 
 
+def _pattern(name: str, middle: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(STAGING_PREFIX + name)}-{middle}-[0-9a-f]{{8}}")
+
+
 def staging_dirs(engines_root: Path, name: str) -> list[Path]:
-    return sorted(engines_root.glob(f"{STAGING_PREFIX}{name}-*"))
+    """This engine's staging folders (`.staging-<name>-<pid>-<hex>`), not those of `<name>-other`."""
+    pattern = _pattern(name, r"\d+")
+    return sorted(p for p in engines_root.glob(f"{STAGING_PREFIX}{name}-*") if pattern.fullmatch(p.name))
 
 
 @contextmanager
@@ -43,8 +50,9 @@ def _restore_interrupted_swap(target: Path) -> None:
     """A build killed between its two renames leaves the old engine set aside: put it back."""
     if target.exists():
         return
+    pattern = _pattern(target.name, "old")
     for old in sorted(target.parent.glob(f"{STAGING_PREFIX}{target.name}-old-*")):
-        if (old / "manifest.json").exists():
+        if pattern.fullmatch(old.name) and (old / "manifest.json").exists():
             os.replace(old, target)
             return
 

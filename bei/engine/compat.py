@@ -18,7 +18,8 @@ class Host:
     compute_capability: str | None = None
 
 
-def detect_host() -> Host:
+def detect_host(gpu: bool = True) -> Host:
+    """Runtimes present; with `gpu`, also the CUDA GPU (this imports torch)."""
     versions: dict[str, str] = {}
     try:
         import onnxruntime
@@ -32,17 +33,19 @@ def detect_host() -> Host:
         versions["tensorrt"] = str(tensorrt.__version__)
     except ImportError:
         pass
-    gpu = capability = None
+    name = capability = None
+    if not gpu:
+        return Host(versions=versions)
     try:
         import torch
 
         if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
+            name = torch.cuda.get_device_name(0)
             major, minor = torch.cuda.get_device_capability(0)
             capability = f"{major}.{minor}"
     except ImportError:
         pass
-    return Host(versions=versions, gpu=gpu, compute_capability=capability)
+    return Host(versions=versions, gpu=name, compute_capability=capability)
 
 
 def _check_cpu(manifest: Manifest, host: Host) -> None:
@@ -80,4 +83,4 @@ def check_compatible(manifest: Manifest, host: Host | None = None) -> None:
     check = CHECKS.get(manifest.target.name)
     if check is None:
         raise EngineError(f"engine {manifest.name!r} has unknown target {manifest.target.name!r}; known: {', '.join(CHECKS)}")
-    check(manifest, host or detect_host())
+    check(manifest, host or detect_host(gpu=manifest.target.name != "onnxruntime-cpu"))

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from bei.errors import ModelError
 from bei.modeling.files import read_json
+
+if TYPE_CHECKING:  # torch only where pooling runs (export, tests): the server never imports it
+    import torch
 
 
 class PoolingMode(str, Enum):
@@ -78,6 +79,8 @@ class PoolingConfig:
 
 def exclude_prompt(attention_mask: torch.Tensor, prompt_length: torch.Tensor) -> torch.Tensor:
     """Zero the first `prompt_length[i]` real tokens of each row (after any left padding)."""
+    import torch
+
     pad = attention_mask.to(torch.int64).argmax(dim=1)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
     keep = positions >= (pad + prompt_length.to(torch.int64)).unsqueeze(1)
@@ -91,6 +94,8 @@ def pool(
     prompt_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[batch, seq, hidden] x [batch, seq] -> [batch, hidden * len(modes)], as sentence-transformers."""
+    import torch
+
     original_mask = attention_mask
     if prompt_length is not None and not config.include_prompt:
         attention_mask = exclude_prompt(attention_mask, prompt_length)

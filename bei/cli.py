@@ -88,14 +88,42 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
     add_arguments(serve)
 
+    for name, what in (("embed", "embed a file's texts"), ("rerank", "score a file's texts against a query")):
+        files = commands.add_parser(name, help=f"{what} through a running server (bei, BEI or TEI)")
+        files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+        files.add_argument("--input", type=Path, required=True, help=".txt (one text per line) or .jsonl (a text field)")
+        files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array")
+        files.add_argument("--batch-size", type=int, default=32, help="texts per request")
+        files.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+        if name == "embed":
+            files.add_argument("--model", default=None, help="model name, where the server serves several")
+        else:
+            files.add_argument("--query", required=True, help="the query every text is scored against")
+
     args = parser.parse_args(argv)
-    engines_root = args.engines_dir or engines_dir_default()
+    engines_root = getattr(args, "engines_dir", None) or engines_dir_default()
     try:
         if args.command == "build":
             if args.dry_run:
                 _dry_run(args.config, args.target, args.json)
             else:
                 _build(args.config, engines_root, args.target, args.quiet)
+            return 0
+        if args.command in ("embed", "rerank"):
+            from bei.client import ClientError
+            from bei.files_cli import embed_file, rerank_file
+
+            try:
+                if args.command == "embed":
+                    count = embed_file(args.url, args.input, args.output, batch_size=args.batch_size,
+                                       concurrency=args.concurrency, model=args.model)
+                else:
+                    count = rerank_file(args.url, args.query, args.input, args.output, batch_size=args.batch_size,
+                                        concurrency=args.concurrency)
+            except ClientError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+            print(f"{count} texts written to {args.output}", file=sys.stderr)
             return 0
         settings = settings_from(args)
         if bool(args.engines) == (args.config is not None):

@@ -110,3 +110,37 @@ def test_gives_up_after_the_attempts(flaky: tuple[str, Flaky]) -> None:
     with Client(url, retry=RetryPolicy(attempts=1, base_delay=0.01)) as client, pytest.raises(ClientError) as info:
         client.rerank("q2", ["a"])
     assert info.value.status == 503
+
+
+def test_bei_embed_command_writes_npy_and_jsonl(minilm_server: Server, st_model: Any, tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    source = tmp_path / "texts.jsonl"
+    source.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:40]) + "\n")
+    for output in (tmp_path / "out.npy", tmp_path / "out.jsonl"):
+        result = subprocess.run(
+            [sys.executable, "-m", "bei.cli", "embed", "--url", minilm_server.base_url, "--input", str(source),
+             "--output", str(output), "--batch-size", "8"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "40 texts written" in result.stderr and "40/40" in result.stderr
+    want = st_model.encode(TEXTS[:40])
+    got = np.load(tmp_path / "out.npy")
+    assert (got * want).sum(axis=1).min() >= 0.99999
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(40))
+    assert np.allclose(np.array([r["embedding"] for r in rows]), got, atol=1e-6)
+
+
+def test_bei_embed_command_names_a_missing_input(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bei.cli", "embed", "--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o.npy")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and "nope.txt does not exist" in result.stderr

@@ -592,24 +592,19 @@ def _lower_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
                 w_f4, s_f8 = _nvfp4_weight(numpy_helper.to_array(inits[x]), block, s2, layer)
                 new_inits.append(_raw_tensor(f"{base}_fp4", TensorProto.FLOAT4E2M1, w_f4[0], w_f4[1]))
                 new_inits.append(_raw_tensor(f"{base}_block_scale", TensorProto.FLOAT8E4M3FN, s_f8[0], s_f8[1]))
-                new_nodes.append(_tag(helper.make_node(
-                    "DequantizeLinear", [f"{base}_block_scale", s2_name], [f"{base}_block_scale_f32"],
-                    name=f"{base}/DequantizeLinear_scale"), layer))
-                new_nodes.append(_tag(helper.make_node(
-                    "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale_f32"], [y],
-                    name=f"{base}/DequantizeLinear", axis=-1, block_size=block), layer))
                 drop.add(x)
             else:
                 new_nodes.append(_tag(helper.make_node(
                     "TRT_FP4DynamicQuantize", [x, s2_name], [f"{base}_fp4", f"{base}_block_scale"],
                     name=f"{base}/TRT_FP4DynamicQuantize", domain=TRT_DOMAIN,
                     axis=-1, block_size=block, scale_type=TensorProto.FLOAT8E4M3FN), layer))
-                new_nodes.append(_tag(helper.make_node(
-                    "DequantizeLinear", [f"{base}_block_scale", s2_name], [f"{base}_block_scale_f32"],
-                    name=f"{base}/DequantizeLinear_scale"), layer))
-                new_nodes.append(_tag(helper.make_node(
-                    "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale_f32"], [y],
-                    name=f"{base}/DequantizeLinear", axis=-1, block_size=block), layer))
+            # weights (FP4 initializers) and activations (dynamic FP4) dequantize the same way: two levels
+            new_nodes.append(_tag(helper.make_node(
+                "DequantizeLinear", [f"{base}_block_scale", s2_name], [f"{base}_block_scale_f32"],
+                name=f"{base}/DequantizeLinear_scale"), layer))
+            new_nodes.append(_tag(helper.make_node(
+                "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale_f32"], [y],
+                name=f"{base}/DequantizeLinear", axis=-1, block_size=block), layer))
             if y != final:
                 new_nodes.append(_tag(helper.make_node("Cast", [y], [final], name=f"{base}/Cast", to=dtype), layer))
         else:

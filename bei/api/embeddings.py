@@ -9,12 +9,13 @@ import numpy as np
 
 from bei.api.http import Timing
 from bei.api.schemas import EmbeddingInput, EmbedRequest, OpenAIEmbeddingsRequest
-from bei.errors import EmptyInputError, TooManyInputsError, ValidationError
+from bei.api.scoring import check_count
+from bei.errors import ValidationError
 from bei.inference import InferenceService
 from bei.runtime.tokenizer import Direction, TextInput
 
 
-def as_inputs(raw: EmbeddingInput, max_client_batch_size: int) -> list[TextInput]:
+def as_inputs(raw: EmbeddingInput, service: InferenceService) -> list[TextInput]:
     """str | [str] | [int] | [[int]] -> one item per input (token id lists stay lists)."""
     if isinstance(raw, str):
         items: list[TextInput] = [raw]
@@ -22,12 +23,7 @@ def as_inputs(raw: EmbeddingInput, max_client_batch_size: int) -> list[TextInput
         items = [list(raw)]  # type: ignore[arg-type]
     else:
         items = list(raw)  # type: ignore[arg-type]
-    if not items:
-        raise EmptyInputError("input is empty: send at least one text")
-    if len(items) > max_client_batch_size:
-        raise TooManyInputsError(
-            f"batch size {len(items)} is over the maximum allowed batch size of {max_client_batch_size}"
-        )
+    check_count(len(items), service)
     return items
 
 
@@ -71,7 +67,7 @@ async def embed(
 
 async def openai_embeddings(service: InferenceService, request: OpenAIEmbeddingsRequest, timing: Timing) -> Any:
     manifest = service.engine.manifest
-    items = as_inputs(request.input, service.settings.max_client_batch_size)
+    items = as_inputs(request.input, service)
     vectors = await embed(
         service, items, truncate=False, direction="right", prompt=prompt_text(service, None), timing=timing
     )
@@ -95,7 +91,7 @@ async def openai_embeddings(service: InferenceService, request: OpenAIEmbeddings
 
 
 async def tei_embed(service: InferenceService, request: EmbedRequest, timing: Timing) -> Any:
-    items = as_inputs(request.inputs, service.settings.max_client_batch_size)
+    items = as_inputs(request.inputs, service)
     vectors = await embed(
         service,
         items,

@@ -22,6 +22,7 @@ pytest.importorskip("modelopt")
 
 from bei.errors import CheckpointError, ConfigError, ExportError  # noqa: E402
 from bei.export import quantize as Q  # noqa: E402
+from bei.export.quant_layers import quantized_layer_names  # noqa: E402
 from bei.export.calibration import builtin_texts, heldout_texts, load_calibration_texts  # noqa: E402
 from bei.modeling.detect import read_model_spec  # noqa: E402
 from bei.modeling.module import build_module, input_names  # noqa: E402
@@ -82,6 +83,8 @@ def test_fp8_accuracy_is_high_but_quantization_happened(tiny: Tiny, fp8: Any) ->
     # every encoder Linear (2 layers x q, k, v, attention out, intermediate, output); heads and the
     # reference module untouched
     layers = Q.quantized_layers(fp8)
+    linears = {n: m.in_features for n, m in tiny.reference.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert quantized_layer_names(linears, "fp8") == layers
     assert len(layers) == 12 and not any("pooler" in name for name in layers), layers
     assert Q.quantized_layers(tiny.reference) == []
 
@@ -144,6 +147,10 @@ def test_fp4_mlp_only_quantizes_fewer_layers_than_fp4(tiny: Tiny) -> None:
     assert len(all_layers) == 12
     assert set(mlp_layers) < set(all_layers) and len(mlp_layers) == 4, mlp_layers
     assert not any("attention" in name for name in mlp_layers)
+    linears = {n: m.in_features for n, m in tiny.reference.named_modules() if isinstance(m, torch.nn.Linear)}
+    # the dry-run plan and the torch target select layers with the rule ModelOpt was configured with
+    assert quantized_layer_names(linears, "fp4") == all_layers
+    assert quantized_layer_names(linears, "fp4_mlp_only") == mlp_layers
     for module in (fp4, mlp):  # NVFP4 simulated on the CPU: outputs change, stay finite and close
         acc = Q.measure_accuracy(tiny.reference, module, tiny.heldout, tiny.spec.task)
         assert 0.5 < acc.min_cosine < 1 - 1e-6, acc

@@ -9,6 +9,7 @@ from typing import Any
 from bei.engine.compat import Host
 from bei.errors import ConfigError, EngineError
 from bei.export.profiles import Profile, derive_profiles
+from bei.export.quant_layers import quantized_layer_names
 from bei.hardware import compute_capability, hardware_problems
 from bei.modeling.spec import ModelSpec
 
@@ -104,8 +105,9 @@ class BuildPlan:
         return "\n".join(lines)
 
 
-def _linear_layers(spec: ModelSpec) -> tuple[list[str], int, int, int]:
-    """Linear layer names, parameter count, hidden and intermediate sizes, without loading weights."""
+def _linear_layers(spec: ModelSpec) -> tuple[dict[str, int], int, int, int]:
+    """Linear layers (as named in the engine module, with their input widths), parameter count,
+    hidden and intermediate sizes, without loading weights."""
     import torch
     import transformers
 
@@ -114,24 +116,14 @@ def _linear_layers(spec: ModelSpec) -> tuple[list[str], int, int, int]:
     config = transformers.AutoConfig.from_pretrained(str(spec.path))
     with torch.device("meta"):
         model = auto_class(spec.task).from_config(config)
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    linears = {f"transformer.{name}": m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     params = sum(p.numel() for p in model.parameters())
     intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "hidden_dim", 0) or 4 * spec.hidden_size)
-    return names, params, spec.hidden_size, intermediate
+    return linears, params, spec.hidden_size, intermediate
 
 
-_HEADS = ("classifier", "score", "lm_head", "pooler", "qa_outputs", "decoder", "cls.predictions", "head")
-_MLP = ("mlp", "intermediate.dense", "ffn", "feed_forward", "lin1", "lin2", "Wi", "Wo")
-
-
-def quantized_layer_names(names: list[str], precision: str) -> list[str]:
-    """The Linear layers FP8/NVFP4 quantize: all but the heads; MLP layers only for nvfp4-mlp."""
-    if precision not in ("fp8", "nvfp4", "nvfp4-mlp"):
-        return []
-    body = [n for n in names if not any(n == h or n.startswith(h + ".") or f".{h}" in n for h in _HEADS)]
-    if precision == "nvfp4-mlp":
-        body = [n for n in body if any(part in n for part in _MLP) or (".output.dense" in n and ".attention." not in n)]
-    return body
+# plan precision -> the config's quantization_type
+_QTYPE = {"fp8": "fp8", "nvfp4": "fp4", "nvfp4-mlp": "fp4_mlp_only"}
 
 
 def check_target_hardware(target: TargetChoice, base_model: str, quantization: str, host: Host) -> None:
@@ -170,7 +162,7 @@ def make_plan(
         notes.append(f"max input capped from {max_input} to max_num_tokens {max_num_tokens}: one input must fit one call")
         max_input = max_num_tokens
     profiles = derive_profiles(max_num_tokens, max_batch_size, max_input) if target.name == GPU_TARGET else []
-    names, params, hidden, intermediate = _linear_layers(spec)
+    linears, params, hidden, intermediate = _linear_layers(spec)
     weight_bytes = BYTES_PER_WEIGHT[precision]
     activation_width = 2.0 if precision != "fp32" else 4.0
     largest = max((p.max_tokens for p in profiles), default=max_num_tokens)
@@ -186,7 +178,7 @@ def make_plan(
         max_num_tokens=max_num_tokens,
         max_batch_size=max_batch_size,
         profiles=profiles,
-        quantized_layers=quantized_layer_names(names, precision),
+        quantized_layers=quantized_layer_names(linears, _QTYPE.get(precision, "")),
         parameters=params,
         weights_bytes=int(params * weight_bytes),
         activation_bytes=activation,

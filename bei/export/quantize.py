@@ -50,6 +50,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from bei.errors import ExportError
+from bei.export.quant_layers import NVFP4_BLOCK, QUANT_TYPES, excluded_patterns
 from bei.modeling.module import EngineModule, input_names
 from bei.modeling.spec import ModelSpec, Task
 from bei.runtime.base import Batch
@@ -57,20 +58,8 @@ from bei.runtime.tokenizer import Encoded, TokenizerRuntime
 
 log = logging.getLogger(__name__)
 
-QUANT_TYPES = ("fp8", "fp4", "fp4_mlp_only")
-NVFP4_BLOCK = 16
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
-
-# quantizer-name wildcards (fnmatch over EngineModule's module names) never quantized: the task heads
-HEAD_PATTERNS = (
-    "dense.*",  # sentence-transformers Dense layers of EngineModule
-    "*pooler*", "*classifier*", "*score*", "*lm_head*", "*cls.predictions*",
-    "*vocab_transform*", "*vocab_projector*", "transformer.head.*", "transformer.decoder.*",
-)  # fmt: skip
-# attention projections (BERT/RoBERTa `attention.*`, DistilBERT `attention.*_lin`, ModernBERT `attn.*`,
-# Llama/Qwen/Mistral/Gemma `self_attn.*_proj`): excluded by fp4_mlp_only
-ATTENTION_PATTERNS = ("*attention*", "*attn*")
 
 QDOMAIN = "bei.quant"  # placeholder ops of the traced graph, lowered by `_lower_qdq`
 TRT_DOMAIN = "trt"
@@ -127,7 +116,7 @@ def quant_config(qtype: str, module: torch.nn.Module | None = None) -> dict[str,
     entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for role in ("*weight_quantizer", "*input_quantizer"):
         entries.append({"quantizer_name": role, "parent_class": "nn.Linear", "cfg": copy.deepcopy(attrs[role])})
-    disabled = list(HEAD_PATTERNS) + (list(ATTENTION_PATTERNS) if qtype == "fp4_mlp_only" else [])
+    disabled = excluded_patterns(qtype)
     if qtype != "fp8" and module is not None:
         disabled += [
             f"{name}.*"

@@ -46,8 +46,11 @@ def input_names(spec: ModelSpec) -> list[str]:
     return names
 
 
-def _dense(layer: DenseLayer) -> torch.nn.Module:
+def dense_module(layer: DenseLayer, load: bool = True) -> torch.nn.Module:
+    """A sentence-transformers Dense module; with `load`, its weights from the checkpoint."""
     linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+    if not load:
+        return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
     weights_file = layer.path / "model.safetensors"
     state = load_file(weights_file) if weights_file.exists() else torch.load(layer.path / "pytorch_model.bin")
     state = {k.removeprefix("linear."): v for k, v in state.items()}
@@ -87,7 +90,7 @@ class EngineModule(torch.nn.Module):
         super().__init__()
         self.spec = spec
         self.transformer = transformer
-        self.dense = torch.nn.Sequential(*[_dense(layer) for layer in spec.dense])
+        self.dense = torch.nn.Sequential(*[dense_module(layer) for layer in spec.dense])
 
     def forward(
         self,

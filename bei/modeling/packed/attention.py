@@ -1,0 +1,88 @@
+"""Variable-length attention over a packed batch: each row attends only to its own tokens.
+
+On CUDA in fp16/bf16 this is flash attention's varlen kernel (`torch.nn.attention.varlen`), which
+reads `cu_seqlens` and computes no padding. Elsewhere (the CPU, fp32, logit soft-capping) the packed
+tokens are laid out padded, per row, and attended with a mask: the same result, the fallback.
+
+`window` follows flash attention: (left, right) = the farthest key before / after a query that it
+sees, -1 for no limit; `causal` adds right = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bei.modeling.packed.layout import Packed
+
+FULL: tuple[int, int] = (-1, -1)
+
+
+def _flash_available(q: torch.Tensor, softcap: float | None) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed: Packed,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] = FULL,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q [tokens, heads, dim], k / v [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
+    left, right = window
+    if causal:
+        right = 0
+    if _flash_available(q, softcap):
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(
+            q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len,
+            scale=scale, window_size=(left, right), enable_gqa=k.shape[1] != q.shape[1],
+        )  # fmt: skip
+        return out  # type: ignore[return-value]
+    return _masked_attention(q, k, v, packed, left=left, right=right, scale=scale, softcap=softcap)
+
+
+def attention_mask(packed: Packed, left: int, right: int) -> torch.Tensor:
+    """[rows, 1, max_len, max_len] bool: which key each query of the padded layout sees."""
+    keys = packed.key_padding_mask()[:, None, None, :]
+    if left < 0 and right < 0:
+        return keys
+    pos = torch.arange(packed.max_len, device=packed.device)
+    distance = pos.view(-1, 1) - pos.view(1, -1)  # query - key
+    allowed = torch.ones_like(distance, dtype=torch.bool)
+    if left >= 0:
+        allowed &= distance <= left
+    if right >= 0:
+        allowed &= -distance <= right
+    return keys & allowed
+
+
+def _masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed: Packed,
+    *,
+    left: int,
+    right: int,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    qp, kp, vp = (packed.unpack(t).transpose(1, 2) for t in (q, k, v))  # [rows, heads, len, dim]
+    mask = attention_mask(packed, left, right)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=kp.shape[1] != qp.shape[1])
+    else:
+        groups = qp.shape[1] // kp.shape[1]
+        kp, vp = kp.repeat_interleave(groups, dim=1), vp.repeat_interleave(groups, dim=1)
+        scores = (qp @ kp.transpose(-1, -2)) * (scale if scale is not None else qp.shape[-1] ** -0.5)
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.softmax(scores.float(), dim=-1).to(qp.dtype) @ vp
+    return packed.pack(out.transpose(1, 2))

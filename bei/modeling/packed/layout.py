@@ -1,0 +1,102 @@
+"""The packed batch: every row's real tokens one after another, with cumulative sequence lengths.
+
+A padded batch [rows, width] of `lengths[i]` real tokens per row (right or left padded) becomes
+one stream of `sum(lengths)` tokens; `cu_seqlens` [rows + 1] marks where each row starts, and
+`seq_index` [tokens] says which row a token belongs to. `unpack` / `pack` convert per-token tensors
+between the two layouts (the CPU attention fallback and per-token outputs use them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Packed:
+    input_ids: torch.Tensor  # [tokens] int64
+    positions: torch.Tensor  # [tokens] int64: 0.. within each row
+    token_type_ids: torch.Tensor | None  # [tokens] int64
+    cu_seqlens: torch.Tensor  # [rows + 1] int32
+    seq_index: torch.Tensor  # [tokens] int64: the row of each token
+    lengths: torch.Tensor  # [rows] int64
+    prompt_length: torch.Tensor | None  # [rows] int64: leading tokens excluded from pooling
+    max_len: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """Index of each row's first token, [rows]."""
+        return self.cu_seqlens[:-1].to(torch.int64)
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """Index of each row's last token, [rows]."""
+        return self.cu_seqlens[1:].to(torch.int64) - 1
+
+    @classmethod
+    def from_padded(
+        cls,
+        input_ids: np.ndarray | torch.Tensor,
+        attention_mask: np.ndarray | torch.Tensor,
+        token_type_ids: np.ndarray | torch.Tensor | None = None,
+        prompt_length: np.ndarray | torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Packed:
+        """Pack a padded batch (either padding side); the real tokens are where the mask is 1."""
+        ids = torch.as_tensor(input_ids)
+        mask = torch.as_tensor(attention_mask).to(torch.bool)
+        lengths = mask.sum(dim=1).to(torch.int64)
+        cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lengths, 0)
+        flat_ids = ids[mask]  # row-major: each row's real tokens in order
+        seq_index = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
+        positions = torch.arange(flat_ids.shape[0]) - cu[:-1].to(torch.int64)[seq_index]
+        types = torch.as_tensor(token_type_ids)[mask] if token_type_ids is not None else None
+        prompt = torch.as_tensor(prompt_length).to(torch.int64) if prompt_length is not None else None
+        dev = torch.device(device)
+        return cls(
+            input_ids=flat_ids.to(torch.int64).to(dev, non_blocking=True),
+            positions=positions.to(dev, non_blocking=True),
+            token_type_ids=types.to(torch.int64).to(dev, non_blocking=True) if types is not None else None,
+            cu_seqlens=cu.to(dev, non_blocking=True),
+            seq_index=seq_index.to(dev, non_blocking=True),
+            lengths=lengths.to(dev, non_blocking=True),
+            prompt_length=prompt.to(dev, non_blocking=True) if prompt is not None else None,
+            max_len=int(lengths.max()) if lengths.numel() else 0,
+        )
+
+    def unpack(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[tokens, ...] -> [rows, max_len, ...], right padded with `fill`."""
+        out = x.new_full((self.rows, self.max_len, *x.shape[1:]), fill)
+        out[self.seq_index, self.positions] = x
+        return out
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, max_len, ...] (right padded) -> [tokens, ...]."""
+        return x[self.seq_index, self.positions]
+
+    def key_padding_mask(self) -> torch.Tensor:
+        """[rows, max_len] bool: True at real tokens (of the right-padded `unpack` layout)."""
+        cols = torch.arange(self.max_len, device=self.device)
+        return cols.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    def repad(self, x: torch.Tensor, width: int, left: bool) -> torch.Tensor:
+        """[tokens, ...] -> [rows, width, ...] in the padded batch's own layout (per-token outputs)."""
+        out = x.new_zeros((self.rows, width, *x.shape[1:]))
+        cols = self.positions + (width - self.lengths[self.seq_index] if left else 0)
+        out[self.seq_index, cols] = x
+        return out

@@ -1,0 +1,125 @@
+"""A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
+
+Each architecture (`encoders.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
+config.json (a plain dict: serving never imports transformers) and the task, whose `forward(packed)`
+returns, packed, what the transformers model of that task returns:
+
+- embed:             last hidden state [tokens, hidden]
+- rerank / classify: logits [rows, labels]
+- ner:               logits [tokens, labels]
+- sparse:            masked-LM logits [tokens, vocab]
+
+and whose `convert_hf_state(state)` maps a transformers checkpoint's state dict (any of the Auto
+classes' key prefixes) to the module's own keys. `PackedEngineModule` adds what EngineModule adds
+to transformers: pooling and Dense layers (embed), SPLADE pooling (sparse); its output for NER
+stays packed (`Packed.repad` lays it out like the padded batch).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from bei.errors import ModelError
+from bei.modeling.module import dense_module
+from bei.modeling.packed.layout import Packed
+from bei.modeling.packed.pooling import pool_packed
+from bei.modeling.spec import ModelSpec, Task
+
+
+class Architecture(Protocol):
+    def __call__(self, packed: Packed) -> torch.Tensor: ...
+
+    def convert_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
+
+
+ArchitectureFactory = Callable[[dict[str, Any], Task, int], torch.nn.Module]
+
+
+def architectures() -> dict[str, ArchitectureFactory]:
+    """model_type -> the class of its packed module."""
+    from bei.modeling.packed.decoders import DECODERS
+    from bei.modeling.packed.encoders import ENCODERS
+
+    return {**ENCODERS, **DECODERS}
+
+
+def num_labels(spec: ModelSpec) -> int:
+    return len(spec.labels) if spec.task in (Task.RERANK, Task.CLASSIFY, Task.NER) else 0
+
+
+class PackedEngineModule(torch.nn.Module):
+    """body (+ pooling -> Dense for embed, SPLADE pooling for sparse): packed in, batch-first out."""
+
+    def __init__(self, spec: ModelSpec, body: torch.nn.Module, load_dense: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.body = body
+        self.dense = torch.nn.Sequential(*[dense_module(layer, load=load_dense) for layer in spec.dense])
+
+    def forward(self, packed: Packed) -> torch.Tensor:
+        out = self.body(packed)
+        if self.spec.task is Task.EMBED:
+            assert self.spec.pooling is not None
+            return self.dense(pool_packed(self.spec.pooling, out, packed))
+        if self.spec.task is Task.SPARSE:
+            assert self.spec.pooling is not None
+            return pool_packed(self.spec.pooling, out, packed)
+        return out
+
+    def forward_padded(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        prompt_length: torch.Tensor | None = None,
+        left_padded: bool = False,
+    ) -> torch.Tensor:
+        """The padded batch's outputs, shaped as EngineModule's (per-token outputs re-padded)."""
+        packed = Packed.from_padded(input_ids, attention_mask, token_type_ids, prompt_length, device=self._device())
+        out = self(packed)
+        if self.spec.task is Task.NER:
+            return packed.repad(out, int(input_ids.shape[1]), left_padded)
+        return out
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return dict(json.loads((path / "config.json").read_text()))
+
+
+def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
+    factories = architectures()
+    if spec.model_type not in factories:
+        raise ModelError(f"the torch target has no packed module for model_type {spec.model_type!r}; known: {', '.join(factories)}")
+    return factories[spec.model_type](config, spec.task, num_labels(spec))
+
+
+def load_hf_weights(body: torch.nn.Module, checkpoint: Path) -> None:
+    """The checkpoint's transformers weights (model.safetensors / pytorch_model.bin, sharded too) into `body`."""
+    from bei.modeling.packed.weights import read_hf_state
+
+    state = body.convert_hf_state(read_hf_state(checkpoint))  # type: ignore[operator]
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"{checkpoint}: the weights do not match bei's {type(body).__name__}: "
+            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+
+
+def build_packed_module(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PackedEngineModule:
+    """The checkpoint at `spec.path` as a packed module, with its transformers weights."""
+    body = make_body(spec, read_config(spec.path))
+    load_hf_weights(body, spec.path)
+    return PackedEngineModule(spec, body).to(dtype).eval()

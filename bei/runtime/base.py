@@ -58,7 +58,11 @@ class Batch:
 
 
 class Backend(ABC):
-    """Runs a compiled engine. Implementations are leaf modules that know nothing else."""
+    """Runs a compiled engine. Implementations are leaf modules that know nothing else.
+
+    An engine call is `run(prepare(batch))`: the batcher prepares the next batch (host work, copies
+    to the device) on its own thread while the current one runs. Backends with nothing to prepare
+    keep the defaults, and `infer` is both in one call."""
 
     name: str = "backend"
     input_names: list[str]
@@ -66,6 +70,14 @@ class Backend(ABC):
     @abstractmethod
     def infer(self, batch: Batch) -> np.ndarray:
         """One engine call: batch-first output (the graph's single output)."""
+
+    def prepare(self, batch: Batch) -> object:
+        """What `run` needs of `batch`, made ahead of time (inputs on the device, packed, ...)."""
+        return batch
+
+    def run(self, prepared: object) -> np.ndarray:
+        assert isinstance(prepared, Batch)
+        return self.infer(prepared)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds."""

@@ -1,9 +1,12 @@
 """TensorRT backend (GPU): one execution context per optimization profile, output buffers
-allocated once at each profile's largest shape and reused, one CUDA stream per backend.
+allocated once at each profile's largest shape and reused, one CUDA stream for the engine and one
+for copies: `prepare` copies the next batch's inputs to the GPU (pinned, on the copy stream) while
+the engine runs the current one; `run` waits for that copy, then executes.
 Implements the same `Backend` contract as ONNX Runtime; verify it with docs/gpu.md."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ class TensorRTBackend(Backend):
         self.output_name = output_name
         self.profiles = profiles
         self.stream = torch.cuda.Stream()
+        self.copy_stream = torch.cuda.Stream()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         self.contexts: list[Any] = []
@@ -40,14 +44,24 @@ class TensorRTBackend(Backend):
             self.contexts.append(context)
             self.outputs.append(torch.empty(largest, dtype=out_dtype, device="cuda"))
 
-    def infer(self, batch: Batch) -> np.ndarray:
+    def prepare(self, batch: Batch) -> _Prepared:
         torch = self._torch
-        rows, width = batch.input_ids.shape
+        with torch.cuda.stream(self.copy_stream):
+            feeds = {k: torch.from_numpy(v).pin_memory().to("cuda", non_blocking=True) for k, v in batch.feeds(self.input_names).items()}
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        return _Prepared(feeds, copied, batch.input_ids.shape)
+
+    def run(self, prepared: object) -> np.ndarray:
+        assert isinstance(prepared, _Prepared)
+        torch = self._torch
+        rows, width = prepared.shape
         index = select_profile(self.profiles, rows, width)
         context = self.contexts[index]
         with torch.cuda.stream(self.stream):
-            feeds = {k: torch.from_numpy(v).pin_memory().to("cuda", non_blocking=True) for k, v in batch.feeds(self.input_names).items()}
-            for name, tensor in feeds.items():
+            self.stream.wait_event(prepared.copied)
+            for name, tensor in prepared.feeds.items():
+                tensor.record_stream(self.stream)
                 context.set_input_shape(name, tuple(tensor.shape))
                 context.set_tensor_address(name, tensor.data_ptr())
             shape = tuple(context.get_tensor_shape(self.output_name))
@@ -59,6 +73,16 @@ class TensorRTBackend(Backend):
             result = out.float().cpu()
         self.stream.synchronize()
         return result.numpy()
+
+    def infer(self, batch: Batch) -> np.ndarray:
+        return self.run(self.prepare(batch))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    feeds: dict[str, Any]  # input name -> CUDA tensor
+    copied: Any  # torch.cuda.Event: the copies are done
+    shape: tuple[int, ...]
 
 
 def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:

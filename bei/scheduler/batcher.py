@@ -1,7 +1,10 @@
 """The batcher: one worker that drains the token-budget queue into engine calls.
 
 Requests submit encoded inputs and await their rows; the worker runs the backend on a thread
-(ONNX Runtime releases the GIL), so inputs that arrive during a call join the next one.
+(ONNX Runtime and torch release the GIL), so inputs that arrive during a call join a later one.
+Double buffering: while a batch runs, the next one is taken from the queue (when it holds work),
+padded and prepared (`Backend.prepare`: packing, copies to the GPU) on a second thread, so the
+engine starts it as soon as the current call returns.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Batcher:
         self.queue: TokenBudgetQueue[_Pending] = TokenBudgetQueue(max_batch_tokens, max_batch_requests)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-engine")
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-prepare")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.batches_run = 0
@@ -73,6 +77,7 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        self._preparer.shutdown(wait=True)
 
     async def submit(self, encoded: Sequence[Encoded]) -> Result:
         if self._closing:
@@ -89,24 +94,46 @@ class Batcher:
             inference_time=max(p.inference_time for p in pending),
         )
 
+    def _take(self) -> _Taken | None:
+        """The next batch of live requests, its preparation started on the preparer thread."""
+        group = [item for item in self.queue.next_batch() if not item.future.done()]
+        if not group:  # every request of this batch went away (client disconnected)
+            return None
+        started = time.perf_counter()
+        for item in group:
+            item.queue_time = started - item.enqueued
+        encoded = [p.encoded for p in group]
+
+        def prepare() -> tuple[Batch, object]:
+            batch = Batch.pad(encoded, self.pad_id, self.padding_side)
+            return batch, self.backend.prepare(batch)
+
+        future = asyncio.get_running_loop().run_in_executor(self._preparer, prepare)
+        return _Taken(group, future)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        upcoming: _Taken | None = None
         while True:
-            if not len(self.queue):
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            group = [item for item in self.queue.next_batch() if not item.future.done()]
-            if not group:  # every request of this batch went away (client disconnected)
-                continue
+            if upcoming is None:
+                if not len(self.queue):
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                upcoming = self._take()
+                if upcoming is None:
+                    continue
+            taken, upcoming = upcoming, None
+            group = taken.group
             started = time.perf_counter()
-            for item in group:
-                item.queue_time = started - item.enqueued
-            batch = Batch.pad([p.encoded for p in group], self.pad_id, self.padding_side)
             try:
-                output = await loop.run_in_executor(self._executor, self.backend.infer, batch)
+                batch, prepared = await taken.prepared
+                running = loop.run_in_executor(self._executor, self.backend.run, prepared)
+                if len(self.queue):  # prepare the next batch while this one runs
+                    upcoming = self._take()
+                output = await running
             except Exception as err:  # a failed call fails its requests, not the server
                 failure = EngineFailedError(f"the engine failed on a batch of {len(group)} inputs: {err!r}")
                 for item in group:
@@ -122,3 +149,9 @@ class Batcher:
                 if not item.future.done():  # the request may have been cancelled meanwhile
                     value = batch.row_tokens(output, row) if self.per_token_output else output[row]
                     item.future.set_result(value)
+
+
+@dataclass
+class _Taken:
+    group: list[_Pending]
+    prepared: asyncio.Future[tuple[Batch, object]]

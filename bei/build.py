@@ -20,7 +20,7 @@ from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import Manifest, PoolingInfo, SourceInfo, TargetInfo, VerificationInfo
 from bei.export import onnxruntime as ort_target
 from bei.export.onnx import export_onnx
-from bei.export.plan import GPU_TARGET, BuildPlan, check_target_hardware, choose_target, make_plan
+from bei.export.plan import CPU_TARGET, GPU_TARGET, TORCH_TARGET, BuildPlan, check_target_hardware, choose_target, make_plan
 from bei.export.verify import Agreement, compare, require_agreement
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import OUTPUT_NAMES, EngineModule, build_module, input_names
@@ -63,6 +63,8 @@ class BuildResult:
 
 
 def stages_for(target: str, quantized: bool) -> list[str]:
+    if target == TORCH_TARGET:
+        return ["resolve checkpoint", "read pooling", "load"] + (["quantize"] if quantized else []) + ["verify", "compile", "write"]
     if target == GPU_TARGET:
         return ["resolve checkpoint", "read pooling"] + (["quantize"] if quantized else []) + [
             "export",
@@ -105,7 +107,7 @@ def plan_build(
     # hardware rules before any download
     check_target_hardware(choice, build.base_model.value, build.quantization_type.value, host)
     progress = progress or Progress(stages_for(choice.name, False))
-    progress.stages = stages_for(choice.name, build.quantization_type.value != "no_quant" and choice.name == GPU_TARGET)
+    progress.stages = stages_for(choice.name, build.quantization_type.value != "no_quant" and choice.name != CPU_TARGET)
     progress.note(f"target {choice.name}: {choice.reason}")
 
     with progress.stage("resolve checkpoint"):
@@ -154,10 +156,12 @@ def build_engine(
     checkpoint, spec, plan = plan_build(config, config_dir=config_dir, target=target, progress=progress, host=host)
     if plan.max_input_tokens != spec.max_seq_len:
         spec = replace(spec, max_seq_len=plan.max_input_tokens)
-    if plan.target == GPU_TARGET:
-        from bei.export.gpu_build import build_gpu_engine
-
-        return build_gpu_engine(
+    if plan.target in (GPU_TARGET, TORCH_TARGET):
+        if plan.target == GPU_TARGET:
+            from bei.export.gpu_build import build_gpu_engine as build_target
+        else:
+            from bei.export.torch_target import build_torch_engine as build_target
+        return build_target(
             config, checkpoint, spec, plan, engines_root=engines_root, config_dir=config_dir, progress=progress, started=started
         )
     build = config.trt_llm.build
@@ -261,6 +265,10 @@ def manifest_for(
         config=config.model_dump(mode="json"),
         config_fingerprint=config.fingerprint(),
         profiles=[p.as_dict() for p in plan.profiles],
+        dense_layers=[
+            {"in_features": d.in_features, "out_features": d.out_features, "bias": d.bias, "activation": d.activation}
+            for d in spec.dense
+        ],
         quantization=quantization,
     )
 

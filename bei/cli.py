@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument(
         "--target",
         default="auto",
-        choices=["auto", "tensorrt", "onnxruntime"],
-        help="auto (default): TensorRT where a CUDA GPU and tensorrt are present, else the ONNX Runtime CPU engine",
+        choices=["auto", "tensorrt", "torch", "onnxruntime"],
+        help="auto (default): TensorRT where a CUDA GPU and tensorrt are present, the torch target on a CUDA GPU "
+        "without TensorRT, else the ONNX Runtime CPU engine",
     )
     build.add_argument("--quiet", action="store_true", help="no progress display")
     build.add_argument("--dry-run", action="store_true", help="print the plan (target, precision, profiles, memory) and stop")

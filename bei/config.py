@@ -119,6 +119,8 @@ class QuantizationConfig(_Strict):
     calib_max_seq_length: int = Field(default=1536, gt=0)
     # bei's own: the build fails when the quantized engine's cosine to the unquantized model is lower
     min_accuracy: float = Field(default=0.99, gt=0, le=1)
+    # bei's own, torch target FP8: activation scales per row at run time, or one per layer calibrated
+    activation_scales: Literal["dynamic", "static"] = "dynamic"
 
 
 class BuildConfig(_Strict):

@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -43,16 +43,30 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callabl
     return factory
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: one torch thread, rather than threads that spin against other tests for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
-    """Tests marked `gpu` run only where a CUDA GPU and TensorRT are present."""
+    """Tests marked `gpu` run only where a CUDA GPU and TensorRT are present, `cuda` where a CUDA GPU is."""
     import pytest
 
     from bei.engine.compat import detect_host
 
     host = detect_host()
-    if host.gpu is not None and "tensorrt" in host.versions:
-        return
-    reason = "needs a CUDA GPU and TensorRT: " + ("no CUDA GPU here" if host.gpu is None else "tensorrt is not installed")
+    skips = {}
+    if host.gpu is None or "tensorrt" not in host.versions:
+        skips["gpu"] = "needs a CUDA GPU and TensorRT: " + ("no CUDA GPU here" if host.gpu is None else "tensorrt is not installed")
+    if host.gpu is None:
+        skips["cuda"] = "needs a CUDA GPU: no CUDA GPU here"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        for marker, reason in skips.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

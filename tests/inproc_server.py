@@ -139,7 +139,7 @@ def make_and_build(
 ) -> tuple[str, str, float]:
     """Write the tiny checkpoint `root/checkpoints/name` and build it into `root/engines/name/name`.
 
-    `build_kwargs`: `trt_llm.build` fields, plus `default_route`. `sync_tokenizer`: rewrite
+    `build_kwargs`: `trt_llm.build` fields, plus `default_route` and `target` (bei build --target). `sync_tokenizer`: rewrite
     tokenizer.json as transformers' AutoTokenizer loads it (see `sync_tokenizer_json`). Returns
     (checkpoint folder, engine folder, seconds). Runs in a worker process or inline.
     """
@@ -155,12 +155,14 @@ def make_and_build(
         sync_tokenizer_json(checkpoint)
     build_kwargs = dict(build_kwargs)
     base_model = build_kwargs.pop("base_model", None) or base_model_for(model_type)
+    target = build_kwargs.pop("target", "auto")
     result = build_engine(
         parse_config(config_for(name, checkpoint, base_model, **build_kwargs)),
         config_dir=base,
         # one engines root per engine: bei's staging cleanup (bei/engine/layout.py) globs
         # `.staging-<name>-*`, which also matches a concurrent build of `<name>-<suffix>`
         engines_root=base / "engines" / name,
+        target=target,
         progress=Progress(STAGES, enabled=False),
     )
     return str(checkpoint), str(result.engine_dir), time.perf_counter() - started

@@ -107,7 +107,7 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
       "max_num_tokens"]),
     ("typo_in_quant_config", _set("trt_llm", "build", "quantization_config", "calib_sz", value=8),
      ["trt_llm.build.quantization_config.calib_sz: unknown field 'calib_sz' (allowed: calib_size, calib_dataset, "
-      "calib_max_seq_length, min_accuracy)"]),
+      "calib_max_seq_length, min_accuracy, activation_scales)"]),
     ("unknown_top_level", _set("trt_llm_config", value={}),
      ["trt_llm_config: unknown field 'trt_llm_config' (allowed: model_name,", "trt_llm"]),
     ("max_num_tokens_64", _build(max_num_tokens=64),

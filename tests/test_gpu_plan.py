@@ -73,7 +73,7 @@ def test_select_profile_refuses_a_batch_no_profile_fits() -> None:
     ("requested", "host", "expected", "reason"),
     [
         ("auto", NO_GPU, CPU_TARGET, "no CUDA GPU"),
-        ("auto", Host(versions={}, gpu="NVIDIA L4", compute_capability="8.9"), CPU_TARGET, "tensorrt package is not installed"),
+        ("auto", Host(versions={}, gpu="NVIDIA L4", compute_capability="8.9"), "torch", "tensorrt package is not"),
         ("auto", H100, GPU_TARGET, "H100"),
         ("onnxruntime", H100, CPU_TARGET, "asked for"),
         ("tensorrt", H100, GPU_TARGET, "asked for"),

@@ -1,7 +1,7 @@
 """Parity matrix: every (model_type, task) that tests/tiny_models.py can make, built and served over HTTP.
 
-For each combination a tiny random checkpoint is written, built with `build_engine` (the ONNX Runtime
-CPU engine) and served in this process (tests/inproc_server.py); its HTTP answers are compared with
+For each combination a tiny random checkpoint is written, built with `build_engine` for both CPU
+targets (the ONNX Runtime engine, and the torch target's packed modules: `<case>-torch`) and served in this process (tests/inproc_server.py); its HTTP answers are compared with
 the reference library on the same weights, at fp32 tolerances:
 
 - embed:    /v1/embeddings and /embed vs `SentenceTransformer.encode` (cosine >= 0.99999)
@@ -52,29 +52,41 @@ SYNC_TOKENIZER = ("qwen2",)
 
 @dataclass(frozen=True)
 class Case:
-    """One engine of the matrix: a tiny checkpoint of `model_type` for `task`, made with `kwargs`."""
+    """One engine of the matrix: a tiny checkpoint of `model_type` for `task`, made with `kwargs`,
+    built for `target` (`bei build --target`)."""
 
     name: str
     model_type: str
     task: str
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    target: str = "onnxruntime"
 
     def __str__(self) -> str:
         return self.name
 
 
-def _case(model_type: str, task: str, variant: str = "", **kwargs: Any) -> Case:
-    name = f"{model_type}-{task}" + (f"-{variant}" if variant else "")
-    return Case(name, model_type, task, kwargs)
+def _case(model_type: str, task: str, variant: str = "", target: str = "onnxruntime", **kwargs: Any) -> Case:
+    name = f"{model_type}-{task}" + (f"-{variant}" if variant else "") + ("" if target == "onnxruntime" else f"-{target}")
+    return Case(name, model_type, task, kwargs, target)
 
 
-def _embed_case(model_type: str) -> Case:
+def _embed_case(model_type: str, target: str) -> Case:
     pooling = "lasttoken" if model_type in DECODERS else "mean"
-    return _case(model_type, "embed", pooling=pooling)
+    return _case(model_type, "embed", target=target, pooling=pooling)
+
+
+# every (model_type, task) is built for both CPU targets: the ONNX Runtime engine and the torch
+# target's packed modules (fp32, eager on the CPU)
+TARGETS = ("onnxruntime", "torch")
 
 
 def _cases(task: str) -> list[Case]:
-    return [_embed_case(mt) if task == "embed" else _case(mt, task) for mt, tasks in SUPPORTED.items() if task in tasks]
+    return [
+        _embed_case(mt, target) if task == "embed" else _case(mt, task, target=target)
+        for target in TARGETS
+        for mt, tasks in SUPPORTED.items()
+        if task in tasks
+    ]
 
 
 # a causal classifier takes each row's last token that is not pad_token_id: right padding must pad
@@ -102,7 +114,8 @@ def builder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     for item in request.session.items:
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
         if isinstance(case, Case) and item.module is request.module:
-            engines.submit(case.name, case.model_type, case.task, case.kwargs, sync_tokenizer=case.model_type in SYNC_TOKENIZER)
+            engines.submit(case.name, case.model_type, case.task, case.kwargs, {"target": case.target},
+                           sync_tokenizer=case.model_type in SYNC_TOKENIZER)  # fmt: skip
     # the references are tiny models: one torch thread each, rather than threads that spin against
     # the build workers for the same cores (restored for the modules after this one)
     threads = torch.get_num_threads()

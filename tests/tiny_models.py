@@ -346,6 +346,18 @@ def _n_modes(pooling: str | Sequence[str]) -> int:
     return len(set(pooling))
 
 
+def edit_config(folder: Path, edits: dict[str, Any]) -> None:
+    """Set keys of `folder/config.json` (a None value removes the key)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in edits.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")

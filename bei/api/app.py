@@ -11,11 +11,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
-from bei.api.http import Timing, error_response, json_response, read_json, validate
+from bei.api.http import JSONResponse, Timing, error_response, json_response, read_json, validate
 from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
 from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
@@ -128,6 +128,7 @@ def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
         "task": m.task,
         "architecture": m.architecture,
         "backend": m.target.name,
+        "target": {"name": m.target.name, "gpu": m.target.gpu, "device": (m.target.model_extra or {}).get("device", "cuda" if m.target.gpu else "cpu")},
         "embedding_dim": m.embedding_dim,
         "normalize": m.normalize,
         "max_input_length": m.max_input_tokens,

@@ -39,6 +39,7 @@ def detect_host(gpu: bool = True) -> Host:
     try:
         import torch
 
+        versions["torch"] = torch.__version__
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
             major, minor = torch.cuda.get_device_capability(0)
@@ -72,9 +73,25 @@ def _check_gpu(manifest: Manifest, host: Host) -> None:
         )
 
 
+def _check_torch(manifest: Manifest, host: Host) -> None:
+    """A torch engine built on the CPU runs wherever torch does; one built on a GPU needs that GPU type
+    (its compiled code and FP8 kernels are per GPU); another torch version only recompiles."""
+    if "torch" not in host.versions:
+        raise EngineError(f"engine {manifest.name!r} needs torch, which is not installed")
+    built_gpu = manifest.target.gpu
+    if built_gpu is None:
+        return
+    rebuild = "rebuild it on this machine with `bei build <config.yaml> --target torch`"
+    if host.gpu is None:
+        raise EngineError(f"engine {manifest.name!r} was built for the GPU {built_gpu} and this machine has no GPU; {rebuild}")
+    if host.gpu != built_gpu:
+        raise EngineError(f"engine {manifest.name!r} was built for {built_gpu}, not for this machine's {host.gpu}; {rebuild}")
+
+
 CHECKS: dict[str, Callable[[Manifest, Host], None]] = {
     "onnxruntime-cpu": _check_cpu,
     "tensorrt": _check_gpu,
+    "torch": _check_torch,
 }
 
 

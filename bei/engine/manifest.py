@@ -78,6 +78,9 @@ class Manifest(BaseModel):
     config: dict[str, Any]
     config_fingerprint: str
     profiles: list[dict[str, list[int]]] = Field(default_factory=list)  # TensorRT optimization profiles
+    # sentence-transformers Dense layers (in_features, out_features, bias, activation): the torch
+    # target rebuilds its module from them; their weights are in the engine's weights file
+    dense_layers: list[dict[str, Any]] = Field(default_factory=list)
     quantization: dict[str, Any] | None = None  # quantized engines: type, calibration, accuracy figures
 
     def write(self, folder: Path) -> None:

@@ -15,7 +15,12 @@ from bei.modeling.spec import ModelSpec
 
 CPU_TARGET = "onnxruntime-cpu"
 GPU_TARGET = "tensorrt"
-TARGET_ALIASES = {"onnxruntime": CPU_TARGET, CPU_TARGET: CPU_TARGET, GPU_TARGET: GPU_TARGET, "auto": "auto"}
+TORCH_TARGET = "torch"
+TARGET_ALIASES = {
+    "onnxruntime": CPU_TARGET, CPU_TARGET: CPU_TARGET, GPU_TARGET: GPU_TARGET, TORCH_TARGET: TORCH_TARGET, "auto": "auto",
+}  # fmt: skip
+# quantization types each target builds (the CPU engine is fp32 whatever the config says)
+TORCH_QUANT = ("no_quant", "fp8")
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5625, "nvfp4-mlp": 1.0}
 
@@ -27,13 +32,17 @@ class TargetChoice:
 
 
 def choose_target(requested: str, host: Host, *, dry_run: bool = False) -> TargetChoice:
-    """`auto` picks TensorRT when a CUDA GPU and the tensorrt package are present, else the CPU engine."""
+    """`auto` picks TensorRT when a CUDA GPU and the tensorrt package are present, the torch target on
+    a CUDA GPU without TensorRT, else the ONNX Runtime CPU engine."""
     if requested not in TARGET_ALIASES:
-        raise ConfigError(f"--target: {requested!r} is not one of auto, tensorrt, onnxruntime")
+        raise ConfigError(f"--target: {requested!r} is not one of auto, tensorrt, torch, onnxruntime")
     wanted = TARGET_ALIASES[requested]
     has_trt = "tensorrt" in host.versions
     if wanted == CPU_TARGET:
         return TargetChoice(CPU_TARGET, "asked for with --target")
+    if wanted == TORCH_TARGET:
+        where = f"on {host.gpu}" if host.gpu else "on the CPU (no CUDA GPU here): fp32, eager"
+        return TargetChoice(TORCH_TARGET, f"asked for with --target, {where}")
     if wanted == GPU_TARGET:
         missing = [what for what, ok in (("a CUDA GPU", host.gpu is not None), ("the tensorrt package", has_trt)) if not ok]
         if missing and dry_run:
@@ -46,12 +55,13 @@ def choose_target(requested: str, host: Host, *, dry_run: bool = False) -> Targe
         return TargetChoice(GPU_TARGET, f"asked for with --target, on {host.gpu}")
     if host.gpu is not None and has_trt:
         return TargetChoice(GPU_TARGET, f"auto: {host.gpu} and TensorRT {host.versions['tensorrt']} are present")
-    why = "no CUDA GPU" if host.gpu is None else "the tensorrt package is not installed"
-    return TargetChoice(CPU_TARGET, f"auto: {why}, so the ONNX Runtime CPU engine")
+    if host.gpu is not None:
+        return TargetChoice(TORCH_TARGET, f"auto: {host.gpu} is present and the tensorrt package is not, so the torch target")
+    return TargetChoice(CPU_TARGET, "auto: no CUDA GPU, so the ONNX Runtime CPU engine")
 
 
-def precision_for(target: str, base_model: str, quantization: str) -> str:
-    if target == CPU_TARGET:
+def precision_for(target: str, base_model: str, quantization: str, gpu: str | None = None) -> str:
+    if target == CPU_TARGET or (target == TORCH_TARGET and gpu is None and quantization == "no_quant"):
         return "fp32"
     if quantization == "fp8":
         return "fp8"
@@ -127,8 +137,14 @@ _QTYPE = {"fp8": "fp8", "nvfp4": "fp4", "nvfp4-mlp": "fp4_mlp_only"}
 
 
 def check_target_hardware(target: TargetChoice, base_model: str, quantization: str, host: Host) -> None:
-    """The GPU present must run the config's precision (the config's own accelerator was checked at load)."""
-    if target.name != GPU_TARGET or host.gpu is None:
+    """The target must build the config's quantization, and the GPU present run it (the config's own
+    accelerator was checked at load)."""
+    if target.name == TORCH_TARGET and quantization not in TORCH_QUANT:
+        raise ConfigError(
+            f"trt_llm.build.quantization_type: {quantization!r} is built by the TensorRT target only; "
+            f"the torch target builds {' and '.join(TORCH_QUANT)}"
+        )
+    if target.name not in (GPU_TARGET, TORCH_TARGET) or host.gpu is None:
         return
     cap = tuple(int(x) for x in host.compute_capability.split(".")) if host.compute_capability else compute_capability(host.gpu)
     problems = hardware_problems(base_model, quantization, cap, f"this machine's {host.gpu}")  # type: ignore[arg-type]
@@ -148,13 +164,15 @@ def make_plan(
     host: Host,
 ) -> BuildPlan:
     notes: list[str] = []
-    gpu = host.gpu if target.name == GPU_TARGET else None
+    gpu = host.gpu if target.name in (GPU_TARGET, TORCH_TARGET) else None
     capability = host.compute_capability if gpu else None
     if gpu is None and accelerator and target.name == GPU_TARGET:  # a plan made away from the GPU
         cap = compute_capability(accelerator)
         capability = f"{cap[0]}.{cap[1]}" if cap else None
         gpu = accelerator
-    precision = precision_for(target.name, base_model, quantization)
+    precision = precision_for(target.name, base_model, quantization, gpu)
+    if target.name == TORCH_TARGET and gpu is None and precision == "fp8":
+        notes.append("fp8 on the CPU runs torch._scaled_mm's CPU kernel: for the accuracy figures, not for speed")
     if target.name == CPU_TARGET and quantization != "no_quant":
         notes.append(f"quantization_type {quantization} applies to TensorRT engines; the CPU engine is fp32")
     max_input = spec.max_seq_len

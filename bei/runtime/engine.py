@@ -35,6 +35,10 @@ def open_backend(folder: Path, manifest: Manifest, threads: int | None = None) -
 
         profiles = [Profile(batch=tuple(p["batch"]), seq=tuple(p["seq"])) for p in manifest.profiles]  # type: ignore[arg-type]
         return TensorRTBackend(folder / manifest.graph_file, manifest.graph_inputs, manifest.graph_output, profiles)
+    if manifest.target.name == "torch":
+        from bei.runtime.torch_backend import TorchBackend
+
+        return TorchBackend.load(folder, manifest, threads=threads)
     raise EngineError(f"no backend for target {manifest.target.name!r}")
 
 

@@ -19,12 +19,14 @@ def _segment_sum(x: torch.Tensor, packed: Packed) -> torch.Tensor:
 
 def pool_packed(config: PoolingConfig, hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
     weight = torch.ones(packed.tokens, dtype=hidden.dtype, device=hidden.device)
+    first = packed.starts
     if packed.prompt_length is not None and not config.include_prompt:
         weight = (packed.positions >= packed.prompt_length[packed.seq_index]).to(hidden.dtype)
+        first = torch.minimum(first + packed.prompt_length, packed.ends)  # the first token pooled
     outputs: list[torch.Tensor] = []
     for mode in config.modes:
         if mode is PoolingMode.CLS:
-            outputs.append(hidden[packed.starts])
+            outputs.append(hidden[first])
         elif mode is PoolingMode.LAST_TOKEN:
             outputs.append(hidden[packed.ends] * weight[packed.ends].unsqueeze(-1))
         elif mode in (PoolingMode.MAX, PoolingMode.SPLADE_MAX):

@@ -1,0 +1,200 @@
+"""The torch target: bei's packed modules, their weights in bei's layout and precision, and (on CUDA)
+torch.compile's compiled code for this GPU type, saved so `bei serve` does not compile again.
+
+    load:     the checkpoint as a packed module (fp32, CPU) and as the transformers reference;
+              the packed module must equal the reference at fp32 tolerance before anything else
+    quantize: (fp8) E4M3 weights with per-channel scales, activations per row (or static scales
+              calibrated on `quantization_config`); the accuracy gate on held-out texts
+    verify:   the module in its serving precision and device against the fp32 outputs
+    compile:  (CUDA) torch.compile over the token buckets served, cache artifacts saved
+    write:    weights.safetensors, tokenizer files, manifest (GPU, compute capability, torch, CUDA)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from bei.checkpoint import Checkpoint
+from bei.config import BeiConfig
+from bei.engine.layout import staged_engine_dir
+from bei.engine.manifest import TargetInfo
+from bei.errors import ExportError
+from bei.export.plan import BuildPlan
+from bei.export.verify import compare, require_agreement
+from bei.modeling.module import build_module
+from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
+from bei.modeling.packed.model import PackedEngineModule, build_packed_module
+from bei.modeling.spec import ModelSpec
+from bei.progress import Progress
+from bei.runtime.base import Batch
+from bei.runtime.tokenizer import TokenizerRuntime
+from bei.runtime.torch_backend import COMPILE_CACHE_FILE, WEIGHTS_FILE, TorchBackend, save_compile_cache
+
+if TYPE_CHECKING:
+    from bei.build import BuildResult
+
+TARGET_NAME = "torch"
+STAGES = ["load", "quantize", "verify", "compile", "write"]
+# the packed fp32 module must equal transformers as the ONNX Runtime engine must
+FP32_MIN_COSINE = 0.99999
+FP32_MAX_ABS_DIFF = 2e-3
+# an unquantized fp16 / bf16 module against the fp32 reference
+MIN_COSINE = {"fp32": FP32_MIN_COSINE, "fp16": 0.999, "bf16": 0.995}
+# token counts torch.compile is warmed over at build time (CUDA)
+WARM_TOKENS = (16, 128, 512, 2048)
+
+
+def device_and_dtype(plan: BuildPlan, base_model: str) -> tuple[str, torch.dtype]:
+    """Where the engine runs and its activation dtype: fp32 on the CPU; fp16 / bf16 on CUDA."""
+    if plan.gpu is None or not torch.cuda.is_available():
+        return "cpu", torch.float32
+    if plan.precision == "fp16":
+        return "cuda", torch.float16
+    return "cuda", torch.bfloat16 if base_model == "encoder" or plan.precision in ("bf16", "fp8") else torch.float16
+
+
+def versions() -> dict[str, str]:
+    found = {"torch": torch.__version__}
+    if torch.version.cuda:
+        found["cuda"] = str(torch.version.cuda)
+    return found
+
+
+def _run(module: PackedEngineModule, batch: Batch, names: list[str]) -> np.ndarray:
+    return TorchBackend(module, names).infer(batch)
+
+
+def _real_tokens(output: np.ndarray, batch: Batch) -> np.ndarray:
+    """Per-token outputs with padded positions zeroed: the packed module computes none."""
+    if output.ndim == 3:
+        return output * batch.attention_mask[:, :, None]
+    return output
+
+
+def build_torch_engine(
+    config: BeiConfig,
+    checkpoint: Checkpoint,
+    spec: ModelSpec,
+    plan: BuildPlan,
+    *,
+    engines_root: Path,
+    config_dir: Path,
+    progress: Progress,
+    started: float,
+) -> BuildResult:
+    from bei.build import BuildResult, manifest_for, reference_outputs, sample_batch, write_engine_files
+    from bei.modeling.module import input_names
+
+    build = config.trt_llm.build
+    names = input_names(spec)
+    tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
+    device, dtype = device_and_dtype(plan, spec.base_model)
+    quantization: dict[str, Any] | None = None
+    with staged_engine_dir(engines_root / config.name) as staging:
+        with progress.stage("load"):
+            sample = sample_batch(spec, tokenizer)
+            reference = _real_tokens(reference_outputs(build_module(spec), sample), sample)  # transformers, fp32
+            module = build_packed_module(spec)
+            exact = compare(reference, _run(module, sample, names))
+            require_agreement(exact, min_cosine=FP32_MIN_COSINE, max_abs_diff=FP32_MAX_ABS_DIFF, what="bei's packed module")
+            progress.note(f"packed {type(module.body).__name__} = transformers: cosine {exact.min_cosine:.7f}, max abs diff {exact.max_abs_diff:.1e}")
+        check_batch, check_reference = sample, reference
+        if plan.precision == "fp8":
+            with progress.stage("quantize"):
+                quantization = _quantize_fp8(config, config_dir, spec, tokenizer, module, device, dtype, names, progress)
+                check_batch = quantization.pop("_heldout")
+                check_reference = quantization.pop("_reference")
+        else:
+            module = module.to(device=device, dtype=dtype)
+        with progress.stage("verify"):
+            agreement = compare(check_reference, _run(module, check_batch, names))
+            if quantization is None:
+                require_agreement(agreement, min_cosine=MIN_COSINE[plan.precision], max_abs_diff=float("inf"),
+                                  what=f"the torch {plan.precision} engine on {device}")  # fmt: skip
+            progress.note(f"{plan.precision} on {device}: cosine {agreement.min_cosine:.6f}, max abs diff {agreement.max_abs_diff:.1e}")
+        with progress.stage("compile"):
+            if device == "cuda":
+                saved = _compile(module, names, spec, tokenizer.pad_id, staging)
+                progress.note(f"torch.compile warmed over {len(WARM_TOKENS)} token buckets; {saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}")
+            else:
+                progress.note("CPU engine: runs eagerly, nothing to compile")
+        with progress.stage("write"):
+            from safetensors.torch import save_model
+
+            save_model(module, str(staging / WEIGHTS_FILE))  # tied weights (MLM decoders) stored once
+            gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+            capability = ".".join(map(str, torch.cuda.get_device_capability(0))) if device == "cuda" else None
+            manifest = manifest_for(
+                config,
+                checkpoint,
+                spec,
+                plan,
+                agreement,
+                graph_file=WEIGHTS_FILE,
+                target=TargetInfo(name=TARGET_NAME, versions=versions(), gpu=gpu, compute_capability=capability,
+                                  device=device, dtype=str(dtype).removeprefix("torch.")),  # type: ignore[call-arg]
+                reference="transformers (torch, fp32, CPU)",
+                build_seconds=time.perf_counter() - started,
+                quantization=quantization,
+            )
+            write_engine_files(checkpoint, staging, manifest)
+    return BuildResult(engine_dir=(engines_root / config.name).resolve(), manifest=manifest)
+
+
+def _quantize_fp8(
+    config: BeiConfig,
+    config_dir: Path,
+    spec: ModelSpec,
+    tokenizer: TokenizerRuntime,
+    module: PackedEngineModule,
+    device: str,
+    dtype: torch.dtype,
+    names: list[str],
+    progress: Progress,
+) -> dict[str, Any]:
+    """FP8 layers in place; the accuracy against the unquantized module on held-out texts, gated."""
+    from bei.export import calibration, quantize
+
+    qcfg = config.trt_llm.build.quantization_config
+    texts = calibration.load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
+    max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
+    heldout = quantize.heldout_batch(spec, tokenizer, texts, max_len)  # never calibration texts
+    reference = _run(module, heldout, names)  # the unquantized packed module (= transformers)
+    module.to(device=device, dtype=dtype)
+    layers = quantize_fp8(module)
+    if not layers:
+        raise ExportError(f"fp8: {spec.architecture} has no Linear layer FP8 can quantize (widths must be multiples of 16)")
+    static = qcfg.activation_scales == "static"
+    if static:
+        batches = quantize.make_batches(spec, tokenizer, texts, max_len, batch_size=16)
+        calibrate_static_scales(module, lambda: [_run(module, b, names) for b in batches])
+    accuracy = quantize.accuracy_of_outputs(reference, _run(module, heldout, names), heldout, spec.task, qtype="fp8")
+    quantize.require_accuracy(accuracy, qcfg.min_accuracy)
+    progress.note(f"{len(layers)} Linear layers in FP8 ({'static' if static else 'dynamic per-row'} activation scales); {accuracy.summary()}")
+    return {
+        "type": "fp8",
+        "activation_scales": "static" if static else "dynamic",
+        "layers": layers,
+        "calibration": qcfg.model_dump(),
+        "accuracy": accuracy.as_dict(),
+        "_heldout": heldout,
+        "_reference": reference,
+    }
+
+
+def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, pad_id: int, folder: Path) -> int:
+    """Compile the module for this GPU over the token buckets served; keep torch.compile's artifacts."""
+    from bei.runtime.tokenizer import Encoded
+
+    backend = TorchBackend(module, names, compiled=True)
+    for tokens in WARM_TOKENS:
+        rows = max(1, tokens // min(spec.max_seq_len, 128))
+        width = max(1, tokens // rows)
+        encoded = [Encoded(ids=[pad_id] * width, type_ids=[0] * width, offsets=[(0, 0)] * width, special=[0] * width)] * rows
+        backend.infer(Batch.pad(encoded, pad_id, spec.padding_side))
+    return save_compile_cache(folder)

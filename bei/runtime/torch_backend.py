@@ -1,0 +1,165 @@
+"""The torch backend: bei's packed modules (bei/modeling/packed/) on CUDA or the CPU.
+
+A padded `Batch` is packed (no computation on padding), run, and per-token outputs (NER) are laid
+out like the batch again. On CUDA the module runs under torch.compile, whose compiled code the build
+saved per GPU type (`compile-cache.bin`, loaded before the first call so a cold start does not
+recompile), and small batches replay CUDA graphs captured per token bucket (`cuda_graphs`). On the
+CPU the module runs eagerly (the CPU parity tests run this path).
+
+`prepare` (pack + host-to-device copy) and `run` are separate so the batcher can prepare the next
+batch while the current one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bei.engine.manifest import Manifest
+from bei.errors import EngineError
+from bei.modeling.packed.fp8 import quantize_fp8
+from bei.modeling.packed.layout import Packed, bucket
+from bei.modeling.packed.model import PackedEngineModule, make_body, read_config
+from bei.modeling.pooling import PoolingConfig, PoolingMode
+from bei.modeling.spec import DenseLayer, ModelSpec, Task
+from bei.runtime.base import Backend, Batch
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+COMPILE_CACHE_FILE = "compile-cache.bin"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# batches of fewer tokens replay a CUDA graph of their (tokens, rows) bucket (CUDA only)
+GRAPH_MAX_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Prepared:
+    packed: Packed  # the batch's real tokens
+    feed: Packed  # what the module runs: `packed`, or `packed` padded to its bucket when `graphed`
+    width: int
+    left_padded: bool
+    graphed: bool = False
+
+
+def spec_from_manifest(folder: Path, manifest: Manifest) -> ModelSpec:
+    """The ModelSpec a packed module needs, from the engine's manifest and config.json."""
+    config = read_config(folder)
+    pooling = (
+        PoolingConfig(tuple(PoolingMode(m) for m in manifest.pooling.modes), manifest.pooling.include_prompt)
+        if manifest.pooling
+        else None
+    )
+    dense = tuple(
+        DenseLayer(folder, int(d["in_features"]), int(d["out_features"]), bool(d["bias"]), str(d["activation"]))
+        for d in manifest.dense_layers
+    )
+    return ModelSpec(
+        path=folder,
+        architecture=manifest.architecture,
+        model_type=manifest.model_type,
+        base_model=manifest.base_model,
+        task=Task(manifest.task),
+        hidden_size=int(config.get("hidden_size") or config.get("dim") or 0),
+        num_heads=int(config.get("num_attention_heads") or config.get("n_heads") or 0),
+        max_seq_len=manifest.max_input_tokens,
+        pooling=pooling,
+        normalize=manifest.normalize,
+        dense=dense,
+        labels=tuple(manifest.labels),
+        uses_token_type_ids="token_type_ids" in manifest.graph_inputs,
+        padding_side=manifest.padding_side,
+    )
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, module: PackedEngineModule, input_names: list[str], *, compiled: bool = False) -> None:
+        self.module = module.eval()
+        self.input_names = input_names
+        self.device = next(module.parameters()).device
+        self.per_token = module.spec.task is Task.NER
+        self.forward: Any = torch.compile(module, dynamic=True) if compiled else module
+        # small batches: static shapes, so torch.compile captures and replays one CUDA graph per bucket
+        self.graphed: Any = torch.compile(module, mode="reduce-overhead", dynamic=False) if compiled else None
+
+    @classmethod
+    def load(cls, folder: Path, manifest: Manifest, threads: int | None = None) -> TorchBackend:
+        from safetensors.torch import load_model
+
+        device = str(manifest.target.model_extra.get("device", "cpu")) if manifest.target.model_extra else "cpu"
+        dtype = DTYPES[str((manifest.target.model_extra or {}).get("dtype", "float32"))]
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"engine {manifest.name!r} runs on CUDA and torch sees no GPU here")
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        spec = spec_from_manifest(folder, manifest)
+        module = PackedEngineModule(spec, make_body(spec, read_config(folder)), load_dense=False).to(dtype)
+        fp8 = (manifest.quantization or {}).get("layers") if manifest.precision == "fp8" else None
+        if fp8:
+            quantize_fp8(module, fp8)
+        missing, unexpected = load_model(module, folder / WEIGHTS_FILE, strict=False)
+        if missing or unexpected:
+            raise EngineError(f"{folder / WEIGHTS_FILE} does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        module = module.to(device)
+        compiled = device == "cuda"
+        if compiled:
+            load_compile_cache(folder, manifest)
+        return cls(module, manifest.graph_inputs, compiled=compiled)
+
+    def prepare(self, batch: Batch) -> Prepared:
+        types = batch.token_type_ids if "token_type_ids" in self.input_names else None
+        prompt = batch.prompt_length if "prompt_length" in self.input_names else None
+        packed = Packed.from_padded(batch.input_ids, batch.attention_mask, types, prompt, device=self.device)
+        width = int(batch.input_ids.shape[1])
+        if self.graphed is not None and packed.tokens < GRAPH_MAX_TOKENS:
+            feed = packed.padded_to(*bucket(packed.tokens, packed.rows))
+            return Prepared(packed, feed, width, batch.left_padded, graphed=True)
+        return Prepared(packed, packed, width, batch.left_padded)
+
+    def run(self, prepared: object) -> np.ndarray:
+        assert isinstance(prepared, Prepared)
+        with torch.inference_mode():
+            packed = prepared.packed
+            if prepared.graphed:
+                torch.compiler.cudagraph_mark_step_begin()
+                out = self.graphed(prepared.feed)
+                out = out[: packed.tokens] if self.per_token else out[: packed.rows]  # filler rows dropped
+            else:
+                out = self.forward(packed)
+            if self.per_token:
+                out = packed.repad(out, prepared.width, prepared.left_padded)
+            return out.float().cpu().numpy()
+
+    def infer(self, batch: Batch) -> np.ndarray:
+        return self.run(self.prepare(batch))
+
+
+def save_compile_cache(folder: Path) -> int:
+    """torch.compile's cache artifacts of this process (what the build compiled), for `bei serve`."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return 0
+    data, _info = artifacts
+    (folder / COMPILE_CACHE_FILE).write_bytes(data)
+    return len(data)
+
+
+def load_compile_cache(folder: Path, manifest: Manifest) -> bool:
+    path = folder / COMPILE_CACHE_FILE
+    built_with = manifest.target.versions.get("torch")
+    if not path.exists():
+        return False
+    if built_with != torch.__version__:
+        log.warning("%s was compiled by torch %s, this is %s: compiling again", path, built_with, torch.__version__)
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True

@@ -28,7 +28,7 @@ from bei.modeling.packed.model import build_packed_module
 from bei.progress import Progress
 from bei.runtime.engine import load_engine
 from tests.inproc_server import config_for, serve_engine
-from tests.tiny_models import TEXTS
+from tests.tiny_models import DECODERS, SUPPORTED, TEXTS
 
 H100 = Host(versions={"onnxruntime": "1", "torch": "2.11.0"}, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 A100 = Host(versions={"onnxruntime": "1", "torch": "2.11.0"}, gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
@@ -212,3 +212,26 @@ def test_cuda_engine_matches_the_cpu_reference(tiny_checkpoint_factory: Any, tmp
     assert manifest.target.model_extra["device"] == "cuda" and (engine / "compile-cache.bin").exists()  # type: ignore[index]
     loaded = load_engine(engine)
     assert loaded.backend.graphed is not None  # type: ignore[attr-defined]
+
+
+# --- static shapes (CUDA graphs), checked on the CPU ---------------------------------------------------
+@pytest.mark.parametrize("model_type,task", [(mt, t) for mt, tasks in SUPPORTED.items() for t in tasks])
+def test_static_shape_padding_changes_no_output(tiny_checkpoint_factory: Any, model_type: str, task: str) -> None:
+    """Small batches are padded to their token bucket for CUDA graphs (filler rows of pad tokens):
+    every architecture and task gives the same outputs for the real rows, and indexes in bounds."""
+    from bei.build import sample_batch
+    from bei.modeling.module import input_names
+    from bei.modeling.packed.model import pad_token_id, read_config
+    from bei.runtime.tokenizer import TokenizerRuntime
+    from bei.runtime.torch_backend import TorchBackend
+
+    kwargs = {"pooling": "lasttoken" if model_type in DECODERS else "cls"} if task == "embed" else {}
+    folder = tiny_checkpoint_factory(model_type, task, **kwargs)
+    spec = read_model_spec(folder)
+    batch = sample_batch(spec, TokenizerRuntime(folder / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template))
+    module = build_packed_module(spec)
+    plain = TorchBackend(module, input_names(spec))
+    static = TorchBackend(module, input_names(spec), static_shapes=True, pad_id=pad_token_id(read_config(folder)))
+    prepared = static.prepare(batch)
+    assert prepared.graphed and prepared.feed.tokens == prepared.feed.rows > prepared.packed.tokens  # type: ignore[attr-defined]
+    np.testing.assert_allclose(static.run(prepared), plain.infer(batch), rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ from bei.export.plan import BuildPlan
 from bei.export.verify import compare, require_agreement
 from bei.modeling.module import build_module
 from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
-from bei.modeling.packed.model import PackedEngineModule, build_packed_module
+from bei.modeling.packed.model import PackedEngineModule, build_packed_module, pad_token_id, read_config
 from bei.modeling.spec import ModelSpec
 from bei.progress import Progress
 from bei.runtime.base import Batch
@@ -119,7 +119,7 @@ def build_torch_engine(
             progress.note(f"{plan.precision} on {device}: cosine {agreement.min_cosine:.6f}, max abs diff {agreement.max_abs_diff:.1e}")
         with progress.stage("compile"):
             if device == "cuda":
-                saved = _compile(module, names, spec, tokenizer.pad_id, staging)
+                saved = _compile(module, names, spec, staging)
                 progress.note(f"torch.compile warmed over {len(WARM_TOKENS)} token buckets; {saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}")
             else:
                 progress.note("CPU engine: runs eagerly, nothing to compile")
@@ -187,11 +187,12 @@ def _quantize_fp8(
     }
 
 
-def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, pad_id: int, folder: Path) -> int:
+def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, folder: Path) -> int:
     """Compile the module for this GPU over the token buckets served; keep torch.compile's artifacts."""
     from bei.runtime.tokenizer import Encoded
 
-    backend = TorchBackend(module, names, compiled=True)
+    pad_id = pad_token_id(read_config(spec.path))
+    backend = TorchBackend(module, names, compiled=True, pad_id=pad_id)
     for tokens in WARM_TOKENS:
         rows = max(1, tokens // min(spec.max_seq_len, 128))
         width = max(1, tokens // rows)

@@ -24,7 +24,7 @@ from bei.engine.manifest import Manifest
 from bei.errors import EngineError
 from bei.modeling.packed.fp8 import quantize_fp8
 from bei.modeling.packed.layout import Packed, bucket
-from bei.modeling.packed.model import PackedEngineModule, make_body, read_config
+from bei.modeling.packed.model import PackedEngineModule, make_body, pad_token_id, read_config
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import DenseLayer, ModelSpec, Task
 from bei.runtime.base import Backend, Batch
@@ -82,14 +82,34 @@ def spec_from_manifest(folder: Path, manifest: Manifest) -> ModelSpec:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, module: PackedEngineModule, input_names: list[str], *, compiled: bool = False) -> None:
+    def __init__(
+        self,
+        module: PackedEngineModule,
+        input_names: list[str],
+        *,
+        compiled: bool = False,
+        static_shapes: bool | None = None,
+        pad_id: int = 0,
+    ) -> None:
+        """`compiled` (CUDA): torch.compile, and CUDA graphs for small batches. `static_shapes`
+        (default: `compiled`): small batches are padded to their token bucket (`Packed.padded_to`,
+        filler tokens `pad_id`); the CPU tests turn it on alone to check that padding changes no output."""
         self.module = module.eval()
         self.input_names = input_names
         self.device = next(module.parameters()).device
         self.per_token = module.spec.task is Task.NER
-        self.forward: Any = torch.compile(module, dynamic=True) if compiled else module
-        # small batches: static shapes, so torch.compile captures and replays one CUDA graph per bucket
-        self.graphed: Any = torch.compile(module, mode="reduce-overhead", dynamic=False) if compiled else None
+        self.compiled = compiled
+        self.pad_id = pad_id
+        self.forward: Any = module
+        self.graphed: Any = module if (compiled if static_shapes is None else static_shapes) else None
+        if compiled:
+            import torch._dynamo
+
+            # one graph per token bucket, plus the dynamic-shape graph: more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.forward = torch.compile(module, dynamic=True)
+            # static shapes: torch.compile captures and replays one CUDA graph per bucket
+            self.graphed = torch.compile(module, mode="reduce-overhead", dynamic=False)
 
     @classmethod
     def load(cls, folder: Path, manifest: Manifest, threads: int | None = None) -> TorchBackend:
@@ -102,7 +122,8 @@ class TorchBackend(Backend):
         if threads and device == "cpu":
             torch.set_num_threads(threads)
         spec = spec_from_manifest(folder, manifest)
-        module = PackedEngineModule(spec, make_body(spec, read_config(folder)), load_dense=False).to(dtype)
+        config = read_config(folder)
+        module = PackedEngineModule(spec, make_body(spec, config), load_dense=False).to(dtype)
         fp8 = (manifest.quantization or {}).get("layers") if manifest.precision == "fp8" else None
         if fp8:
             quantize_fp8(module, fp8)
@@ -113,7 +134,7 @@ class TorchBackend(Backend):
         compiled = device == "cuda"
         if compiled:
             load_compile_cache(folder, manifest)
-        return cls(module, manifest.graph_inputs, compiled=compiled)
+        return cls(module, manifest.graph_inputs, compiled=compiled, pad_id=pad_token_id(config))
 
     def prepare(self, batch: Batch) -> Prepared:
         types = batch.token_type_ids if "token_type_ids" in self.input_names else None
@@ -121,7 +142,7 @@ class TorchBackend(Backend):
         packed = Packed.from_padded(batch.input_ids, batch.attention_mask, types, prompt, device=self.device)
         width = int(batch.input_ids.shape[1])
         if self.graphed is not None and packed.tokens < GRAPH_MAX_TOKENS:
-            feed = packed.padded_to(*bucket(packed.tokens, packed.rows))
+            feed = packed.padded_to(bucket(packed.tokens), self.pad_id)
             return Prepared(packed, feed, width, batch.left_padded, graphed=True)
         return Prepared(packed, packed, width, batch.left_padded)
 
@@ -130,7 +151,8 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             packed = prepared.packed
             if prepared.graphed:
-                torch.compiler.cudagraph_mark_step_begin()
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = self.graphed(prepared.feed)
                 out = out[: packed.tokens] if self.per_token else out[: packed.rows]  # filler rows dropped
             else:

@@ -101,40 +101,33 @@ class Packed:
         out[self.seq_index, cols] = x
         return out
 
-    def padded_to(self, tokens: int, rows: int, pad_id: int = 0) -> Packed:
-        """This batch followed by filler rows of `pad_id` up to exactly `tokens` tokens and `rows` rows
-        (static shapes, for CUDA graphs): the real rows' outputs are unchanged, since no row attends
-        outside itself. Needs `tokens - self.tokens >= rows - self.rows >= 1`."""
-        extra_tokens, extra_rows = tokens - self.tokens, rows - self.rows
-        if not 1 <= extra_rows <= extra_tokens:
-            raise ValueError(f"cannot pad {self.rows} rows / {self.tokens} tokens to {rows} / {tokens}")
-        fill = [1] * (extra_rows - 1) + [extra_tokens - (extra_rows - 1)]
+    def padded_to(self, tokens: int, pad_id: int = 0) -> Packed:
+        """This batch padded to exactly `tokens` tokens and as many rows (a static shape per token
+        count, for CUDA graphs): empty filler rows, then one filler row of `pad_id` (the model's pad
+        token) at position 0 holding the extra tokens. No row attends outside itself, so the real
+        rows' outputs are unchanged; filler rows come after the real ones, and filler tokens sit at
+        position 0, so every index (first / last token, position embedding) stays in bounds."""
+        extra_tokens, extra_rows = tokens - self.tokens, tokens - self.rows
+        if extra_tokens < 1:
+            raise ValueError(f"cannot pad {self.tokens} tokens to {tokens}: a filler row needs at least one token")
         dev = self.device
-        fill_lengths = torch.tensor(fill, dtype=torch.int64, device=dev)
-        fill_index = torch.repeat_interleave(torch.arange(self.rows, rows, device=dev), fill_lengths)
-        fill_positions = torch.cat([torch.arange(n, device=dev) for n in fill])
+        fill_lengths = torch.zeros(extra_rows, dtype=torch.int64, device=dev)
+        fill_lengths[-1] = extra_tokens
+        last_row = torch.full((extra_tokens,), tokens - 1, dtype=torch.int64, device=dev)
         cu = torch.cat([self.cu_seqlens, self.cu_seqlens[-1] + torch.cumsum(fill_lengths, 0).to(torch.int32)])
-
-        def extend(x: torch.Tensor | None, value: int) -> torch.Tensor | None:
-            return None if x is None else torch.cat([x, x.new_full((extra_tokens,), value)])
-
         return Packed(
             input_ids=torch.cat([self.input_ids, self.input_ids.new_full((extra_tokens,), pad_id)]),
-            positions=torch.cat([self.positions, fill_positions]),
-            token_type_ids=extend(self.token_type_ids, 0),
+            positions=torch.cat([self.positions, self.positions.new_zeros(extra_tokens)]),
+            token_type_ids=None if self.token_type_ids is None else torch.cat([self.token_type_ids, self.token_type_ids.new_zeros(extra_tokens)]),
             cu_seqlens=cu,
-            seq_index=torch.cat([self.seq_index, fill_index]),
+            seq_index=torch.cat([self.seq_index, last_row]),
             lengths=torch.cat([self.lengths, fill_lengths]),
             prompt_length=None if self.prompt_length is None else torch.cat([self.prompt_length, self.prompt_length.new_zeros(extra_rows)]),
-            max_len=max(self.max_len, tokens),
+            max_len=tokens,
         )
 
 
-def bucket(tokens: int, rows: int, min_tokens: int = 16) -> tuple[int, int]:
-    """The static (tokens, rows) shape a batch is padded to for a CUDA graph: powers of two with
-    room for at least one filler row."""
-    rows_b = 1 << max(1, rows.bit_length())  # > rows
-    tokens_b = max(min_tokens, 1 << max(0, tokens.bit_length()))  # > tokens
-    while tokens_b - tokens < rows_b - rows:
-        tokens_b *= 2
-    return tokens_b, rows_b
+def bucket(tokens: int, min_tokens: int = 16) -> int:
+    """The static token count a batch of `tokens` is padded to for a CUDA graph: the next power of
+    two above it (so few distinct graphs), at least `min_tokens`."""
+    return max(min_tokens, 1 << tokens.bit_length())

@@ -98,6 +98,12 @@ def read_config(path: Path) -> dict[str, Any]:
     return dict(json.loads((path / "config.json").read_text()))
 
 
+def pad_token_id(config: dict[str, Any]) -> int:
+    """config.json's `pad_token_id` (filler tokens of static-shape batches); 0 when it has none."""
+    value = config.get("pad_token_id")
+    return value if isinstance(value, int) else 0
+
+
 def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
     factories = architectures()
     if spec.model_type not in factories:

@@ -8,6 +8,7 @@ the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -45,14 +46,26 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def loop_and_http() -> tuple[str, str]:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools (C) where installed (bei's
+    dependencies, except uvloop on Windows), else asyncio's loop and h11 (pure Python)."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
+
+
 def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = state_for_engines(engine_dirs, settings)
+    loop, http = loop_and_http()
+    log.info("event loop %s, HTTP parser %s", loop, http)
     config = uvicorn.Config(
         create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+        timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
+        loop=loop,
+        http=http,
     )
     DrainingServer(config, state).run()

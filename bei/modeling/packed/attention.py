@@ -10,12 +10,22 @@ sees, -1 for no limit; `causal` adds right = 0.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
 from bei.modeling.packed.layout import Packed
 
 FULL: tuple[int, int] = (-1, -1)
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _flash_available(q: torch.Tensor, softcap: float | None) -> bool:
@@ -40,9 +50,11 @@ def varlen_attention(
     if _flash_available(q, softcap):
         from torch.nn.attention.varlen import varlen_attn
 
+        # older torch (2.11) has no enable_gqa keyword: flash takes fewer kv heads natively there
+        gqa = {"enable_gqa": k.shape[1] != q.shape[1]} if "enable_gqa" in _varlen_parameters() else {}
         out = varlen_attn(
             q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len,
-            scale=scale, window_size=(left, right), enable_gqa=k.shape[1] != q.shape[1],
+            scale=scale, window_size=(left, right), **gqa,
         )  # fmt: skip
         return out  # type: ignore[return-value]
     return _masked_attention(q, k, v, packed, left=left, right=right, scale=scale, softcap=softcap)

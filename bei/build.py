@@ -72,7 +72,7 @@ def stages_for(target: str, quantized: bool) -> list[str]:
             "verify",
             "write",
         ]
-    return STAGES
+    return STAGES + (["quantize"] if quantized else [])
 
 
 def sample_batch(spec: ModelSpec, tokenizer: TokenizerRuntime) -> Batch:
@@ -107,7 +107,8 @@ def plan_build(
     # hardware rules before any download
     check_target_hardware(choice, build.base_model.value, build.quantization_type.value, host)
     progress = progress or Progress(stages_for(choice.name, False))
-    progress.stages = stages_for(choice.name, build.quantization_type.value != "no_quant" and choice.name != CPU_TARGET)
+    quantized = build.quantization_type.value == "int8" if choice.name == CPU_TARGET else build.quantization_type.value != "no_quant"
+    progress.stages = stages_for(choice.name, quantized)
     progress.note(f"target {choice.name}: {choice.reason}")
 
     with progress.stage("resolve checkpoint"):
@@ -178,7 +179,7 @@ def build_engine(
             del module
 
         with progress.stage("optimize"):
-            fused = ort_target.optimize(spec, raw_graph, staging / GRAPH_FILE)
+            fused = ort_target.optimize(spec, raw_graph, staging / GRAPH_FILE, note=progress.note)
             for leftover in staging.glob("exported.onnx*"):
                 leftover.unlink()
             progress.note("fused: " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "none"))
@@ -189,6 +190,11 @@ def build_engine(
             backend.close()
             require_agreement(agreement, min_cosine=MIN_COSINE, max_abs_diff=MAX_ABS_DIFF, what="the ONNX Runtime engine")
             progress.note(f"cosine {agreement.min_cosine:.7f}, max abs diff {agreement.max_abs_diff:.1e}")
+
+        quantization = None
+        if plan.precision == "int8":
+            with progress.stage("quantize"):
+                quantization = _quantize_int8(config, config_dir, spec, tokenizer, staging / GRAPH_FILE, progress)
 
         with progress.stage("write"):
             manifest = manifest_for(
@@ -201,9 +207,28 @@ def build_engine(
                 target=TargetInfo(name=plan.target, versions=ort_target.versions()),
                 reference="transformers (torch, fp32)",
                 build_seconds=time.perf_counter() - started,
+                quantization=quantization,
             )
             write_engine_files(checkpoint, staging, manifest)
     return BuildResult(engine_dir=engine_dir.resolve(), manifest=manifest)
+
+
+def _quantize_int8(
+    config: BeiConfig, config_dir: Path, spec: ModelSpec, tokenizer: TokenizerRuntime, graph: Path, progress: Progress
+) -> dict[str, Any]:
+    """Replace the verified fp32 `graph` by its int8 version, gated on held-out texts against it."""
+    from bei.export import calibration, quantize
+    from bei.export.int8 import quantize_int8
+
+    qcfg = config.trt_llm.build.quantization_config
+    max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
+    heldout = quantize.heldout_batch(spec, tokenizer, calibration.builtin_texts(qcfg.calib_size), max_len)
+    int8 = graph.with_name("model.int8.onnx")
+    entry = quantize_int8(spec, graph, int8, heldout, qcfg.min_accuracy, note=progress.note)
+    for old in graph.parent.glob(graph.name + "*"):
+        old.unlink()
+    int8.rename(graph)
+    return entry
 
 
 def manifest_for(

@@ -58,6 +58,7 @@ class QuantizationType(str, enum.Enum):
     FP8 = "fp8"
     FP4 = "fp4"
     FP4_MLP_ONLY = "fp4_mlp_only"
+    INT8 = "int8"  # bei's own: the ONNX Runtime CPU engine only
 
 
 class BaseModelKind(str, enum.Enum):
@@ -89,7 +90,7 @@ TRUSS_TOP_LEVEL_KEYS: tuple[str, ...] = (
 # Quantization types each base model supports.
 _ALLOWED_QUANT: dict[BaseModelKind, tuple[QuantizationType, ...]] = {
     BaseModelKind.ENCODER: tuple(QuantizationType),
-    BaseModelKind.ENCODER_BERT: (QuantizationType.NO_QUANT,),
+    BaseModelKind.ENCODER_BERT: (QuantizationType.NO_QUANT, QuantizationType.INT8),
 }
 
 

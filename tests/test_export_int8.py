@@ -62,3 +62,29 @@ def test_int8_gate_keeps_mlp_down_projections_fp32_then_fails(fp32: tuple[Any, P
     with pytest.raises(ExportError, match=r"int8 quantization keeps cosine 0\.99\d+ < 0\.99999 required"):
         quantize_int8(spec, graph, graph.with_name("strict.onnx"), held_out, min_accuracy=0.99999, note=notes.append)
     assert [n.split(":")[0] for n in notes] == ["int8 (every MatMul)", "int8 (every MatMul but the 6 after a GELU)"]
+
+
+def test_int8_build_from_config_serves_the_int8_graph(tiny_checkpoint_factory: Any, tmp_path: Path) -> None:
+    """`quantization_type: int8` builds the CPU engine, replaces its graph by the gated int8 graph and
+    records the accuracy; GPU targets refuse it."""
+    from bei.build import build_engine
+    from bei.config import parse_config
+    from bei.errors import ConfigError
+    from bei.engine.manifest import read_manifest
+    from bei.progress import Progress
+    from tests.inproc_server import config_for
+
+    folder = tiny_checkpoint_factory("bert", "embed")
+    config = parse_config(config_for("int8", folder, "encoder_bert", quantization_type="int8",
+                                     quantization_config={"min_accuracy": 0.9}))  # fmt: skip
+    result = build_engine(config, config_dir=tmp_path, engines_root=tmp_path / "engines", target="onnxruntime",
+                          progress=Progress([], enabled=False))  # fmt: skip
+    manifest = read_manifest(result.engine_dir)
+    assert manifest.precision == "int8" and (manifest.quantization or {})["type"] == "int8"
+    assert (manifest.quantization or {})["accuracy"]["min_cosine"] >= 0.9
+    assert sorted(p.name for p in result.engine_dir.glob("model*")) == ["model.onnx"]
+    ops = {n.op_type for n in onnx.load(str(result.engine_dir / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, ops
+    with pytest.raises(ConfigError, match="'int8' is built for the ONNX Runtime CPU engine only, not for target torch"):
+        build_engine(config, config_dir=tmp_path, engines_root=tmp_path / "engines2", target="torch",
+                     progress=Progress([], enabled=False))  # fmt: skip

@@ -22,7 +22,7 @@ TARGET_ALIASES = {
 # quantization types each target builds (the CPU engine is fp32 whatever the config says)
 TORCH_QUANT = ("no_quant", "fp8")
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5625, "nvfp4-mlp": 1.0}
+BYTES_PER_WEIGHT = {"int8": 1.0, "fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5625, "nvfp4-mlp": 1.0}
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ def choose_target(requested: str, host: Host, *, dry_run: bool = False) -> Targe
 
 
 def precision_for(target: str, base_model: str, quantization: str, gpu: str | None = None) -> str:
+    if target == CPU_TARGET and quantization == "int8":
+        return "int8"
     if target == CPU_TARGET or (target == TORCH_TARGET and gpu is None and quantization == "no_quant"):
         return "fp32"
     if quantization == "fp8":
@@ -139,6 +141,11 @@ _QTYPE = {"fp8": "fp8", "nvfp4": "fp4", "nvfp4-mlp": "fp4_mlp_only"}
 def check_target_hardware(target: TargetChoice, base_model: str, quantization: str, host: Host) -> None:
     """The target must build the config's quantization, and the GPU present run it (the config's own
     accelerator was checked at load)."""
+    if quantization == "int8" and target.name != CPU_TARGET:
+        raise ConfigError(
+            f"trt_llm.build.quantization_type: 'int8' is built for the ONNX Runtime CPU engine only, not for target "
+            f"{target.name}; use no_quant or fp8 on GPUs, or --target onnxruntime"
+        )
     if target.name == TORCH_TARGET and quantization not in TORCH_QUANT:
         raise ConfigError(
             f"trt_llm.build.quantization_type: {quantization!r} is built by the TensorRT target only; "
@@ -173,7 +180,7 @@ def make_plan(
     precision = precision_for(target.name, base_model, quantization, gpu)
     if target.name == TORCH_TARGET and gpu is None and precision == "fp8":
         notes.append("fp8 on the CPU runs torch._scaled_mm's CPU kernel: for the accuracy figures, not for speed")
-    if target.name == CPU_TARGET and quantization != "no_quant":
+    if target.name == CPU_TARGET and quantization not in ("no_quant", "int8"):
         notes.append(f"quantization_type {quantization} applies to TensorRT engines; the CPU engine is fp32")
     max_input = spec.max_seq_len
     if max_input > max_num_tokens:

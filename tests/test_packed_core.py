@@ -138,3 +138,13 @@ def test_padding_to_a_static_shape_leaves_real_rows_unchanged(left: bool) -> Non
     for modes in MODES:
         config = PoolingConfig(tuple(modes), include_prompt=False)
         torch.testing.assert_close(pool_packed(config, hidden, big)[: packed.rows], pool_packed(config, hidden[: packed.tokens], packed))
+
+
+def test_mean_pooling_accumulates_in_fp32() -> None:
+    """fp16 hidden states: the per-row sums are fp32, so a long row's mean is as exact as fp32's, rounded once."""
+    ids, mask, states = padded_batch(False)
+    config = PoolingConfig((PoolingMode.MEAN,))
+    half = states.half()
+    got = pool_packed(config, half[mask.bool()], Packed.from_padded(ids, mask))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), pool(config, half.float(), mask), rtol=1e-3, atol=1e-3)

@@ -13,8 +13,9 @@ from bei.modeling.pooling import PoolingConfig, PoolingMode
 
 
 def _segment_sum(x: torch.Tensor, packed: Packed) -> torch.Tensor:
-    out = x.new_zeros((packed.rows, *x.shape[1:]))
-    return out.index_add_(0, packed.seq_index, x)
+    """Per-row sums, accumulated in fp32 (as a padded `sum` would; fp16 atomics would not)."""
+    out = torch.zeros((packed.rows, *x.shape[1:]), dtype=torch.float32, device=x.device)
+    return out.index_add_(0, packed.seq_index, x.float())
 
 
 def pool_packed(config: PoolingConfig, hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
@@ -40,5 +41,5 @@ def pool_packed(config: PoolingConfig, hidden: torch.Tensor, packed: Packed) -> 
             w = weight * (packed.positions + 1).to(hidden.dtype) if mode is PoolingMode.WEIGHTED_MEAN else weight
             total = _segment_sum(hidden * w.unsqueeze(-1), packed)
             count = torch.clamp(_segment_sum(w, packed), min=1e-9).unsqueeze(-1)
-            outputs.append(total / (torch.sqrt(count) if mode is PoolingMode.MEAN_SQRT_LEN else count))
+            outputs.append((total / (torch.sqrt(count) if mode is PoolingMode.MEAN_SQRT_LEN else count)).to(hidden.dtype))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)

@@ -225,39 +225,14 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def varlen_compat(env: dict[str, Any]) -> None:
-    """bei calls `varlen_attn(..., scale=, window_size=, enable_gqa=)` (torch 2.13's signature). Where this
-    torch's varlen_attn lacks one of those keywords, wrap it so the run goes on, and say so: flash
-    attention takes fewer kv heads than query heads natively (enable_gqa only gates a check), and a
-    window of (-1, 0) is `is_causal` in older versions."""
+    """Record this torch's `varlen_attn` keywords: bei adapts its call to them
+    (bei/modeling/packed/attention.py `flash_options`), or takes the masked fallback."""
     try:
         from torch.nn.attention import varlen
     except ImportError as err:
         env["varlen_attn"] = f"missing: {err}"
         return
-    original = varlen.varlen_attn
-    accepted = set(inspect.signature(original).parameters)
-    env["varlen_attn_parameters"] = sorted(accepted)
-    missing = {"scale", "window_size", "enable_gqa"} - accepted
-    if not missing:
-        return
-    env["varlen_attn_shim"] = f"this torch's varlen_attn has no {sorted(missing)}: bei's call is adapted by the bench (fix bei/modeling/packed/attention.py)"
-    print(f"NOTE: {env['varlen_attn_shim']}", flush=True)
-    varlen.varlen_attn = adapt_varlen(original, accepted)
-
-
-def adapt_varlen(original: Callable[..., Any], accepted: set[str]) -> Callable[..., Any]:
-    def adapted(*args: Any, **kwargs: Any) -> Any:
-        call = {key: value for key, value in kwargs.items() if key in accepted}
-        for key, value in kwargs.items():
-            if key in accepted or key == "enable_gqa" or value is None:
-                continue
-            if key == "window_size" and tuple(value) in ((-1, 0), (-1, -1)):
-                call["is_causal"] = tuple(value) == (-1, 0)
-                continue
-            raise RuntimeError(f"this torch's varlen_attn has no {key}; bei asked for {key}={value}")
-        return original(*args, **call)
-
-    return adapted
+    env["varlen_attn_parameters"] = sorted(inspect.signature(varlen.varlen_attn).parameters)
 
 
 def use_compile_backend(name: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bei.modeling.packed.attention import varlen_attention
+from bei.modeling.packed.attention import flash_keywords, varlen_attention
 from bei.modeling.packed.layout import Packed, bucket
 from bei.modeling.packed.pooling import pool_packed
 from bei.modeling.pooling import PoolingConfig, PoolingMode, pool
@@ -123,7 +123,7 @@ def test_bucket_is_a_power_of_two_above(tokens: int) -> None:
 @pytest.mark.parametrize("left", [False, True])
 def test_padding_to_a_static_shape_leaves_real_rows_unchanged(left: bool) -> None:
     """CUDA graphs replay fixed shapes: filler rows appended to the packed batch change no real output."""
-    ids, mask, states = padded_batch(left)
+    ids, mask, _ = padded_batch(left)
     prompt = torch.tensor([2, 0, 4, 1, 3])
     packed = Packed.from_padded(ids, mask, prompt_length=prompt)
     size = bucket(packed.tokens)
@@ -148,3 +148,20 @@ def test_mean_pooling_accumulates_in_fp32() -> None:
     got = pool_packed(config, half[mask.bool()], Packed.from_padded(ids, mask))
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), pool(config, half.float(), mask), rtol=1e-3, atol=1e-3)
+
+
+def test_flash_keywords_follow_this_torchs_varlen_signature() -> None:
+    """torch 2.13's varlen_attn takes window_size / enable_gqa; 2.11's (the GPU machine) may take
+    is_causal only: bei's call adapts, or falls back to masked attention where it cannot say the window."""
+    new = frozenset({"scale", "window_size", "enable_gqa"})
+    old = frozenset({"scale", "is_causal"})
+    assert flash_keywords(-1, 0, None, True, new) == {"window_size": (-1, 0), "enable_gqa": True}
+    assert flash_keywords(-1, 0, 0.5, True, old) == {"is_causal": True, "scale": 0.5}
+    assert flash_keywords(-1, -1, None, False, old) == {"is_causal": False}
+    assert flash_keywords(3, 0, None, False, old) is None  # a sliding window: the masked fallback
+    assert flash_keywords(-1, -1, 0.5, False, frozenset({"is_causal"})) is None
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    assert flash_keywords(2, 2, 0.5, True, frozenset(inspect.signature(varlen_attn).parameters)) is not None

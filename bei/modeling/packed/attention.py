@@ -1,8 +1,9 @@
 """Variable-length attention over a packed batch: each row attends only to its own tokens.
 
 On CUDA in fp16/bf16 this is flash attention's varlen kernel (`torch.nn.attention.varlen`), which
-reads `cu_seqlens` and computes no padding. Elsewhere (the CPU, fp32, logit soft-capping) the packed
-tokens are laid out padded, per row, and attended with a mask: the same result, the fallback.
+reads `cu_seqlens` and computes no padding. Elsewhere (the CPU, fp32, logit soft-capping, a window
+this torch's `varlen_attn` cannot take) the packed tokens are laid out padded, per row, and attended
+with a mask: the same result, the fallback.
 
 `window` follows flash attention: (left, right) = the farthest key before / after a query that it
 sees, -1 for no limit; `causal` adds right = 0.
@@ -28,8 +29,26 @@ def _varlen_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _flash_available(q: torch.Tensor, softcap: float | None) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
+def flash_keywords(
+    left: int, right: int, scale: float | None, gqa: bool, accepted: frozenset[str]
+) -> dict[str, object] | None:
+    """The keywords of a `varlen_attn` whose signature has `accepted`, or None when it cannot say
+    this window or scale. Older torch (2.11) has no `enable_gqa` (flash takes fewer kv heads
+    natively there) and may take `is_causal` in place of `window_size`."""
+    options: dict[str, object] = {}
+    if "window_size" in accepted:
+        options["window_size"] = (left, right)
+    elif left == -1 and right in (-1, 0) and "is_causal" in accepted:
+        options["is_causal"] = right == 0
+    elif (left, right) != FULL:
+        return None
+    if scale is not None:
+        if "scale" not in accepted:
+            return None
+        options["scale"] = scale
+    if "enable_gqa" in accepted:
+        options["enable_gqa"] = gqa
+    return options
 
 
 def varlen_attention(
@@ -47,15 +66,12 @@ def varlen_attention(
     left, right = window
     if causal:
         right = 0
-    if _flash_available(q, softcap):
+    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
+    options = flash_keywords(left, right, scale, k.shape[1] != q.shape[1], _varlen_parameters()) if flash else None
+    if options is not None:
         from torch.nn.attention.varlen import varlen_attn
 
-        # older torch (2.11) has no enable_gqa keyword: flash takes fewer kv heads natively there
-        gqa = {"enable_gqa": k.shape[1] != q.shape[1]} if "enable_gqa" in _varlen_parameters() else {}
-        out = varlen_attn(
-            q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len,
-            scale=scale, window_size=(left, right), **gqa,
-        )  # fmt: skip
+        out = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len, **options)  # type: ignore[arg-type]
         return out  # type: ignore[return-value]
     return _masked_attention(q, k, v, packed, left=left, right=right, scale=scale, softcap=softcap)
 

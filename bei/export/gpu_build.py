@@ -58,15 +58,13 @@ def build_gpu_engine(
         graph = staging / "graph.onnx"
         check_batch, check_reference = sample, reference
         if plan.precision in ("fp8", "nvfp4", "nvfp4-mlp"):
-            from bei.export import calibration, quantize
+            from bei.export import quantize
 
             with progress.stage("quantize"):
                 qcfg = build.quantization_config
-                texts = calibration.load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
-                max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
+                texts, max_len, check_batch = quantize.calibration_inputs(qcfg, spec, tokenizer, config_dir)
                 module = module.to("cuda")  # calibration runs where the parameters are
                 quantized = quantize.quantize_module(module, tokenizer, build.quantization_type.value, texts, max_len)
-                check_batch = quantize.heldout_batch(spec, tokenizer, texts, max_len)  # never calibration texts
                 accuracy = quantize.measure_accuracy(module, quantized, check_batch, spec.task)
                 quantize.require_accuracy(accuracy, qcfg.min_accuracy)
                 check_reference = reference_outputs(module.to("cpu"), check_batch)

@@ -219,6 +219,18 @@ def make_batches(
     ]
 
 
+def calibration_inputs(
+    qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, config_dir: Path | None
+) -> tuple[list[str], int, Batch]:
+    """`quantization_config`'s calibration texts, their length cap, and the held-out batch the
+    accuracy gate measures on (never calibration texts)."""
+    from bei.export.calibration import load_calibration_texts
+
+    texts = load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
+    max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
+    return texts, max_len, heldout_batch(spec, tokenizer, texts, max_len)
+
+
 def heldout_batch(
     spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64
 ) -> Batch:

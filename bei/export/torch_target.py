@@ -24,22 +24,30 @@ from bei.config import BeiConfig
 from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import TargetInfo
 from bei.errors import ExportError
-from bei.export.plan import BuildPlan
+from bei.export.plan import TORCH_TARGET, BuildPlan
 from bei.export.verify import compare, require_agreement
 from bei.modeling.module import build_module
 from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
-from bei.modeling.packed.model import PackedEngineModule, build_packed_module, pad_token_id, read_config
+from bei.modeling.packed.model import (
+    PackedEngineModule,
+    build_packed_module,
+    pad_token_id,
+    read_config,
+)
 from bei.modeling.spec import ModelSpec
 from bei.progress import Progress
 from bei.runtime.base import Batch
 from bei.runtime.tokenizer import TokenizerRuntime
-from bei.runtime.torch_backend import COMPILE_CACHE_FILE, WEIGHTS_FILE, TorchBackend, save_compile_cache
+from bei.runtime.torch_backend import (
+    COMPILE_CACHE_FILE,
+    WEIGHTS_FILE,
+    TorchBackend,
+    save_compile_cache,
+)
 
 if TYPE_CHECKING:
     from bei.build import BuildResult
 
-TARGET_NAME = "torch"
-STAGES = ["load", "quantize", "verify", "compile", "write"]
 # the packed fp32 module must equal transformers as the ONNX Runtime engine must
 FP32_MIN_COSINE = 0.99999
 FP32_MAX_ABS_DIFF = 2e-3
@@ -87,10 +95,15 @@ def build_torch_engine(
     progress: Progress,
     started: float,
 ) -> BuildResult:
-    from bei.build import BuildResult, manifest_for, reference_outputs, sample_batch, write_engine_files
+    from bei.build import (
+        BuildResult,
+        manifest_for,
+        reference_outputs,
+        sample_batch,
+        write_engine_files,
+    )
     from bei.modeling.module import input_names
 
-    build = config.trt_llm.build
     names = input_names(spec)
     tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
     device, dtype = device_and_dtype(plan, spec.base_model)
@@ -106,9 +119,9 @@ def build_torch_engine(
         check_batch, check_reference = sample, reference
         if plan.precision == "fp8":
             with progress.stage("quantize"):
-                quantization = _quantize_fp8(config, config_dir, spec, tokenizer, module, device, dtype, names, progress)
-                check_batch = quantization.pop("_heldout")
-                check_reference = quantization.pop("_reference")
+                quantization, check_batch, check_reference = _quantize_fp8(
+                    config, config_dir, spec, tokenizer, module, device, dtype, names, progress
+                )
         else:
             module = module.to(device=device, dtype=dtype)
         with progress.stage("verify"):
@@ -136,7 +149,7 @@ def build_torch_engine(
                 plan,
                 agreement,
                 graph_file=WEIGHTS_FILE,
-                target=TargetInfo(name=TARGET_NAME, versions=versions(), gpu=gpu, compute_capability=capability,
+                target=TargetInfo(name=TORCH_TARGET, versions=versions(), gpu=gpu, compute_capability=capability,
                                   device=device, dtype=str(dtype).removeprefix("torch.")),  # type: ignore[call-arg]
                 reference="transformers (torch, fp32, CPU)",
                 build_seconds=time.perf_counter() - started,
@@ -156,14 +169,13 @@ def _quantize_fp8(
     dtype: torch.dtype,
     names: list[str],
     progress: Progress,
-) -> dict[str, Any]:
-    """FP8 layers in place; the accuracy against the unquantized module on held-out texts, gated."""
-    from bei.export import calibration, quantize
+) -> tuple[dict[str, Any], Batch, np.ndarray]:
+    """FP8 layers in place; the accuracy against the unquantized module on held-out texts, gated.
+    Returns the manifest's `quantization` entry, the held-out batch and the unquantized outputs on it."""
+    from bei.export import quantize
 
     qcfg = config.trt_llm.build.quantization_config
-    texts = calibration.load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
-    max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
-    heldout = quantize.heldout_batch(spec, tokenizer, texts, max_len)  # never calibration texts
+    texts, max_len, heldout = quantize.calibration_inputs(qcfg, spec, tokenizer, config_dir)
     reference = _run(module, heldout, names)  # the unquantized packed module (= transformers)
     module.to(device=device, dtype=dtype)
     layers = quantize_fp8(module)
@@ -176,15 +188,14 @@ def _quantize_fp8(
     accuracy = quantize.accuracy_of_outputs(reference, _run(module, heldout, names), heldout, spec.task, qtype="fp8")
     quantize.require_accuracy(accuracy, qcfg.min_accuracy)
     progress.note(f"{len(layers)} Linear layers in FP8 ({'static' if static else 'dynamic per-row'} activation scales); {accuracy.summary()}")
-    return {
+    entry = {
         "type": "fp8",
         "activation_scales": "static" if static else "dynamic",
         "layers": layers,
         "calibration": qcfg.model_dump(),
         "accuracy": accuracy.as_dict(),
-        "_heldout": heldout,
-        "_reference": reference,
     }
+    return entry, heldout, reference
 
 
 def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, folder: Path) -> int:

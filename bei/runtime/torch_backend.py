@@ -24,7 +24,12 @@ from bei.engine.manifest import Manifest
 from bei.errors import EngineError
 from bei.modeling.packed.fp8 import quantize_fp8
 from bei.modeling.packed.layout import Packed, bucket
-from bei.modeling.packed.model import PackedEngineModule, make_body, pad_token_id, read_config
+from bei.modeling.packed.model import (
+    PackedEngineModule,
+    make_body,
+    pad_token_id,
+    read_config,
+)
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import DenseLayer, ModelSpec, Task
 from bei.runtime.base import Backend, Batch
@@ -34,24 +39,24 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.safetensors"
 COMPILE_CACHE_FILE = "compile-cache.bin"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# batches of fewer tokens replay a CUDA graph of their (tokens, rows) bucket (CUDA only)
+# batches of fewer tokens replay the CUDA graph of their token bucket (`bucket`; CUDA only)
 GRAPH_MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True)
 class Prepared:
     packed: Packed  # the batch's real tokens
-    feed: Packed  # what the module runs: `packed`, or `packed` padded to its bucket when `graphed`
+    feed: Packed  # what the module runs: `packed`, or `packed` padded to its token bucket
     width: int
     left_padded: bool
-    graphed: bool = False
+
+    @property
+    def graphed(self) -> bool:
+        return self.feed is not self.packed
 
 
-def spec_from_manifest(folder: Path, manifest: Manifest) -> ModelSpec:
-    """The ModelSpec a packed module needs, from the engine's manifest and config.json."""
-    config = read_config(folder)
+def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec a packed module needs, from the engine's manifest and its config.json."""
     pooling = (
         PoolingConfig(tuple(PoolingMode(m) for m in manifest.pooling.modes), manifest.pooling.include_prompt)
         if manifest.pooling
@@ -115,14 +120,14 @@ class TorchBackend(Backend):
     def load(cls, folder: Path, manifest: Manifest, threads: int | None = None) -> TorchBackend:
         from safetensors.torch import load_model
 
-        device = str(manifest.target.model_extra.get("device", "cpu")) if manifest.target.model_extra else "cpu"
-        dtype = DTYPES[str((manifest.target.model_extra or {}).get("dtype", "float32"))]
+        extra = manifest.target.model_extra or {}
+        device, dtype = str(extra.get("device", "cpu")), DTYPES[str(extra.get("dtype", "float32"))]
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"engine {manifest.name!r} runs on CUDA and torch sees no GPU here")
         if threads and device == "cpu":
             torch.set_num_threads(threads)
-        spec = spec_from_manifest(folder, manifest)
         config = read_config(folder)
+        spec = spec_from_manifest(folder, manifest, config)
         module = PackedEngineModule(spec, make_body(spec, config), load_dense=False).to(dtype)
         fp8 = (manifest.quantization or {}).get("layers") if manifest.precision == "fp8" else None
         if fp8:
@@ -143,7 +148,7 @@ class TorchBackend(Backend):
         width = int(batch.input_ids.shape[1])
         if self.graphed is not None and packed.tokens < GRAPH_MAX_TOKENS:
             feed = packed.padded_to(bucket(packed.tokens), self.pad_id)
-            return Prepared(packed, feed, width, batch.left_padded, graphed=True)
+            return Prepared(packed, feed, width, batch.left_padded)
         return Prepared(packed, packed, width, batch.left_padded)
 
     def run(self, prepared: object) -> np.ndarray:

@@ -120,6 +120,10 @@ def test_fp8_engine_records_its_accuracy_and_serves(fp8_engine: tuple[Path, Path
     assert quant["accuracy"]["min_cosine"] >= 0.99 and quant["accuracy"]["samples"] == 64
     loaded = load_engine(engine)
     assert sum(isinstance(m, Fp8Linear) for m in loaded.backend.module.modules()) == len(quant["layers"])  # type: ignore[attr-defined]
+    # the dry-run plan names the layers the build quantized
+    config = parse_config(config_for("p", folder, "encoder", quantization_type="fp8"))
+    _, _, plan = plan_build(config, config_dir=folder, target="torch", host=CPU, progress=quiet(), dry_run=True)
+    assert plan.quantized_layers == quant["layers"]
 
     import transformers
 

@@ -134,6 +134,19 @@ def _linear_layers(spec: ModelSpec) -> tuple[dict[str, int], int, int, int]:
     return linears, params, spec.hidden_size, intermediate
 
 
+def _torch_fp8_layers(spec: ModelSpec) -> list[str]:
+    """The Linear layers the torch target's FP8 quantizes: bei's packed module (fused q/k/v in
+    encoders), built on the meta device, through the same selection the build uses."""
+    import torch
+
+    from bei.modeling.packed.fp8 import fp8_layers
+    from bei.modeling.packed.model import PackedEngineModule, make_body, read_config
+
+    with torch.device("meta"):
+        module = PackedEngineModule(spec, make_body(spec, read_config(spec.path)), load_dense=False)
+    return fp8_layers(module)
+
+
 # plan precision -> the config's quantization_type
 _QTYPE = {"fp8": "fp8", "nvfp4": "fp4", "nvfp4-mlp": "fp4_mlp_only"}
 
@@ -203,7 +216,8 @@ def make_plan(
         max_num_tokens=max_num_tokens,
         max_batch_size=max_batch_size,
         profiles=profiles,
-        quantized_layers=quantized_layer_names(linears, _QTYPE.get(precision, "")),
+        quantized_layers=_torch_fp8_layers(spec) if target.name == TORCH_TARGET and precision == "fp8"
+        else quantized_layer_names(linears, _QTYPE.get(precision, "")),
         parameters=params,
         weights_bytes=int(params * weight_bytes),
         activation_bytes=activation,

@@ -257,6 +257,18 @@ class PeerUnavailable(Exception):
     """A peer that could not be installed or started: reported, never estimated."""
 
 
+def stop_process(process: subprocess.Popen[Any] | None) -> None:
+    """Terminate a server process, killing it if it has not exited within 30 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -339,14 +351,7 @@ class HttpPeer(Peer):
         return " | ".join(lines[-3:])[-600:] + f" (log: {self.log_path})"
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import httpx

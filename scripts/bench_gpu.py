@@ -783,14 +783,9 @@ class Server:
         return "(no log)"
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        from scripts.bench import stop_process
+
+        stop_process(self.process)
 
 
 def drive(url: str, texts: list[str], concurrency: int, seconds: float, start_at: float) -> tuple[int, float, list[float]]:

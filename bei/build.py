@@ -72,7 +72,7 @@ def stages_for(target: str, quantized: bool) -> list[str]:
             "verify",
             "write",
         ]
-    return STAGES + (["quantize"] if quantized else [])
+    return STAGES[:-1] + (["quantize"] if quantized else []) + STAGES[-1:]  # int8 runs after verify, before write
 
 
 def sample_batch(spec: ModelSpec, tokenizer: TokenizerRuntime) -> Batch:

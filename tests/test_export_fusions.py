@@ -147,3 +147,45 @@ def test_the_first_candidate_that_agrees_is_kept(
     counts = ort_target.optimize(exported.spec, exported.graph, tmp_path / "model.onnx", note=notes.append)
     assert counts.get("Attention") == 2
     assert len(notes) == 1 and notes[0].startswith("perturbed not used")
+
+
+# --- the padding mask as Attention's mask_index -------------------------------------------------
+def _attention_inputs(graph: Path) -> list[list[str]]:
+    model = onnx.load(str(graph), load_external_data=False)
+    return [list(n.input) for n in model.graph.node if n.op_type == "Attention"]
+
+
+@pytest.mark.parametrize(("model_type", "task"), [("bert", "embed"), ("roberta", "classify"), ("distilbert", "rerank")])
+def test_attention_takes_the_padding_mask_as_mask_index(
+    export_tiny: Callable[[str, str], Exported], tmp_path: Path, model_type: str, task: str
+) -> None:
+    """The bias subgraph (Where/And/GatherND over the mask) is gone; every Attention reads the int32
+    mask; the padded sample batch still equals transformers."""
+    exported = export_tiny(model_type, task)
+    ort_target.optimize(exported.spec, exported.graph, tmp_path / "model.onnx", note=pytest.fail)
+    attention = _attention_inputs(tmp_path / "model.onnx")
+    assert attention and all(len(ins) == 4 and ins[3] == ort_target.MASK_INDEX for ins in attention), attention
+    counts = op_counts(tmp_path / "model.onnx")
+    assert "Where" not in counts and "GatherND" not in counts, counts
+    assert (exported.batch.attention_mask == 0).any()  # padding is exercised
+    got = ort_target.run_graph(tmp_path / "model.onnx", exported.spec, exported.batch)
+    agreement = compare(exported.reference, got)
+    assert agreement.min_cosine >= 0.99999 and agreement.max_abs_diff <= 1e-4, agreement
+
+
+def test_mask_index_that_disagrees_leaves_the_graph_as_it_was(export_tiny: Callable[[str, str], Exported], tmp_path: Path) -> None:
+    exported = export_tiny("bert", "embed")
+    graph = tmp_path / "model.onnx"
+    ort_target.onnxscript_fusions(exported.spec, exported.graph, graph)
+    before = graph.read_bytes()
+    probe = ort_target.probe_batch(exported.spec)
+    wrong = ort_target.run_graph(graph, exported.spec, probe) + 1.0  # an 'expected' no rewrite can reach
+    notes: list[str] = []
+    assert ort_target.use_mask_index(exported.spec, graph, wrong, probe, notes.append) == 0
+    assert graph.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no staging left behind
+    assert len(notes) == 1 and notes[0].startswith("Attention mask_index not used: cosine")
+    # and the real expectation takes it
+    right = ort_target.run_graph(graph, exported.spec, probe)
+    assert ort_target.use_mask_index(exported.spec, graph, right, probe, notes.append) == 2
+    assert all(ins[3] == ort_target.MASK_INDEX for ins in _attention_inputs(graph))

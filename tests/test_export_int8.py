@@ -46,6 +46,9 @@ def test_int8_graph_passes_the_gate_and_agrees_with_sentence_transformers(
 
     ops = [n.op_type for n in onnx.load(str(graph.with_name("int8.onnx")), load_external_data=False).graph.node]
     assert ops.count("MatMulInteger") == 18 - len(entry["fp32_nodes"])  # the int8 weights: output + MLP projections
+    # the fused Attention reads the padding mask as mask_index, so its Q/K/V projections are int8 too
+    assert ops.count("QAttention") == 6 and "Attention" not in ops
+    assert entry["int8_nodes"] == {"MatMulInteger": 18 - len(entry["fp32_nodes"]), "QAttention": 6}
 
     texts = ["Hello world.", "Engines are compiled once and served many times.", "東京は日本の首都です。"]
     batch = Batch.pad([tokenizer.encode(t, truncate=True) for t in texts], tokenizer.pad_id)

@@ -9,6 +9,10 @@ a probe batch is written:
    for the BERT family only;
 3. the exported graph as it is (ONNX Runtime still applies its generic optimizations at load).
 
+A fused `Attention` whose additive bias is computed from the padding mask then takes ONNX Runtime's
+2-D `mask_index` instead (`use_mask_index`): the bias subgraph goes, and the int8 quantizer
+(bei/export/int8.py) can turn the node into `QAttention`.
+
 An optimization never fails a build: a candidate that raises or disagrees is skipped with a note.
 """
 
@@ -18,15 +22,17 @@ import collections
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
 
-from bei.export.verify import compare
+from bei.export.verify import Agreement, compare
 from bei.modeling.module import input_names
 from bei.modeling.spec import ModelSpec
 from bei.runtime.base import Batch
@@ -60,6 +66,10 @@ FUSED_OPS = frozenset(
 FUSED_MIN_COSINE = 0.999999
 FUSED_MAX_ABS_DIFF = 2e-4
 
+# the padding mask as fused Attention's `mask_index` (rewrite_mask_index)
+MASK_INPUT = "attention_mask"
+MASK_INDEX = "bei_mask_index"
+
 Note = Callable[[str], None]
 log = logging.getLogger("bei.export")
 
@@ -88,7 +98,8 @@ def optimize(spec: ModelSpec, source: Path, target: Path, note: Note | None = No
         except Exception as err:  # noqa: BLE001 - any failure of an optional step means: do without it
             note(f"{candidate.name} skipped: {type(err).__name__}: {str(err)[:300]}")
             continue
-        if agreement.min_cosine >= FUSED_MIN_COSINE and agreement.max_abs_diff <= FUSED_MAX_ABS_DIFF:
+        if _agrees(agreement):
+            use_mask_index(spec, target, expected, probe, note)
             return fused_op_counts(target)
         note(
             f"{candidate.name} not used: its graph differs from the exported one "
@@ -96,6 +107,95 @@ def optimize(spec: ModelSpec, source: Path, target: Path, note: Note | None = No
         )
     copy_graph(source, target)
     return {}
+
+
+def _agrees(agreement: Agreement) -> bool:
+    return agreement.min_cosine >= FUSED_MIN_COSINE and agreement.max_abs_diff <= FUSED_MAX_ABS_DIFF
+
+
+def use_mask_index(spec: ModelSpec, graph: Path, expected: np.ndarray, probe: Batch, note: Note) -> int:
+    """Rewrite `graph` in place with `rewrite_mask_index`, kept only where it still agrees with
+    `expected` on `probe` (a padded batch); returns the number of Attention nodes rewritten."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    rewritten = rewrite_mask_index(model)
+    if not rewritten:
+        return 0
+    staging = graph.parent / f".{graph.stem}.mask-index"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        data = _data_file(graph, graph)
+        onnx.save_model(model, str(staging / graph.name), save_as_external_data=data is not None,
+                        all_tensors_to_one_file=True, location=data)  # fmt: skip
+        try:
+            agreement = compare(expected, run_graph(staging / graph.name, spec, probe))
+        except Exception as err:  # noqa: BLE001 - an optional step: do without it
+            note(f"Attention mask_index skipped: {type(err).__name__}: {str(err)[:300]}")
+            return 0
+        if not _agrees(agreement):
+            note(f"Attention mask_index not used: cosine {agreement.min_cosine:.7f}, max abs diff {agreement.max_abs_diff:.1e}")
+            return 0
+        for written in staging.iterdir():
+            written.replace(graph.parent / written.name)
+        return rewritten
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def rewrite_mask_index(model: Any) -> int:
+    """Give each fused `Attention` node that takes an additive attention bias (input 5) and no
+    mask or past the graph's `attention_mask` as a 2-D int32 `mask_index` (input 3) instead, drop a
+    `qkv_hidden_sizes` of three equal sizes (the quantizer's `QAttention` has neither), and remove
+    the nodes that only computed the bias. Exact where the bias is the padding mask's (BERT family),
+    which the caller checks; returns the number of nodes rewritten."""
+    import onnx
+
+    graph = model.graph
+    if MASK_INPUT not in {i.name for i in graph.input}:
+        return 0
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Attention" or node.domain != "com.microsoft":
+            continue
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if not inputs[5] or inputs[3] or inputs[4] or len(inputs) > 6 or attrs.get("unidirectional", 0):
+            continue
+        inputs[3], inputs[5] = MASK_INDEX, ""
+        del node.input[:]
+        node.input.extend(inputs[:4])  # input, weights, bias, mask_index
+        sizes = attrs.get("qkv_hidden_sizes")
+        if sizes is not None and len(set(sizes)) == 1:
+            kept = [a for a in node.attribute if a.name != "qkv_hidden_sizes"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+        rewritten += 1
+    if rewritten:
+        cast = onnx.helper.make_node("Cast", [MASK_INPUT], [MASK_INDEX], name="bei_mask_index", to=onnx.TensorProto.INT32)
+        graph.node.insert(0, cast)
+        _remove_dead_nodes(graph)
+    return rewritten
+
+
+def _remove_dead_nodes(graph: Any) -> None:
+    """Drop the nodes (and initializers) no graph output depends on; a graph with subgraphs is left."""
+    import onnx
+
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def candidates(spec: ModelSpec) -> list[Candidate]:

@@ -165,7 +165,6 @@ def build_engine(
         return build_target(
             config, checkpoint, spec, plan, engines_root=engines_root, config_dir=config_dir, progress=progress, started=started
         )
-    build = config.trt_llm.build
     tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
 
     engine_dir = engines_root / config.name

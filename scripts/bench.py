@@ -10,6 +10,8 @@ none is up to date. Peers:
 
 - `bei`: `bei serve` in a subprocess, over HTTP (`/embed`, `truncate: true`), driven by
   `bei.client.AsyncClient`.
+- `bei-int8` (only when asked for in `--peers`): the same with the INT8 CPU engine of `--int8-config`
+  (`quantization_type: int8`), reported separately from the fp32 goals; its ratio is to fp32 bei.
 - `sentence-transformers`: the library in-process, `SentenceTransformer(folder, device="cpu")
   .encode(texts, batch_size=32)` with `torch.set_num_threads(2)`, run in a worker process of this
   script; it has no concurrency, so it is measured at concurrency 1 only.
@@ -67,7 +69,10 @@ MAX_CONCURRENCY = 100  # httpx's default pool, which bei.client.AsyncClient keep
 
 # target token counts (with [CLS] and [SEP]); "long" is over the model's 256-token limit on purpose
 WORKLOADS = {"short": 10, "medium": 128, "long": 500}
-PEERS = ["bei", "sentence-transformers", "infinity-torch", "infinity-optimum"]
+PEERS = ["bei", "bei-int8", "sentence-transformers", "infinity-torch", "infinity-optimum"]
+DEFAULT_PEERS = [p for p in PEERS if p != "bei-int8"]
+# peers whose vectors should equal sentence-transformers' (an int8 engine only comes close)
+EXACT_PEERS = {"bei", "sentence-transformers", "infinity-torch", "infinity-optimum"}
 FULL = {"workloads": "short,medium,long", "batch_sizes": "1,32,128", "concurrency": "1,8,64", "duration": 5.0}
 QUICK = {"workloads": "short,medium,long", "batch_sizes": "1,32", "concurrency": "1,4", "duration": 1.0}
 
@@ -393,7 +398,8 @@ class BeiPeer(HttpPeer):
     name = "bei"
     path = "/embed"
 
-    def __init__(self, log_dir: Path, engine_dir: Path, serve_args: list[str]) -> None:
+    def __init__(self, log_dir: Path, engine_dir: Path, serve_args: list[str], name: str = "bei") -> None:
+        self.name = name
         super().__init__(log_dir)
         self.engine_dir = engine_dir
         self.serve_args = serve_args
@@ -566,33 +572,64 @@ def worker_main(model_dir: str) -> None:
 
 
 def hardware_limits(model_dir: str, seq_len: int) -> dict[str, Any]:
-    """fp32 matmul FLOP/s on TORCH_THREADS threads (2048^3, best of 7), per second of wall time
-    and per CPU-second, and the model's FLOPs per token at `seq_len`: 2 x the encoder's Linear
-    parameters + attention scores and values."""
+    """The machine's fp32 matmul FLOP/s on TORCH_THREADS threads, per second of wall time and per
+    CPU-second: the best of torch's matmul and ONNX Runtime's MatMul (MLAS, the GEMM bei's CPU
+    engine and Infinity's ONNX engine run), each on 2048^3 and on the model's own MLP shape
+    (4096 tokens x hidden x intermediate), best of 7; and the model's FLOPs per token at `seq_len`:
+    2 x the encoder's Linear parameters + attention scores and values."""
     import torch
     from transformers import AutoConfig, AutoModel
 
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # noqa: B018 - warm-up
-    wall, cpu = [], []
-    for _ in range(7):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        a @ b  # noqa: B018
-        wall.append(time.perf_counter() - started)
-        cpu.append(time.process_time() - cpu_started)
     config = AutoConfig.from_pretrained(model_dir)
+    shapes = [(2048, 2048, 2048), (4096, config.hidden_size, config.intermediate_size)]
+    measured = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        measured[f"torch {m}x{k} @ {k}x{n}"] = _best_of(lambda a=a, b=b: a @ b, 2 * m * k * n)
+        measured[f"onnxruntime MatMul {m}x{k} @ {k}x{n}"] = _best_of(_ort_matmul(a.numpy(), b.numpy()), 2 * m * k * n)
+    best = max(measured, key=lambda label: measured[label][0])
     model = AutoModel.from_pretrained(model_dir)
     linear = sum(sum(p.numel() for p in m.parameters()) for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
     attention = 4 * seq_len * config.hidden_size * config.num_hidden_layers  # QK^T and softmax(.)V
     return {
-        "matmul_flops_per_s": 2 * n**3 / min(wall),
-        "matmul_flops_per_cpu_s": 2 * n**3 / min(cpu),
-        "matmul": f"{n}x{n} @ {n}x{n} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, best of 7",
+        "matmul_flops_per_s": measured[best][0],
+        "matmul_flops_per_cpu_s": max(per_cpu for _, per_cpu in measured.values()),
+        "matmul": f"{best}, fp32, {TORCH_THREADS} threads, best of 7",
+        "matmul_measured": {label: {"flops_per_s": wall, "flops_per_cpu_s": cpu} for label, (wall, cpu) in measured.items()},
         "encoder_linear_params": linear,
         "flops_per_token": 2 * linear + attention,
         "flops_per_token_seq_len": seq_len,
     }
+
+
+def _best_of(run: Callable[[], Any], flops: int, rounds: int = 7) -> tuple[float, float]:
+    """(FLOP/s of wall time, FLOP per CPU-second), each the best of `rounds` after a warm-up."""
+    run()
+    wall, cpu = [], []
+    for _ in range(rounds):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        run()
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    return flops / min(wall), flops / max(min(cpu), 1e-9)
+
+
+def _ort_matmul(a: np.ndarray, b: np.ndarray) -> Callable[[], Any]:
+    """A one-MatMul ONNX Runtime session (weights as an initializer, as in an engine graph)."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])],
+        [numpy_helper.from_array(b, "b")],
+    )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = TORCH_THREADS
+    session = onnxruntime.InferenceSession(helper.make_model(graph).SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"a": a})
 
 
 # --- set-up --------------------------------------------------------------------------------------
@@ -665,7 +702,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workloads", help=f"comma-separated, of {', '.join(WORKLOADS)} (default {FULL['workloads']})")
     parser.add_argument("--batch-sizes", help=f"client batch sizes (default {FULL['batch_sizes']})")
     parser.add_argument("--concurrency", help=f"requests in flight (default {FULL['concurrency']})")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
+    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS), help=f"comma-separated, of {', '.join(PEERS)} "
+                        f"(default {','.join(DEFAULT_PEERS)})")
+    parser.add_argument("--int8-config", type=Path, default=ROOT / "configs" / "all-minilm-l6-v2-int8.yaml",
+                        help="the bei-int8 peer's config (default configs/all-minilm-l6-v2-int8.yaml)")
     parser.add_argument("--requests", type=int, help="requests per cell (instead of --duration)")
     parser.add_argument("--duration", type=float, help=f"seconds per cell; requests in flight then finish (default {FULL['duration']})")
     parser.add_argument("--quick", action="store_true", help=f"a grid of ~2 minutes on an idle 2-core machine: workloads {QUICK['workloads']}, batch sizes "
@@ -678,7 +718,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # the run happens in the repository root: paths given relative to the caller's directory are resolved first
-    args.config, args.out = args.config.resolve(), args.out.resolve()
+    args.config, args.int8_config, args.out = args.config.resolve(), args.int8_config.resolve(), args.out.resolve()
     args.plots_dir = args.plots_dir.resolve() if args.plots_dir else args.out.parent
     preset = QUICK if args.quick else FULL
     for key in ("workloads", "batch_sizes", "concurrency", "duration"):
@@ -817,7 +857,7 @@ def start_peers(names: list[str], makers: dict[str, Callable[[], Peer]], probe: 
         lineup.peers[name], lineup.status[name], lineup.versions[name] = peer, "ok", peer.version
         if reference is not None:
             lineup.agreement[name] = cosine(vectors, reference)
-            if lineup.agreement[name] < 0.999:
+            if lineup.agreement[name] < (0.999 if name in EXACT_PEERS else 0.98):
                 print(f"bench: warning: {name} agrees with sentence-transformers only to cosine "
                       f"{lineup.agreement[name]:.4f}", file=sys.stderr)
     lineup.peers = {name: lineup.peers[name] for name in PEERS if name in lineup.peers}  # bei first
@@ -872,6 +912,21 @@ def hardware_fraction(hardware: dict[str, Any] | None, cells: list[Cell]) -> dic
     return fraction
 
 
+def goal_ratios(cells: list[Cell], workload: str = "medium") -> dict[str, dict[str, dict[str, float]]]:
+    """bei's (and bei-int8's) throughput over each other peer's, cell by cell on `workload`: the
+    issue's goals are stated on medium inputs against sentence-transformers and Infinity."""
+    ok = {(c.peer, c.batch_size, c.concurrency): c for c in cells if c.workload == workload and c.embeddings_per_s}
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
+    for mine in ("bei", "bei-int8"):
+        for (peer, size, conc), theirs in ok.items():
+            own = ok.get((mine, size, conc))
+            if peer.startswith("bei") or own is None:
+                continue
+            key = f"{mine} / {peer}"
+            ratios.setdefault(key, {})[f"batch {size}, concurrency {conc}"] = (own.embeddings_per_s or 0) / (theirs.embeddings_per_s or 1)
+    return ratios
+
+
 def report(result: dict[str, Any], cells: list[Cell], written: list[Path]) -> None:
     print()
     print(table(cells))
@@ -880,6 +935,8 @@ def report(result: dict[str, Any], cells: list[Cell], written: list[Path]) -> No
         cos = info["min_cosine_vs_sentence_transformers"]
         print(f"{name}: {info['status']}" + (f", version {info['version']}" if info["version"] else "")
               + (f", min cosine vs sentence-transformers {cos:.5f}" if cos is not None else ""))
+    for pair, by_cell in result["medium_ratios"].items():
+        print(f"medium, {pair}: " + ", ".join(f"{ratio:.2f}x ({cell})" for cell, ratio in by_cell.items()))
     limit = result["hardware_limit"]
     if limit and "error" in limit:
         print(f"hardware limit: not measured: {limit['error']}")
@@ -914,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     engine_dir, model_dir = ensure_engine(args.config)
+    int8_dir = ensure_engine(args.int8_config)[0] if "bei-int8" in args.peers else None
     manifest = read_manifest(engine_dir)
     optimum_dir = BENCH_DIR / "infinity-models" / f"{manifest.name}-onnx"
     lineup = Lineup()
@@ -929,6 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     hardware = TorchWorker(model_dir, log_dir).hardware(manifest.max_input_tokens)  # before any server runs
     makers: dict[str, Callable[[], Peer]] = {
         "bei": lambda: BeiPeer(log_dir, engine_dir, shlex.split(args.bei_serve_args)),
+        "bei-int8": lambda: BeiPeer(log_dir, int8_dir or engine_dir, shlex.split(args.bei_serve_args), name="bei-int8"),
         "sentence-transformers": lambda: TorchWorker(model_dir, log_dir),
         "infinity-torch": lambda: InfinityPeer(log_dir, "torch", model_dir),
         "infinity-optimum": lambda: InfinityPeer(log_dir, "optimum", optimum_dir),
@@ -958,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers": {name: {"status": lineup.status.get(name, "not run"), "version": lineup.versions.get(name),
                          "min_cosine_vs_sentence_transformers": lineup.agreement.get(name)} for name in args.peers},
         "hardware_limit": hardware_fraction(hardware, cells),
+        "medium_ratios": goal_ratios(cells),
         "cells": [asdict(c) for c in cells],
         "out": str(args.out),
     }

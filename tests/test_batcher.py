@@ -93,3 +93,27 @@ def test_rows_come_back_in_input_order(count: int) -> None:
     group = [encoded(1 + (i * 7) % 5, 10 * i + 1) for i in range(count)]
     (result,) = asyncio.run(_submit_all(make_batcher(backend), [group]))
     assert [float(r[0]) for r in result.rows] == [10 * i + 1 for i in range(count)]  # type: ignore[union-attr]
+
+
+class SlowBackend(RecordingBackend):
+    """Each engine call takes `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def run(self, prepared: object) -> np.ndarray:
+        threading.Event().wait(self.seconds)
+        assert isinstance(prepared, Batch)
+        return self.infer(prepared)
+
+
+def test_queue_time_counts_the_wait_for_the_running_batch() -> None:
+    """A batch prepared while another runs is still queued until its own engine call starts: its
+    requests' queue time includes the running call (x-queue-time + x-inference-time ~ total)."""
+    groups = [[encoded(3, 1), encoded(3, 2)], [encoded(3, 3), encoded(3, 4)]]  # 2 batches of 2
+    results = asyncio.run(_submit_all(make_batcher(SlowBackend(0.3)), groups))
+    first, second = results
+    assert first.inference_time >= 0.3 and second.inference_time >= 0.3  # type: ignore[union-attr]
+    assert first.queue_time < 0.1, first  # type: ignore[union-attr]
+    assert second.queue_time >= 0.29, second  # type: ignore[union-attr]

@@ -99,9 +99,6 @@ class Batcher:
         group = [item for item in self.queue.next_batch() if not item.future.done()]
         if not group:  # every request of this batch went away (client disconnected)
             return None
-        started = time.perf_counter()
-        for item in group:
-            item.queue_time = started - item.enqueued
         encoded = [p.encoded for p in group]
 
         def prepare() -> tuple[Batch, object]:
@@ -128,6 +125,8 @@ class Batcher:
             taken, upcoming = upcoming, None
             group = taken.group
             started = time.perf_counter()
+            for item in group:  # queued until its engine call starts: a prepared batch waits for the running one
+                item.queue_time = started - item.enqueued
             try:
                 batch, prepared = await taken.prepared
                 running = loop.run_in_executor(self._executor, self.backend.run, prepared)

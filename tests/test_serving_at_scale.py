@@ -484,8 +484,10 @@ def test_sigterm_drains_under_load(servers: dict[str, Server], reference: dict[s
                     wrong.append(f"request {number}: {response.status_code} {response.text}")
 
         async def poll_health() -> None:
+            # until the server has gone, or the workers are done and the drain's 503 was seen: the
+            # workers stop at their first 503, often before this poller's next answer comes back
             async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as health:
-                while not done.is_set():
+                while not (done.is_set() and 503 in health_statuses):
                     try:
                         health_statuses.append((await health.get("/health")).status_code)
                     except httpx.TransportError:

@@ -16,7 +16,7 @@ held-out inputs:
    activations), per-tensor for the rest;
 2. per-row inputs for every MatMul.
 
-On MiniLM: 2.0x and 1.8x the fp32 engine, min cosine about 0.99 and 0.996 (docs/benchmarks.md).
+On all-MiniLM-L6-v2: 1.9x and 1.7x the fp32 engine, min cosine 0.992 and 0.996 (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -323,3 +323,24 @@ def test_unsupported_configuration_is_a_model_error(
 ) -> None:
     with pytest.raises(ModelError, match=match):
         PACKED_DECODERS[model_type]({"model_type": model_type, **TINY, **config}, task, 2)
+
+
+@pytest.mark.parametrize("case", [c for c in GRID if c.task == "embed"], ids=str)
+def test_linears_reading_one_input_are_fused(case: Case, engines: Callable[[Case], Engines]) -> None:
+    """q, k and v are one GEMM (GQA: q's heads then k's and v's), gate and up another: one FP8
+    quantize of each input instead of three and two. Their outputs equal transformers' separate ones."""
+    import transformers
+
+    e = engines(case)
+    body = e.packed.body
+    state = body.state_dict()
+    assert not [k for k in state if any(p in k for p in (".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj."))]
+    c = body.config
+    qkv = state["layers.0.self_attn.qkv_proj.weight"]
+    assert qkv.shape == ((c.heads + 2 * c.kv_heads) * c.head_dim, c.hidden_size)
+    assert state["layers.0.mlp.gate_up_proj.weight"].shape == (2 * c.intermediate_size, c.hidden_size)
+    reference = e.reference.model if hasattr(e.reference, "model") else e.reference
+    hf = next(m for m in reference.modules() if isinstance(m, transformers.PreTrainedModel))
+    hf_state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    want = torch.cat([hf_state[f"layers.0.self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
+    torch.testing.assert_close(qkv, want, rtol=0, atol=0)

@@ -6,9 +6,10 @@ code does differently (projection biases, Qwen3's per-head q/k RMSNorm, Gemma2's
 layers attend through a sliding window). The checkpoint's config.json is read as transformers 5.23
 reads it, with the family's defaults for keys it leaves out.
 
-The state dict keeps transformers' spelling of the base model (`embed_tokens`, `layers.N.self_attn.q_proj`,
-`norm`, plus the `score` head), so converting a checkpoint only drops the "model." prefix, `lm_head`
-and stale rotary buffers.
+The state dict keeps transformers' spelling of the base model (`embed_tokens`, `layers.N.self_attn.o_proj`,
+`norm`, plus the `score` head), except that the Linears reading the same input are fused, one GEMM each
+(and one FP8 quantize of their input): `self_attn.qkv_proj` (q, k, v stacked) and `mlp.gate_up_proj`.
+Converting a checkpoint drops the "model." prefix, `lm_head` and stale rotary buffers, and stacks those.
 
 Outputs, packed, as transformers' model for the task:
 - embed: the last hidden state after the final norm [tokens, hidden]
@@ -38,7 +39,7 @@ from torch import nn
 from bei.errors import ModelError
 from bei.modeling.packed.attention import FULL, varlen_attention
 from bei.modeling.packed.layout import Packed
-from bei.modeling.packed.weights import strip_prefixes
+from bei.modeling.packed.weights import fuse_linears, strip_prefixes
 from bei.modeling.spec import Task
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -262,17 +263,16 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
         self.window, self.scale, self.softcap = window, c.scale, c.softcap
-        self.q_proj = nn.Linear(c.hidden_size, c.heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.split = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]  # q, k, v
+        self.qkv_proj = nn.Linear(c.hidden_size, sum(self.split), bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.q_norm = RMSNorm(c.head_dim, c.eps) if qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packed: Packed) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.unflatten(-1, (self.heads, self.head_dim))
+        k, v = k.unflatten(-1, (self.kv_heads, self.head_dim)), v.unflatten(-1, (self.kv_heads, self.head_dim))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -283,13 +283,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)  # gate, then up
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.activation = c.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.activation(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -375,6 +375,8 @@ class CausalDecoder(nn.Module):
             out[key] = value
         if "embed_tokens.weight" not in out and "lm_head.weight" in state and self.config.tie_word_embeddings:
             out["embed_tokens.weight"] = state["lm_head.weight"]
+        fuse_linears(out, (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."), ".self_attn.qkv_proj.")
+        fuse_linears(out, (".mlp.gate_proj.", ".mlp.up_proj."), ".mlp.gate_up_proj.")
         return out
 
 

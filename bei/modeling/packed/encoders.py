@@ -27,7 +27,7 @@ from bei.errors import ModelError
 from bei.modeling.packed.attention import FULL, varlen_attention
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
-from bei.modeling.packed.weights import strip_prefixes
+from bei.modeling.packed.weights import fuse_linears, strip_prefixes
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import Task
 
@@ -289,19 +289,11 @@ class Encoder(nn.Module):
         rules = self.RULES + renames(self.HEADS.get(self.task, {}))
         for key, value in strip_prefixes(state, self.PREFIXES).items():
             renamed[_rename(_rename(key, _COMMON_RULES), rules)] = value
-        _fuse_qkv(renamed)
+        fuse_linears(renamed, (".attn.q.", ".attn.k.", ".attn.v."), ".attn.qkv.")
         if self.task is Task.SPARSE and self.config.get("tie_word_embeddings", True) and "embed.tokens.weight" in renamed:
             renamed["head.out.weight"] = renamed["embed.tokens.weight"]
         own = self.state_dict().keys()
         return {key: value for key, value in renamed.items() if key in own}
-
-
-def _fuse_qkv(state: dict[str, torch.Tensor]) -> None:
-    """`X.attn.q` / `.k` / `.v` -> `X.attn.qkv` (weights and biases), in place."""
-    for key in [k for k in state if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
-        names = [key.replace(".attn.q.", f".attn.{name}.") for name in "qkv"]
-        if all(name in state for name in names):  # else left as they are: loading reports the gap
-            state[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat([state.pop(name) for name in names], dim=0)
 
 
 class BertEncoder(Encoder):

@@ -39,3 +39,14 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) ->
                 break
         out[key] = value
     return out
+
+
+def fuse_linears(state: dict[str, torch.Tensor], parts: tuple[str, ...], fused: str) -> None:
+    """Concatenate Linear layers that read the same input into one, in place: for every key holding
+    `parts[0]` (e.g. ".attn.q."), the weights and biases of all `parts` become `fused`'s, stacked along
+    the output dimension in the order given. A layer with a part missing is left as it is (loading
+    then reports the gap)."""
+    for key in [k for k in state if parts[0] in k and k.endswith((".weight", ".bias"))]:
+        names = [key.replace(parts[0], part) for part in parts]
+        if all(name in state for name in names):
+            state[key.replace(parts[0], fused)] = torch.cat([state.pop(name) for name in names], dim=0)

@@ -239,3 +239,21 @@ def test_static_shape_padding_changes_no_output(tiny_checkpoint_factory: Any, mo
     prepared = static.prepare(batch)
     assert prepared.graphed and prepared.feed.tokens == prepared.feed.rows > prepared.packed.tokens  # type: ignore[attr-defined]
     np.testing.assert_allclose(static.run(prepared), plain.infer(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type,task", [("bert", "embed"), ("qwen3", "ner")])
+def test_warm_up_runs_every_graph_bucket_then_the_dynamic_shape(tiny_checkpoint_factory: Any, model_type: str, task: str) -> None:
+    """What the build (compile) and `bei serve` (capture) run before the first request: one batch in each
+    CUDA-graph bucket, 16 to 1024 tokens, and one above them; checked here on the static-shape path."""
+    from bei.modeling.module import input_names
+    from bei.modeling.packed.layout import bucket
+    from bei.modeling.packed.model import pad_token_id, read_config
+    from bei.runtime.torch_backend import GRAPH_MAX_TOKENS, WARM_TOKENS, TorchBackend
+
+    folder = tiny_checkpoint_factory(model_type, task, **({"pooling": "mean"} if task == "embed" else {}))
+    spec = read_model_spec(folder)
+    backend = TorchBackend(build_packed_module(spec), input_names(spec), static_shapes=True, pad_id=pad_token_id(read_config(folder)))
+    every_bucket = sorted({bucket(t) for t in range(1, GRAPH_MAX_TOKENS)})
+    assert every_bucket == [16, 32, 64, 128, 256, 512, 1024]
+    assert backend.warm_up(spec.max_seq_len, spec.padding_side) == every_bucket
+    assert max(WARM_TOKENS) >= GRAPH_MAX_TOKENS  # and the dynamic-shape graph

@@ -40,6 +40,7 @@ from bei.runtime.base import Batch
 from bei.runtime.tokenizer import TokenizerRuntime
 from bei.runtime.torch_backend import (
     COMPILE_CACHE_FILE,
+    WARM_TOKENS,
     WEIGHTS_FILE,
     TorchBackend,
     save_compile_cache,
@@ -53,8 +54,6 @@ FP32_MIN_COSINE = 0.99999
 FP32_MAX_ABS_DIFF = 2e-3
 # an unquantized fp16 / bf16 module against the fp32 reference
 MIN_COSINE = {"fp32": FP32_MIN_COSINE, "fp16": 0.999, "bf16": 0.995}
-# token counts torch.compile is warmed over at build time (CUDA)
-WARM_TOKENS = (16, 128, 512, 2048)
 
 
 def device_and_dtype(plan: BuildPlan, base_model: str) -> tuple[str, torch.dtype]:
@@ -133,7 +132,8 @@ def build_torch_engine(
         with progress.stage("compile"):
             if device == "cuda":
                 saved = _compile(module, names, spec, staging)
-                progress.note(f"torch.compile warmed over {len(WARM_TOKENS)} token buckets; {saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}")
+                progress.note(f"torch.compile warmed over {len(WARM_TOKENS)} token counts (every CUDA-graph bucket); "
+                              f"{saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}")
             else:
                 progress.note("CPU engine: runs eagerly, nothing to compile")
         with progress.stage("write"):
@@ -199,14 +199,7 @@ def _quantize_fp8(
 
 
 def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, folder: Path) -> int:
-    """Compile the module for this GPU over the token buckets served; keep torch.compile's artifacts."""
-    from bei.runtime.tokenizer import Encoded
-
-    pad_id = pad_token_id(read_config(spec.path))
-    backend = TorchBackend(module, names, compiled=True, pad_id=pad_id)
-    for tokens in WARM_TOKENS:
-        rows = max(1, tokens // min(spec.max_seq_len, 128))
-        width = max(1, tokens // rows)
-        encoded = [Encoded(ids=[pad_id] * width, type_ids=[0] * width, offsets=[(0, 0)] * width, special=[0] * width)] * rows
-        backend.infer(Batch.pad(encoded, pad_id, spec.padding_side))
+    """Compile the module for this GPU over every token bucket served; keep torch.compile's artifacts."""
+    backend = TorchBackend(module, names, compiled=True, pad_id=pad_token_id(read_config(spec.path)))
+    backend.warm_up(spec.max_seq_len, spec.padding_side)
     return save_compile_cache(folder)

@@ -3,8 +3,9 @@
 A padded `Batch` is packed (no computation on padding), run, and per-token outputs (NER) are laid
 out like the batch again. On CUDA the module runs under torch.compile, whose compiled code the build
 saved per GPU type (`compile-cache.bin`, loaded before the first call so a cold start does not
-recompile), and small batches replay CUDA graphs captured per token bucket (`cuda_graphs`). On the
-CPU the module runs eagerly (the CPU parity tests run this path).
+recompile), and small batches replay CUDA graphs captured per token bucket; `load` runs a batch in
+every bucket (`warm_up`) so that no request pays for a compile or a capture. On the CPU the module
+runs eagerly (the CPU parity tests run this path).
 
 `prepare` (pack + host-to-device copy) and `run` are separate so the batcher can prepare the next
 batch while the current one runs.
@@ -41,6 +42,9 @@ COMPILE_CACHE_FILE = "compile-cache.bin"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # batches of fewer tokens replay the CUDA graph of their token bucket (`bucket`; CUDA only)
 GRAPH_MAX_TOKENS = 1024
+# token counts that land in each graph bucket (16, 32, ... 1024: `bucket` pads t to the power of two
+# above t), then one that takes the dynamic-shape graph: `warm_up` runs them all
+WARM_TOKENS = (8, *(1 << n for n in range(4, GRAPH_MAX_TOKENS.bit_length() - 1)), 2 * GRAPH_MAX_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,10 @@ class TorchBackend(Backend):
         compiled = device == "cuda"
         if compiled:
             load_compile_cache(folder, manifest)
-        return cls(module, manifest.graph_inputs, compiled=compiled, pad_id=pad_token_id(config))
+        backend = cls(module, manifest.graph_inputs, compiled=compiled, pad_id=pad_token_id(config))
+        if compiled:  # compile (from the cache) and capture every graph now, not on a request
+            backend.warm_up(spec.max_seq_len, manifest.padding_side)
+        return backend
 
     def prepare(self, batch: Batch) -> Prepared:
         types = batch.token_type_ids if "token_type_ids" in self.input_names else None
@@ -168,6 +175,23 @@ class TorchBackend(Backend):
 
     def infer(self, batch: Batch) -> np.ndarray:
         return self.run(self.prepare(batch))
+
+    def warm_up(self, max_seq_len: int, padding_side: str = "right") -> list[int]:
+        """Run a batch of each of WARM_TOKENS tokens (rows of at most 128 tokens, of pad ids): every
+        CUDA-graph bucket, then the dynamic-shape graph, so that compiling and graph capture happen
+        here. Returns the buckets the graphed batches ran in."""
+        from bei.runtime.tokenizer import Encoded
+
+        ran = []
+        for tokens in WARM_TOKENS:
+            rows = max(1, tokens // min(max_seq_len, 128))
+            width = max(1, tokens // rows)
+            row = Encoded(ids=[self.pad_id] * width, type_ids=[0] * width, offsets=[(0, 0)] * width, special=[0] * width)
+            prepared = self.prepare(Batch.pad([row] * rows, self.pad_id, padding_side))
+            self.run(prepared)
+            if prepared.graphed:
+                ran.append(prepared.feed.tokens)
+        return ran
 
 
 def save_compile_cache(folder: Path) -> int:

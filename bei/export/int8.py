@@ -87,7 +87,9 @@ def _attempts(graph: Path) -> list[tuple[str, list[str]]]:
     """(description, MatMuls with per-row input scales), fastest first."""
     every = weighted_matmuls(graph)
     after_gelu = matmuls_after_gelu(graph)
-    first = (f"per-token scales for the {len(after_gelu)} MatMuls after a GELU", after_gelu) if after_gelu else ("per-tensor scales", [])
+    first = ("per-tensor scales", [])
+    if after_gelu:
+        first = (f"per-token scales for the {len(after_gelu)} MatMuls after a GELU", after_gelu)
     attempts = [first]
     if every and set(every) != set(first[1]):
         attempts.append((f"per-token scales for all {len(every)} MatMuls", every))

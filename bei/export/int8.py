@@ -85,8 +85,11 @@ def quantize_int8(
 
 def _attempts(graph: Path) -> list[tuple[str, list[str]]]:
     """(description, MatMuls with per-row input scales), fastest first."""
-    every = weighted_matmuls(graph)
-    after_gelu = matmuls_after_gelu(graph)
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)  # read once: node names and weight shapes
+    every = weighted_matmuls(model)
+    after_gelu = matmuls_after_gelu(model)
     first = ("per-tensor scales", [])
     if after_gelu:
         first = (f"per-token scales for the {len(after_gelu)} MatMuls after a GELU", after_gelu)
@@ -103,22 +106,17 @@ def _op_counts(graph: Path) -> dict[str, int]:
     return dict(collections.Counter(node.op_type for node in model.graph.node))
 
 
-def weighted_matmuls(graph: Path) -> list[str]:
-    """Names of the MatMul nodes whose second input is a 2-D weight (an initializer)."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
+def weighted_matmuls(model: Any) -> list[str]:
+    """Names of the MatMul nodes of `model` (an onnx ModelProto) whose second input is a 2-D weight
+    (an initializer)."""
     weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights]
 
 
-def matmuls_after_gelu(graph: Path) -> list[str]:
-    """Names of the weighted MatMul nodes whose input is a GELU's output."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
+def matmuls_after_gelu(model: Any) -> list[str]:
+    """Names of the weighted MatMul nodes of `model` whose input is a GELU's output."""
     gelu_outputs = {out for node in model.graph.node if node.op_type in _SKEWED_ACTIVATIONS for out in node.output}
-    weighted = set(weighted_matmuls(graph))
+    weighted = set(weighted_matmuls(model))
     return [n.name for n in model.graph.node if n.name in weighted and n.input[0] in gelu_outputs]
 
 

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import io
 import logging
-import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -122,10 +122,8 @@ def use_mask_index(spec: ModelSpec, graph: Path, expected: np.ndarray, probe: Ba
         return 0  # decided on the structure alone: a large decoder's weights are not read
     model = onnx.load(str(graph))
     rewritten = rewrite_mask_index(model)
-    staging = graph.parent / f".{graph.stem}.mask-index"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with tempfile.TemporaryDirectory(dir=graph.parent) as scratch:
+        staging = Path(scratch)
         data = _data_file(graph, graph)
         onnx.save_model(model, str(staging / graph.name), save_as_external_data=data is not None,
                         all_tensors_to_one_file=True, location=data)  # fmt: skip
@@ -140,8 +138,6 @@ def use_mask_index(spec: ModelSpec, graph: Path, expected: np.ndarray, probe: Ba
         for written in staging.iterdir():
             written.replace(graph.parent / written.name)
         return rewritten
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def rewrite_mask_index(model: Any) -> int:

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 import urllib.parse

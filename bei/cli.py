@@ -9,6 +9,7 @@ from pathlib import Path
 from bei import __version__
 from bei.errors import BeiError
 from bei.settings import add_arguments, engines_dir_default, settings_from
+from bei.targets import registry
 
 
 def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
@@ -17,14 +18,14 @@ def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
     from bei.config import load_config
 
     config = load_config(config_path)
-    from bei.build import STAGES, plan_build
+    from bei.build import plan_build
     from bei.progress import Progress
 
     _, _, plan = plan_build(
         config,
         config_dir=config_path.resolve().parent,
         target=target,
-        progress=Progress(STAGES, enabled=not as_json),
+        progress=Progress([], enabled=not as_json),
         dry_run=True,
     )
     print(json.dumps(plan.as_dict(), indent=2) if as_json else plan.render())
@@ -34,7 +35,7 @@ def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> P
     from bei.config import load_config
 
     config = load_config(config_path)  # config errors come before the heavy imports
-    from bei.build import STAGES, build_engine
+    from bei.build import build_engine
     from bei.progress import Progress
 
     result = build_engine(
@@ -42,7 +43,7 @@ def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> P
         config_dir=config_path.resolve().parent,
         engines_root=engines_root,
         target=target,
-        progress=Progress(STAGES, enabled=not quiet),
+        progress=Progress([], enabled=not quiet),
     )
     print(f"engine written to {result.engine_dir}", file=sys.stderr)
     return result.engine_dir
@@ -75,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument(
         "--target",
         default="auto",
-        choices=["auto", "tensorrt", "torch", "onnxruntime"],
-        help="auto (default): TensorRT where a CUDA GPU and tensorrt are present, the torch target on a CUDA GPU "
-        "without TensorRT, else the ONNX Runtime CPU engine",
+        choices=registry.names(),
+        help="auto (default): the first of "
+        + ", ".join(t.name for t in registry.TARGETS)
+        + " that builds on this machine (TensorRT where a CUDA GPU and tensorrt are present, the torch target on a CUDA "
+        "GPU without TensorRT, else the ONNX Runtime CPU engine). "
+        + "; ".join(f"{t.name}: {t.summary}" for t in registry.TARGETS),
     )
     build.add_argument("--quiet", action="store_true", help="no progress display")
     build.add_argument("--dry-run", action="store_true", help="print the plan (target, precision, profiles, memory) and stop")

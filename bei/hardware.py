@@ -1,7 +1,9 @@
-"""GPU facts and the rules that tie precision to hardware: one table, used by the config check
-(`resources.accelerator`) and by the build (the GPU present)."""
+"""What this machine offers (`Host`: runtimes, the GPU) and the rules that tie precision to hardware:
+one table, used by the config check (`resources.accelerator`) and by the build (the GPU present)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 Capability = tuple[int, int]
 
@@ -45,3 +47,43 @@ def hardware_problems(base_model: str, quantization: str, capability: Capability
             f"{CAUSAL_MIN_CAPABILITY[0]}.{CAUSAL_MIN_CAPABILITY[1]} (not T4 or V100); {what} has {have}"
         )
     return problems
+
+
+@dataclass(frozen=True)
+class Host:
+    """What this machine offers: runtime versions by name, and the GPU if any."""
+
+    versions: dict[str, str]
+    gpu: str | None = None
+    compute_capability: str | None = None
+
+
+def detect_host(gpu: bool = True) -> Host:
+    """Runtimes present; with `gpu`, also the CUDA GPU (this imports torch)."""
+    versions: dict[str, str] = {}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+
+        versions["tensorrt"] = str(tensorrt.__version__)
+    except ImportError:
+        pass
+    name = capability = None
+    if not gpu:
+        return Host(versions=versions)
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            major, minor = torch.cuda.get_device_capability(0)
+            capability = f"{major}.{minor}"
+    except ImportError:
+        pass
+    return Host(versions=versions, gpu=name, compute_capability=capability)

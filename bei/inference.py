@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bei.runtime.engine import LoadedEngine
-from bei.runtime.tokenizer import Direction, Encoded, TextInput
+from bei.targets.loading import LoadedEngine
+from bei.text.tokenizer import Direction, Encoded, TextInput
 from bei.scheduler.batcher import Batcher, Result
 from bei.settings import ServeSettings
 from bei.telemetry import TIME_BUCKETS, Histogram

@@ -9,7 +9,7 @@ time under contention).
         new-spin=engines/all-minilm-l6-v2/model.onnx:spinning=1 new-1t=engines/all-minilm-l6-v2/model.onnx:threads=1
 
 A variant is `label=graph[:key=value,...]` with keys `threads` (intra-op threads, default 2) and
-`spinning` (0/1, default 0), as `bei serve` sets them (bei/runtime/onnxruntime.py).
+`spinning` (0/1, default 0), as `bei serve` sets them (bei/targets/onnxruntime/backend.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime
 
-from bei.runtime.onnxruntime import session_options
+from bei.targets.onnxruntime.backend import session_options
 
 
 @dataclass

@@ -365,7 +365,8 @@ def hf_model(config: dict[str, Any], device: str, dtype: Any) -> Any:
 
 def bei_spec(config: dict[str, Any]) -> Any:
     from bei.modeling.pooling import PoolingConfig, PoolingMode
-    from bei.modeling.spec import ModelSpec, Task
+    from bei.modeling.spec import ModelSpec
+    from bei.kinds import Task
 
     causal = config["model_type"] == "mistral"
     return ModelSpec(
@@ -573,7 +574,7 @@ def bench_mistral(ctx: Context) -> None:
 
     from bei.modeling.module import input_names
     from bei.modeling.packed.fp8 import quantize_fp8
-    from bei.runtime.torch_backend import TorchBackend
+    from bei.targets.torch.backend import TorchBackend
 
     s = ctx.shapes
     layers = ctx.args.layers or s.mistral["num_hidden_layers"]
@@ -613,7 +614,7 @@ def bench_bert(ctx: Context, name: str, config: dict[str, Any]) -> None:
     import torch
 
     from bei.modeling.module import input_names
-    from bei.runtime.torch_backend import TorchBackend
+    from bei.targets.torch.backend import TorchBackend
 
     s = ctx.shapes
     mixed = np.random.default_rng(ctx.args.seed).integers(s.mixed_min, s.mixed_max + 1, s.mixed_count)
@@ -657,7 +658,7 @@ def hf_request(model: Any, device: str, feed: tuple[np.ndarray, np.ndarray]) -> 
 
 
 def bei_request(backend: Any, feed: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    from bei.runtime.base import Batch
+    from bei.backend import Batch
 
     ids, mask = feed
     return backend.infer(Batch(ids, mask, np.zeros_like(ids), np.zeros(len(ids), np.int64), mask.sum(1)))
@@ -882,11 +883,11 @@ def build_engine_dir(folder: Path, model: str) -> Path:
     `bei build --target torch` (CUDA when there is a GPU); returns the engine directory."""
     import transformers
 
-    from bei.build import STAGES, build_engine
+    from bei.build import build_engine
     from bei.config import parse_config
     from bei.progress import Progress
-    from tests.inproc_server import base_model_for, config_for
-    from tests.tiny_models import make_checkpoint
+    from bei.testing.inproc_server import base_model_for, config_for
+    from bei.testing.tiny_models import make_checkpoint
 
     checkpoint = make_checkpoint(folder / "checkpoints" / model, "bert", "embed", pooling="mean", max_seq_length=128)
     if model == "bert-base":
@@ -901,7 +902,7 @@ def build_engine_dir(folder: Path, model: str) -> Path:
     started = time.perf_counter()
     result = build_engine(
         parse_config(config_for(model, checkpoint, base_model_for("bert"))),
-        config_dir=folder, engines_root=folder / "engines" / model, target="torch", progress=Progress(STAGES),
+        config_dir=folder, engines_root=folder / "engines" / model, target="torch", progress=Progress([]),
     )  # fmt: skip
     print(f"built {result.engine_dir} in {time.perf_counter() - started:.1f} s", flush=True)
     return result.engine_dir

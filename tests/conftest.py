@@ -1,4 +1,4 @@
-"""Shared test setup: offline Hugging Face, and tiny random checkpoints (see tests/tiny_models.py)."""
+"""Shared test setup: offline Hugging Face, and tiny random checkpoints (see bei/testing/tiny_models.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callabl
 
     Folders are shared by every test of the session: copy one before changing its files.
     """
-    from tests.tiny_models import make_checkpoint
+    from bei.testing.tiny_models import make_checkpoint
 
     cache: dict[Any, Path] = {}
 
@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
     """Tests marked `gpu` run only where a CUDA GPU and TensorRT are present, `cuda` where a CUDA GPU is."""
     import pytest
 
-    from bei.engine.compat import detect_host
+    from bei.hardware import detect_host
 
     host = detect_host()
     skips = {}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bei.errors import EngineFailedError
-from bei.runtime.base import Backend, Batch
-from bei.runtime.tokenizer import Encoded
+from bei.backend import Backend, Batch
+from bei.text.tokenizer import Encoded
 from bei.scheduler.batcher import Batcher
 
 
@@ -117,3 +117,22 @@ def test_queue_time_counts_the_wait_for_the_running_batch() -> None:
     assert first.inference_time >= 0.3 and second.inference_time >= 0.3  # type: ignore[union-attr]
     assert first.queue_time < 0.1, first  # type: ignore[union-attr]
     assert second.queue_time >= 0.29, second  # type: ignore[union-attr]
+
+
+class PackingBackend(RecordingBackend):
+    pads = False
+
+
+def test_the_batcher_budgets_by_what_the_backend_computes() -> None:
+    """A padding backend is budgeted by rows x longest row, a packing one by real tokens."""
+    groups = [[encoded(4, 100)], [encoded(4, 200)], [encoded(4, 300)], [encoded(12, 400)]]  # 24 real tokens
+
+    def calls(backend: RecordingBackend) -> int:
+        batcher = Batcher(backend, pad_id=0, padding_side="right", max_batch_tokens=24, max_batch_requests=8)
+        assert batcher.queue.padded is backend.pads
+        for group in groups:  # queued before the worker starts: one decision over all four
+            batcher.queue.push(len(group[0]), group)
+        return len([b for b in iter(batcher.queue.next_batch, [])])
+
+    assert calls(RecordingBackend()) == 2  # 4 x 12 = 48 padded positions > 24
+    assert calls(PackingBackend()) == 1

@@ -143,8 +143,8 @@ def test_killed_rebuild_keeps_the_old_engine(tmp_path: Path, minilm_build: Built
     assert manifest == manifest_before
 
     # and the old engine still loads and embeds
-    from bei.runtime.engine import load_engine
-    from bei.runtime.base import Batch
+    from bei.targets.loading import load_engine
+    from bei.backend import Batch
 
     engine = load_engine(engine_dir, threads=1)
     try:

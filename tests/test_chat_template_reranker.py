@@ -4,7 +4,7 @@ sentence-transformers 6.2's CrossEncoder renders a (query, document) pair throug
 template whenever the checkpoint has one (chat_template.jinja, else tokenizer_config.json's
 `chat_template`): messages with roles "query" and "document", `add_generation_prompt=False`, tokenized
 without special tokens; a truncated input gets the template's suffix written back over its last tokens.
-bei renders the same ids server-side (bei/runtime/chat_template.py); these tests compare the ids, and
+bei renders the same ids server-side (bei/text/chat_template.py); these tests compare the ids, and
 the /rerank and /predict scores of a built engine served by a real uvicorn, with `CrossEncoder.predict`.
 """
 
@@ -24,15 +24,15 @@ import torch
 from sentence_transformers import CrossEncoder
 from tokenizers import Tokenizer
 
-from bei.build import STAGES, build_engine
+from bei.build import build_engine
 from bei.config import parse_config
 from bei.engine.manifest import read_manifest
 from bei.modeling.detect import read_model_spec
 from bei.progress import Progress
-from bei.runtime.chat_template import ChatTemplate, read_chat_template, read_special_tokens
-from bei.runtime.tokenizer import TokenizerRuntime
-from tests.inproc_server import serve_engine
-from tests.tiny_models import TEXTS, make_checkpoint
+from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
+from bei.text.tokenizer import TokenizerRuntime
+from bei.testing.inproc_server import serve_engine
+from bei.testing.tiny_models import TEXTS, make_checkpoint
 
 TOL = 1e-4
 MAX_LEN = 128  # the tiny models' positions; the template alone takes ~65 tokens of the tiny vocabulary
@@ -119,7 +119,7 @@ def _build(checkpoint: Path, root: Path, name: str) -> Path:
         }},
     }
     result = build_engine(parse_config(config), config_dir=root, engines_root=root / "engines",
-                          progress=Progress(STAGES, enabled=False))
+                          progress=Progress([], enabled=False))
     return result.engine_dir
 
 

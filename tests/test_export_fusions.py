@@ -1,4 +1,4 @@
-"""The CPU target's offline fusions (bei/export/onnxruntime.py): fused ops in the graph, the same numbers
+"""The CPU target's offline fusions (bei/targets/onnxruntime/fusions.py): fused ops in the graph, the same numbers
 as the exported graph and transformers, and a fallback when a fusion does not agree."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import numpy as np
 import onnx
 import pytest
 
-from bei.build import reference_outputs, sample_batch
-from bei.export import onnxruntime as ort_target
-from bei.export.onnx import export_onnx
-from bei.export.verify import compare
+from bei.buildsteps.samples import reference_outputs, sample_batch
+from bei.targets.onnxruntime import fusions as ort_target
+from bei.buildsteps.onnx_export import export_onnx
+from bei.accuracy import compare
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import build_module
 from bei.modeling.spec import ModelSpec
-from bei.runtime.base import Batch
-from bei.runtime.engine import load_engine
-from bei.runtime.tokenizer import TokenizerRuntime
-from tests.inproc_server import base_model_for
+from bei.backend import Batch
+from bei.targets.loading import load_engine
+from bei.text.tokenizer import TokenizerRuntime
+from bei.testing.inproc_server import base_model_for
 from tests.servers import BuiltEngine, cosine, minilm_build, st_model
 
 __all__ = ["minilm_build", "st_model"]

@@ -1,4 +1,4 @@
-"""INT8 CPU engines (bei/export/int8.py): dynamic int8 quantization of the MiniLM engine graph, its
+"""INT8 CPU engines (bei/targets/onnxruntime/int8.py): dynamic int8 quantization of the MiniLM engine graph, its
 accuracy against the fp32 engine and sentence-transformers, and the gate."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import onnx
 import pytest
 
 from bei.errors import ExportError
-from bei.export.int8 import matmuls_after_gelu, quantize_int8, quantize_per_row, weighted_matmuls
-from bei.export.onnxruntime import run_graph
-from bei.export.quantize import heldout_batch
+from bei.targets.onnxruntime.int8 import matmuls_after_gelu, quantize_int8, quantize_per_row, weighted_matmuls
+from bei.targets.onnxruntime.fusions import run_graph
+from bei.quantization.calibration import heldout_batch
 from bei.modeling.detect import read_model_spec
-from bei.runtime.base import Batch
-from bei.runtime.tokenizer import TokenizerRuntime
+from bei.backend import Batch
+from bei.text.tokenizer import TokenizerRuntime
 from tests.servers import BuiltEngine, cosine, minilm_build, st_model
 
 __all__ = ["minilm_build", "st_model"]
@@ -82,7 +82,7 @@ def test_int8_build_from_config_serves_the_int8_graph(tiny_checkpoint_factory: A
     from bei.errors import ConfigError
     from bei.engine.manifest import read_manifest
     from bei.progress import Progress
-    from tests.inproc_server import config_for
+    from bei.testing.inproc_server import config_for
 
     folder = tiny_checkpoint_factory("bert", "embed")
     config = parse_config(config_for("int8", folder, "encoder_bert", quantization_type="int8",

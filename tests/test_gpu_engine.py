@@ -21,8 +21,8 @@ def test_tensorrt_engine_matches_sentence_transformers(tmp_path: Path) -> None:
     from bei.build import build_engine
     from bei.config import load_config
     from bei.progress import Progress
-    from bei.runtime.base import Batch
-    from bei.runtime.engine import load_engine
+    from bei.backend import Batch
+    from bei.targets.loading import load_engine
 
     config_path = ROOT / "configs" / "all-minilm-l6-v2.yaml"
     result = build_engine(

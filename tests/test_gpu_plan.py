@@ -11,11 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from bei.engine.compat import Host, check_compatible
+from bei.hardware import Host
+from bei.targets.registry import check_compatible
 from bei.engine.manifest import read_manifest
 from bei.errors import ConfigError, EngineError
-from bei.export.plan import CPU_TARGET, GPU_TARGET, TargetChoice, check_target_hardware, choose_target, make_plan
-from bei.export.profiles import derive_profiles, profile_shapes, select_profile
+from bei.buildsteps.plan import TargetChoice
+from bei.targets.plan import check_target_hardware, make_plan
+from bei.targets.registry import choose_target
+
+CPU_TARGET, GPU_TARGET = "onnxruntime-cpu", "tensorrt"
+from bei.engine.profiles import derive_profiles, profile_shapes, select_profile
 from bei.modeling.detect import read_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import orjson
 from starlette.responses import JSONResponse as StarletteJSONResponse
 
 from bei.api.http import JSONResponse, render_json
-from bei.runtime.onnxruntime import session_options
+from bei.targets.onnxruntime.backend import session_options
 from bei.serve import loop_and_http
 from tests.servers import Server, http, minilm_build, minilm_server
 

@@ -1,6 +1,6 @@
 """bei's packed causal decoders (bei/modeling/packed/decoders.py) against transformers, in fp32 on the CPU.
 
-For every (model_type, task) tests/tiny_models.py makes for Llama, Mistral, Qwen2, Qwen3 and Gemma2
+For every (model_type, task) bei/testing/tiny_models.py makes for Llama, Mistral, Qwen2, Qwen3 and Gemma2
 (embed with last-token pooling, rerank, classify, ner) the packed module's output on a padded batch
 equals `bei.build.reference_outputs` of the transformers EngineModule (eager attention) on the same
 weights, and the batch packed equals each row run alone. The tiny checkpoints pad on the left (as
@@ -26,24 +26,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bei.build import reference_outputs
+from bei.buildsteps.samples import reference_outputs
 from bei.errors import ModelError
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import EngineModule, auto_class, build_module
 from bei.modeling.packed.decoders import DECODERS as PACKED_DECODERS
 from bei.modeling.packed.model import PackedEngineModule, build_packed_module, load_hf_weights, num_labels
 from bei.modeling.packed.weights import read_hf_state
-from bei.modeling.spec import ModelSpec, Task
-from bei.runtime.base import Batch
-from bei.runtime.tokenizer import TokenizerRuntime
-from tests.tiny_models import DECODERS, SUPPORTED, TEXTS, edit_config
+from bei.modeling.spec import ModelSpec
+from bei.kinds import Task
+from bei.backend import Batch
+from bei.text.tokenizer import TokenizerRuntime
+from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS, edit_config
 
 MAX_ABS_DIFF = 1e-4
 MIN_COSINE = 0.99999
 ALONE_ABS_DIFF = 1e-5  # the batch packed vs each row alone: the same arithmetic but for reduction order
 PAIRS = [(TEXTS[i], TEXTS[(i * 5 + 3) % len(TEXTS)]) for i in range(len(TEXTS))]
 TASKS = ("embed", "rerank", "classify", "ner")
-# transformers rebuilds the qwen2 tokenizer whatever tokenizer.json says (see tests/inproc_server.py)
+# transformers rebuilds the qwen2 tokenizer whatever tokenizer.json says (see bei/testing/inproc_server.py)
 SYNC_TOKENIZER = ("qwen2",)
 
 
@@ -150,7 +151,7 @@ def engines(
     tiny_checkpoint_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[Case], Engines]:
     """`engines(case)`: the case's checkpoint, its transformers reference and packed module, and its batch."""
-    from tests.inproc_server import sync_tokenizer_json
+    from bei.testing.inproc_server import sync_tokenizer_json
 
     cache: dict[str, Engines] = {}
 

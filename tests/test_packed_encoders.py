@@ -1,6 +1,6 @@
 """bei's packed encoder modules (bei/modeling/packed/encoders.py) against transformers, fp32 on the CPU.
 
-For every encoder (model_type, task) that tests/tiny_models.py makes, BERT embedders with other
+For every encoder (model_type, task) that bei/testing/tiny_models.py makes, BERT embedders with other
 pooling / Dense / prompt exclusion, and checkpoints whose config.json says something the defaults do
 not (a ModernBERT window shorter than the inputs, mean classifier pooling, the legacy rope fields,
 other activations): the packed module's output on a padded batch equals the transformers reference
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from bei.build import reference_outputs
+from bei.buildsteps.samples import reference_outputs
 from bei.errors import ModelError
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import EngineModule, auto_class, build_module, input_names
@@ -33,11 +33,12 @@ from bei.modeling.packed.model import (
     read_config,
 )
 from bei.modeling.packed.weights import read_hf_state
-from bei.modeling.spec import ModelSpec, Task
-from bei.runtime.base import Batch
-from bei.runtime.tokenizer import Encoded, TokenizerRuntime
-from tests.tiny_models import ENCODERS as ENCODER_TYPES
-from tests.tiny_models import SUPPORTED, TEXTS, edit_config
+from bei.modeling.spec import ModelSpec
+from bei.kinds import Task
+from bei.backend import Batch
+from bei.text.tokenizer import Encoded, TokenizerRuntime
+from bei.testing.tiny_models import ENCODERS as ENCODER_TYPES
+from bei.testing.tiny_models import SUPPORTED, TEXTS, edit_config
 
 MAX_ABS_DIFF = 1e-4
 MIN_COSINE = 0.99999

@@ -18,7 +18,7 @@ from bei.modeling.detect import read_model_spec
 from bei.modeling.module import build_module
 from bei.modeling.pooling import PoolingConfig, PoolingMode, pool
 from bei.modeling.spec import ModelSpec
-from tests.tiny_models import POOLING_MODES, TEXTS
+from bei.testing.tiny_models import POOLING_MODES, TEXTS
 
 MODE_SETS: list[tuple[str, ...]] = [(m,) for m in POOLING_MODES] + [
     ("cls", "mean"),

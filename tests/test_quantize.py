@@ -1,5 +1,5 @@
 """FP8 / NVFP4 post-training quantization with ModelOpt, simulated on the CPU: accuracy figure and gate,
-the Q/DQ ONNX graph for TensorRT, and the calibration texts (bei/export/quantize.py, bei/export/calibration.py).
+the Q/DQ ONNX graph for TensorRT, and the calibration texts (bei/quantization/modelopt.py, bei/quantization/calibration.py).
 
 ModelOpt comes with the `quant` extra; without it this module is skipped.
 """
@@ -21,13 +21,15 @@ import torch
 pytest.importorskip("modelopt")
 
 from bei.errors import CheckpointError, ConfigError, ExportError  # noqa: E402
-from bei.export import quantize as Q  # noqa: E402
-from bei.export.quant_layers import quantized_layer_names  # noqa: E402
-from bei.export.calibration import builtin_texts, heldout_texts, load_calibration_texts  # noqa: E402
+from bei import accuracy  # noqa: E402
+from bei.quantization import calibration, qdq  # noqa: E402
+from bei.quantization import modelopt as Q  # noqa: E402
+from bei.modeling.quant_layers import quantized_layer_names  # noqa: E402
+from bei.quantization.calibration import builtin_texts, heldout_texts, load_calibration_texts  # noqa: E402
 from bei.modeling.detect import read_model_spec  # noqa: E402
 from bei.modeling.module import build_module, input_names  # noqa: E402
-from bei.runtime.base import Batch  # noqa: E402
-from bei.runtime.tokenizer import TokenizerRuntime  # noqa: E402
+from bei.backend import Batch  # noqa: E402
+from bei.text.tokenizer import TokenizerRuntime  # noqa: E402
 
 MAX_LEN = 48
 CALIB = builtin_texts(64)
@@ -38,8 +40,8 @@ class Tiny:
         self.spec = read_model_spec(folder)
         self.tokenizer = TokenizerRuntime(folder / "tokenizer.json", self.spec.max_seq_len)
         self.reference = build_module(self.spec)
-        self.heldout: Batch = Q.heldout_batch(self.spec, self.tokenizer, CALIB, MAX_LEN, n=24)
-        self.sample: Batch = Q.make_batches(self.spec, self.tokenizer, ["Hello world.", "A", CALIB[4]], MAX_LEN)[0]
+        self.heldout: Batch = calibration.heldout_batch(self.spec, self.tokenizer, CALIB, MAX_LEN, n=24)
+        self.sample: Batch = calibration.make_batches(self.spec, self.tokenizer, ["Hello world.", "A", CALIB[4]], MAX_LEN)[0]
 
     def quantize(self, qtype: str) -> Any:
         return Q.quantize_module(self.reference, self.tokenizer, qtype, CALIB, MAX_LEN)  # a quantized copy
@@ -65,7 +67,7 @@ def fp8(tiny: Tiny) -> Any:
 @pytest.fixture(scope="module")
 def fp8_graph(tiny: Tiny, fp8: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
     path = tmp_path_factory.mktemp("fp8") / "model.onnx"
-    return path, Q.export_qdq_onnx(fp8, tiny.sample, path)
+    return path, qdq.export_qdq_onnx(fp8, tiny.sample, path)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,9 +93,9 @@ def test_fp8_accuracy_is_high_but_quantization_happened(tiny: Tiny, fp8: Any) ->
 
 def test_accuracy_gate(tiny: Tiny, fp8: Any) -> None:
     acc = Q.measure_accuracy(tiny.reference, fp8, tiny.heldout, tiny.spec.task)
-    Q.require_accuracy(acc, 0.9)
+    accuracy.require_accuracy(acc, 0.9)
     with pytest.raises(ExportError) as err:
-        Q.require_accuracy(acc, 0.99999999)
+        accuracy.require_accuracy(acc, 0.99999999)
     message = str(err.value)
     assert message.startswith(f"fp8 quantization keeps cosine {acc.min_cosine:.4f} < 0.99999999 required"), message
     assert "24 held-out inputs" in message and "calib_dataset" in message
@@ -103,10 +105,10 @@ def test_fp8_qdq_onnx_has_fp8_quantize_dequantize(tiny: Tiny, fp8: Any, fp8_grap
     path, counts = fp8_graph
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > counts["QuantizeLinear"], counts
     assert counts["fp8_weights"] == 12 and counts["layers"] == 12 and counts["fp4_weights"] == 0, counts
-    assert Q.qdq_layers(path) == Q.quantized_layers(fp8)
+    assert qdq.qdq_layers(path) == Q.quantized_layers(fp8)
     model = onnx.load(str(path))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
-    assert not any(n.domain == Q.QDOMAIN for n in model.graph.node)
+    assert not any(n.domain == qdq.QDOMAIN for n in model.graph.node)
     types = {t.name: t.data_type for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":  # activations: the zero point makes the output FP8 E4M3
@@ -173,7 +175,7 @@ def test_nvfp4_cpu_kernel_matches_modelopt_nvfp4_tensor() -> None:
 def test_fp4_qdq_onnx_is_modelopt_nvfp4_layout(tiny: Tiny, tmp_path: Path) -> None:
     mlp = tiny.quantize("fp4_mlp_only")
     path = tmp_path / "model.onnx"
-    counts = Q.export_qdq_onnx(mlp, tiny.sample, path)
+    counts = qdq.export_qdq_onnx(mlp, tiny.sample, path)
     assert counts["TRT_FP4DynamicQuantize"] == 4 and counts["fp4_weights"] == 4 and counts["layers"] == 4, counts
     assert counts["QuantizeLinear"] == 0 and counts["DequantizeLinear"] == 4 * 2 * 2  # 2 DQ per weight / input
     model = onnx.load(str(path))
@@ -206,7 +208,7 @@ def test_fp4_qdq_onnx_is_modelopt_nvfp4_layout(tiny: Tiny, tmp_path: Path) -> No
 
 def test_errors_without_quantization(tiny: Tiny, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no enabled quantizer"):
-        Q.export_qdq_onnx(tiny.reference, tiny.sample, tmp_path / "model.onnx")
+        qdq.export_qdq_onnx(tiny.reference, tiny.sample, tmp_path / "model.onnx")
     with pytest.raises(ExportError, match="int8"):
         Q.quant_config("int8")
 

@@ -154,3 +154,27 @@ def test_every_job_served_exactly_once_oldest_first(seed: int) -> None:
             served.append(job_id)
     assert queue.next_batch() == []
     assert sorted(served) == list(range(next_id))
+
+
+def test_a_packed_budget_counts_real_tokens_not_padding() -> None:
+    """One long job among short ones: padded, rows x longest must fit; packed, the sum of lengths."""
+    lengths = [10, 10, 10, 10, 60]
+    padded: TokenBudgetQueue[tuple[int, int]] = TokenBudgetQueue(max_batch_tokens=100, max_batch_requests=100)
+    push_all(padded, lengths)
+    assert [n for _, n in padded.next_batch()] == [10, 10, 10, 10]  # 5 x 60 = 300 > 100
+    packed: TokenBudgetQueue[tuple[int, int]] = TokenBudgetQueue(max_batch_tokens=100, max_batch_requests=100, padded=False)
+    push_all(packed, lengths)
+    assert [n for _, n in packed.next_batch()] == [10, 10, 10, 10, 60]  # 100 real tokens
+    assert packed.next_batch() == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_batches_stay_within_the_real_token_budget(seed: int) -> None:
+    rng = random.Random(seed)
+    queue: TokenBudgetQueue[tuple[int, int]] = TokenBudgetQueue(max_batch_tokens=256, max_batch_requests=64, padded=False)
+    push_all(queue, [rng.randint(1, 128) for _ in range(200)])
+    served = 0
+    while batch := queue.next_batch():
+        assert len(batch) == 1 or sum(n for _, n in batch) <= 256
+        served += len(batch)
+    assert served == 200

@@ -13,7 +13,7 @@ PROBE = """
 import sys
 from pathlib import Path
 from bei.api.app import state_for_engines
-from bei.runtime.engine import load_engine
+from bei.targets.loading import load_engine
 from bei.settings import ServeSettings
 import bei.serve
 folder = Path(sys.argv[1])

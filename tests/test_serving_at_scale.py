@@ -64,7 +64,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     from bei.config import parse_config
     from bei.modeling.detect import ARCHITECTURES
     from bei.progress import Progress
-    from tests.tiny_models import make_checkpoint
+    from bei.testing.tiny_models import make_checkpoint
 
     root = tmp_path_factory.mktemp("serving-at-scale")
     checkpoints = {
@@ -316,7 +316,7 @@ def inprocess_server(engine_dir: Path, probe: Probe) -> Iterator[tuple[str, Any]
     import uvicorn
 
     from bei.api.app import create_app, state_for_engines
-    from bei.runtime.engine import load_engine
+    from bei.targets.loading import load_engine
     from bei.settings import ServeSettings
 
     state = state_for_engines([engine_dir], ServeSettings(log_level="warning"))

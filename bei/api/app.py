@@ -21,7 +21,7 @@ from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
 from bei.errors import BeiError, NotReadyError, OverloadedError
 from bei.inference import InferenceService
-from bei.runtime.engine import load_engine
+from bei.targets.loading import load_engine
 from bei.settings import ServeSettings
 from bei.telemetry import SIZE_BUCKETS, TIME_BUCKETS, Histogram
 
@@ -123,12 +123,12 @@ def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
     return {
         "model_id": model.name,
         "model_sha": m.source.revision,
-        "model_dtype": m.precision,
-        "model_type": {m.task: {"pooling": m.pooling.modes if m.pooling else None, "labels": m.labels or None}},
-        "task": m.task,
+        "model_dtype": m.precision.value,
+        "model_type": {m.task.value: {"pooling": m.pooling.modes if m.pooling else None, "labels": m.labels or None}},
+        "task": m.task.value,
         "architecture": m.architecture,
         "backend": m.target.name,
-        "target": {"name": m.target.name, "gpu": m.target.gpu, "device": (m.target.model_extra or {}).get("device", "cuda" if m.target.gpu else "cpu")},
+        "target": {"name": m.target.name, "gpu": m.target.gpu, "device": m.target.device},
         "embedding_dim": m.embedding_dim,
         "normalize": m.normalize,
         "max_input_length": m.max_input_tokens,
@@ -285,9 +285,9 @@ async def _load(state: AppState, model: ServedModel) -> None:
 
 def state_for_engines(folders: list[Path], settings: ServeSettings) -> AppState:
     """Check every engine's manifest now (clear errors before the server starts); backends load later."""
-    from bei.engine.compat import check_compatible
     from bei.engine.manifest import read_manifest
     from bei.errors import ConfigError
+    from bei.targets.registry import check_compatible
 
     models: dict[str, ServedModel] = {}
     for folder in folders:

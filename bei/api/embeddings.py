@@ -12,7 +12,7 @@ from bei.api.schemas import EmbeddingInput, EmbedRequest, OpenAIEmbeddingsReques
 from bei.api.scoring import check_count
 from bei.errors import ValidationError
 from bei.inference import InferenceService
-from bei.runtime.tokenizer import Direction, TextInput
+from bei.text.tokenizer import Direction, TextInput
 
 
 def as_inputs(raw: EmbeddingInput, service: InferenceService) -> list[TextInput]:

@@ -21,7 +21,7 @@ from bei.api.schemas import (
     TokenizeRequest,
 )
 from bei.inference import InferenceService
-from bei.modeling.spec import Task
+from bei.kinds import Task
 
 Handler = Callable[[InferenceService, Any, Timing], Awaitable[Any]]
 

@@ -10,7 +10,7 @@ from bei.api.http import Timing
 from bei.api.schemas import CohereRerankRequest, PredictInput, PredictRequest, RerankRequest
 from bei.errors import EmptyInputError, TooManyInputsError, ValidationError
 from bei.inference import InferenceService
-from bei.runtime.tokenizer import Direction, TextInput
+from bei.text.tokenizer import Direction, TextInput
 
 
 def activate(logits: np.ndarray, raw: bool) -> np.ndarray:

@@ -14,7 +14,7 @@ from bei.api.http import Timing
 from bei.api.schemas import _Request
 from bei.api.scoring import activate, check_count
 from bei.inference import InferenceService
-from bei.runtime.tokenizer import TextInput
+from bei.text.tokenizer import TextInput
 
 
 class SearchRequest(_Request):

@@ -10,8 +10,8 @@ from bei.api.routes import TaskRoute, routes_for
 from bei.engine.manifest import Manifest
 from bei.errors import ModelNotFoundError, NotReadyError, ValidationError, WrongRouteError
 from bei.inference import InferenceService
-from bei.modeling.spec import Task
-from bei.runtime.engine import LoadedEngine
+from bei.kinds import Task
+from bei.targets.loading import LoadedEngine
 from bei.settings import ServeSettings
 
 
@@ -25,7 +25,7 @@ class ServedModel:
 
     @property
     def task(self) -> Task:
-        return Task(self.manifest.task)
+        return self.manifest.task
 
 
 @dataclass

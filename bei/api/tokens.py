@@ -17,7 +17,7 @@ from bei.api.schemas import PredictTokensRequest
 from bei.api.scoring import activate, check_count, predict_items
 from bei.errors import ValidationError
 from bei.inference import InferenceService
-from bei.runtime.tokenizer import Encoded, TokenizerRuntime
+from bei.text.tokenizer import Encoded, TokenizerRuntime
 
 IGNORED_LABELS = ("O",)
 

@@ -9,7 +9,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
+from bei.engine.profiles import Profile
 from bei.errors import EngineError
+from bei.kinds import Precision, Task
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -28,13 +30,27 @@ class PoolingInfo(BaseModel):
 
 
 class TargetInfo(BaseModel):
-    """The runtime an engine was compiled for; GPU engines add the GPU and the TensorRT version."""
+    """The target an engine was built by (a name in `bei.targets.registry`), the runtime versions it
+    was built with, and the hardware it needs: GPU engines name the GPU; `device` and `dtype` say
+    where and in what activation dtype the engine runs."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str  # "onnxruntime-cpu", "tensorrt", ...
+    model_config = ConfigDict(extra="forbid")
+    name: str  # "onnxruntime-cpu", "tensorrt", "torch", ...
     versions: dict[str, str] = Field(default_factory=dict)
     gpu: str | None = None
     compute_capability: str | None = None
+    device: str = "cpu"  # "cpu" | "cuda"
+    dtype: str | None = None  # activation dtype of targets that choose one at build ("float32", "bfloat16", ...)
+
+
+class DenseLayerInfo(BaseModel):
+    """A sentence-transformers Dense layer; its weights are in the engine's weights file."""
+
+    model_config = ConfigDict(extra="forbid")
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
 
 
 class VerificationInfo(BaseModel):
@@ -51,7 +67,7 @@ class Manifest(BaseModel):
     bei_version: str
     name: str
     source: SourceInfo
-    task: str
+    task: Task
     architecture: str
     model_type: str
     base_model: str
@@ -67,7 +83,7 @@ class Manifest(BaseModel):
     default_prompt_name: str | None = None
     chat_template: str | None = None  # inputs rendered through it (causal rerankers / classifiers), as ST does
     default_route: str | None = None
-    precision: str
+    precision: Precision
     target: TargetInfo
     graph_file: str
     graph_inputs: list[str]
@@ -77,10 +93,9 @@ class Manifest(BaseModel):
     verification: VerificationInfo
     config: dict[str, Any]
     config_fingerprint: str
-    profiles: list[dict[str, list[int]]] = Field(default_factory=list)  # TensorRT optimization profiles
-    # sentence-transformers Dense layers (in_features, out_features, bias, activation): the torch
-    # target rebuilds its module from them; their weights are in the engine's weights file
-    dense_layers: list[dict[str, Any]] = Field(default_factory=list)
+    profiles: list[Profile] = Field(default_factory=list)  # TensorRT optimization profiles
+    # sentence-transformers Dense layers: the torch target rebuilds its module from them
+    dense_layers: list[DenseLayerInfo] = Field(default_factory=list)
     quantization: dict[str, Any] | None = None  # quantized engines: type, calibration, accuracy figures
 
     def write(self, folder: Path) -> None:

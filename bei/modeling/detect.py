@@ -9,8 +9,9 @@ from typing import Any
 from bei.errors import ModelError
 from bei.modeling.files import read_json
 from bei.modeling.pooling import PoolingConfig, PoolingMode
-from bei.modeling.spec import DenseLayer, ModelSpec, Task
-from bei.runtime.chat_template import ChatTemplate, read_chat_template, read_special_tokens
+from bei.modeling.spec import DenseLayer, ModelSpec
+from bei.kinds import Task
+from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from bei.errors import ModelError
 from bei.modeling.pooling import pool
-from bei.modeling.spec import DenseLayer, ModelSpec, Task
+from bei.modeling.spec import DenseLayer, ModelSpec
+from bei.kinds import Task
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "tanh": torch.nn.Tanh,
@@ -116,3 +117,14 @@ class EngineModule(torch.nn.Module):
 
 def build_module(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> EngineModule:
     return EngineModule(spec, load_transformer(spec, dtype)).eval()
+
+
+def linear_layers(spec: ModelSpec) -> dict[str, int]:
+    """The transformer's Linear layers as named in the engine module, with their input widths, from
+    the checkpoint's config on the meta device (no weights loaded)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(spec.path))
+    with torch.device("meta"):
+        model = auto_class(spec.task).from_config(config)
+    return {f"transformer.{name}": m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

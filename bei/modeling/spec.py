@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
+from bei.kinds import Task
 from bei.modeling.pooling import PoolingConfig
-
-
-class Task(str, Enum):
-    EMBED = "embed"  # dense embeddings: /v1/embeddings, /embed
-    RERANK = "rerank"  # sequence classification with one label: /rerank, /v1/rerank, /predict
-    CLASSIFY = "classify"  # sequence classification with id2label: /predict
-    NER = "ner"  # token classification: /predict_tokens
-    SPARSE = "sparse"  # SPLADE: /embed_sparse
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bei.errors import EngineFailedError, NotReadyError
-from bei.runtime.base import Backend, Batch
-from bei.runtime.tokenizer import Encoded
+from bei.backend import Backend, Batch
+from bei.text.tokenizer import Encoded
 from bei.scheduler.queue import TokenBudgetQueue
 from bei.telemetry import SIZE_BUCKETS, Histogram
 
@@ -57,7 +57,9 @@ class Batcher:
         self.pad_id = pad_id
         self.padding_side = padding_side
         self.per_token_output = per_token_output
-        self.queue: TokenBudgetQueue[_Pending] = TokenBudgetQueue(max_batch_tokens, max_batch_requests)
+        self.queue: TokenBudgetQueue[_Pending] = TokenBudgetQueue(
+            max_batch_tokens, max_batch_requests, padded=backend.pads
+        )
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-engine")
         self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-prepare")

@@ -40,7 +40,7 @@ from bei.errors import ModelError
 from bei.modeling.packed.attention import FULL, varlen_attention
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.weights import fuse_linears, strip_prefixes
-from bei.modeling.spec import Task
+from bei.kinds import Task
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 

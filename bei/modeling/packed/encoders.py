@@ -29,7 +29,7 @@ from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
 from bei.modeling.packed.weights import fuse_linears, strip_prefixes
 from bei.modeling.pooling import PoolingConfig, PoolingMode
-from bei.modeling.spec import Task
+from bei.kinds import Task
 
 T = TypeVar("T")
 Activation = Callable[[torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from bei.export.quant_layers import quantized_layer_names
+from bei.modeling.quant_layers import quantized_layer_names
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448

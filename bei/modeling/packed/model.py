@@ -28,7 +28,8 @@ from bei.errors import ModelError
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
-from bei.modeling.spec import ModelSpec, Task
+from bei.modeling.spec import ModelSpec
+from bei.kinds import Task
 
 
 class Architecture(Protocol):

@@ -143,10 +143,10 @@ def make_and_build(
     tokenizer.json as transformers' AutoTokenizer loads it (see `sync_tokenizer_json`). Returns
     (checkpoint folder, engine folder, seconds). Runs in a worker process or inline.
     """
-    from bei.build import STAGES, build_engine
+    from bei.build import build_engine
     from bei.config import parse_config
     from bei.progress import Progress
-    from tests.tiny_models import make_checkpoint
+    from bei.testing.tiny_models import make_checkpoint
 
     started = time.perf_counter()
     base = Path(root)
@@ -163,7 +163,7 @@ def make_and_build(
         # `.staging-<name>-*`, which also matches a concurrent build of `<name>-<suffix>`
         engines_root=base / "engines" / name,
         target=target,
-        progress=Progress(STAGES, enabled=False),
+        progress=Progress([], enabled=False),
     )
     return str(checkpoint), str(result.engine_dir), time.perf_counter() - started
 

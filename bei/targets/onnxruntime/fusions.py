@@ -11,7 +11,7 @@ a probe batch is written:
 
 A fused `Attention` whose additive bias is computed from the padding mask then takes ONNX Runtime's
 2-D `mask_index` instead (`use_mask_index`): the bias subgraph goes, and the int8 quantizer
-(bei/export/int8.py) can turn the node into `QAttention`.
+(bei/targets/onnxruntime/int8.py) can turn the node into `QAttention`.
 
 An optimization never fails a build: a candidate that raises or disagrees is skipped with a note.
 """
@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from bei.export.verify import Agreement, compare
+from bei.accuracy import Agreement, compare
 from bei.modeling.module import input_names
 from bei.modeling.spec import ModelSpec
-from bei.runtime.base import Batch
-from bei.runtime.onnxruntime import OnnxRuntimeBackend
+from bei.backend import Batch
+from bei.targets.onnxruntime.backend import OnnxRuntimeBackend
 
-TARGET_NAME = "onnxruntime-cpu"
 
 # model types whose graphs onnxruntime.transformers' BERT fusions understand
 _BERT_FUSIONS = {"bert", "roberta", "xlm-roberta", "distilbert"}
@@ -210,7 +209,7 @@ def onnxscript_fusions(spec: ModelSpec, source: Path, target: Path) -> None:
         model = ir.load(str(source))
         model, _ = optimize_for_ort(model)
         # Attention takes Q, K and V's weights as one Concat of three initializers: fold it into one,
-        # so that the graph holds the weights once and int8 quantization (bei/export/int8.py) sees them
+        # so that the graph holds the weights once and int8 quantization (bei/targets/onnxruntime/int8.py) sees them
         fold_constants(model, should_fold=lambda node: True if node.op_type == "Concat" else None)
         ir.save(model, str(target), external_data=_data_file(source, target))
 

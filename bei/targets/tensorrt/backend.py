@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from bei.export.profiles import Profile, select_profile
-from bei.runtime.base import Backend, Batch
+from bei.engine.profiles import Profile, select_profile
+from bei.backend import Backend, Batch
 
 
 class TensorRTBackend(Backend):

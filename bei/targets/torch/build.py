@@ -12,42 +12,26 @@ torch.compile's compiled code for this GPU type, saved so `bei serve` does not c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from bei.checkpoint import Checkpoint
-from bei.config import BeiConfig
+from bei.accuracy import compare, require_accuracy, accuracy_of_outputs, require_agreement
+from bei.backend import Batch
+from bei.buildsteps.context import BuildContext, BuildResult
+from bei.buildsteps.manifest import write_engine
+from bei.buildsteps.plan import BuildPlan
+from bei.buildsteps.samples import reference_outputs, sample_batch
 from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import TargetInfo
 from bei.errors import ExportError
-from bei.export.plan import TORCH_TARGET, BuildPlan
-from bei.export.verify import compare, require_agreement
-from bei.modeling.module import build_module
+from bei.modeling.module import build_module, input_names
 from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
-from bei.modeling.packed.model import (
-    PackedEngineModule,
-    build_packed_module,
-    pad_token_id,
-    read_config,
-)
+from bei.modeling.packed.model import PackedEngineModule, build_packed_module, pad_token_id, read_config
 from bei.modeling.spec import ModelSpec
-from bei.progress import Progress
-from bei.runtime.base import Batch
-from bei.runtime.tokenizer import TokenizerRuntime
-from bei.runtime.torch_backend import (
-    COMPILE_CACHE_FILE,
-    WARM_TOKENS,
-    WEIGHTS_FILE,
-    TorchBackend,
-    save_compile_cache,
-)
-
-if TYPE_CHECKING:
-    from bei.build import BuildResult
+from bei.targets.torch.backend import COMPILE_CACHE_FILE, WARM_TOKENS, WEIGHTS_FILE, TorchBackend, save_compile_cache
 
 # the packed fp32 module must equal transformers as the ONNX Runtime engine must
 FP32_MIN_COSINE = 0.99999
@@ -83,33 +67,14 @@ def _real_tokens(output: np.ndarray, batch: Batch) -> np.ndarray:
     return output
 
 
-def build_torch_engine(
-    config: BeiConfig,
-    checkpoint: Checkpoint,
-    spec: ModelSpec,
-    plan: BuildPlan,
-    *,
-    engines_root: Path,
-    config_dir: Path,
-    progress: Progress,
-    started: float,
-) -> BuildResult:
-    from bei.build import (
-        BuildResult,
-        manifest_for,
-        reference_outputs,
-        sample_batch,
-        write_engine_files,
-    )
-    from bei.modeling.module import input_names
-
+def build(ctx: BuildContext) -> BuildResult:
+    spec, plan, progress = ctx.spec, ctx.plan, ctx.progress
     names = input_names(spec)
-    tokenizer = TokenizerRuntime(checkpoint.path / "tokenizer.json", spec.max_seq_len, chat_template=spec.chat_template)
     device, dtype = device_and_dtype(plan, spec.base_model)
     quantization: dict[str, Any] | None = None
-    with staged_engine_dir(engines_root / config.name) as staging:
+    with staged_engine_dir(ctx.engine_dir) as staging:
         with progress.stage("load"):
-            sample = sample_batch(spec, tokenizer)
+            sample = sample_batch(spec, ctx.tokenizer)
             reference = _real_tokens(reference_outputs(build_module(spec), sample), sample)  # transformers, fp32
             module = build_packed_module(spec)
             exact = compare(reference, _run(module, sample, names))
@@ -118,9 +83,7 @@ def build_torch_engine(
         check_batch, check_reference = sample, reference
         if plan.precision == "fp8":
             with progress.stage("quantize"):
-                quantization, check_batch, check_reference = _quantize_fp8(
-                    config, config_dir, spec, tokenizer, module, device, dtype, names, progress
-                )
+                quantization, check_batch, check_reference = _quantize_fp8(ctx, module, device, dtype, names)
         else:
             module = module.to(device=device, dtype=dtype)
         with progress.stage("verify"):
@@ -136,46 +99,33 @@ def build_torch_engine(
                               f"{saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}")
             else:
                 progress.note("CPU engine: runs eagerly, nothing to compile")
-        with progress.stage("write"):
-            from safetensors.torch import save_model
+        from safetensors.torch import save_model
 
-            save_model(module, str(staging / WEIGHTS_FILE))  # tied weights (MLM decoders) stored once
-            gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-            capability = ".".join(map(str, torch.cuda.get_device_capability(0))) if device == "cuda" else None
-            manifest = manifest_for(
-                config,
-                checkpoint,
-                spec,
-                plan,
-                agreement,
-                graph_file=WEIGHTS_FILE,
-                target=TargetInfo(name=TORCH_TARGET, versions=versions(), gpu=gpu, compute_capability=capability,
-                                  device=device, dtype=str(dtype).removeprefix("torch.")),  # type: ignore[call-arg]
-                reference="transformers (torch, fp32, CPU)",
-                build_seconds=time.perf_counter() - started,
-                quantization=quantization,
-            )
-            write_engine_files(checkpoint, staging, manifest)
-    return BuildResult(engine_dir=(engines_root / config.name).resolve(), manifest=manifest)
+        save_model(module, str(staging / WEIGHTS_FILE))  # tied weights (MLM decoders) stored once
+        gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+        capability = ".".join(map(str, torch.cuda.get_device_capability(0))) if device == "cuda" else None
+        return write_engine(
+            ctx,
+            staging,
+            agreement,
+            graph_file=WEIGHTS_FILE,
+            target=TargetInfo(name=plan.target, versions=versions(), gpu=gpu, compute_capability=capability,
+                              device=device, dtype=str(dtype).removeprefix("torch.")),  # fmt: skip
+            reference="transformers (torch, fp32, CPU)",
+            quantization=quantization,
+        )
 
 
 def _quantize_fp8(
-    config: BeiConfig,
-    config_dir: Path,
-    spec: ModelSpec,
-    tokenizer: TokenizerRuntime,
-    module: PackedEngineModule,
-    device: str,
-    dtype: torch.dtype,
-    names: list[str],
-    progress: Progress,
+    ctx: BuildContext, module: PackedEngineModule, device: str, dtype: torch.dtype, names: list[str]
 ) -> tuple[dict[str, Any], Batch, np.ndarray]:
     """FP8 layers in place; the accuracy against the unquantized module on held-out texts, gated.
     Returns the manifest's `quantization` entry, the held-out batch and the unquantized outputs on it."""
-    from bei.export import quantize
+    from bei.quantization import calibration
 
-    qcfg = config.trt_llm.build.quantization_config
-    texts, max_len, heldout = quantize.calibration_inputs(qcfg, spec, tokenizer, config_dir)
+    spec = ctx.spec
+    qcfg = ctx.config.trt_llm.build.quantization_config
+    texts, max_len, heldout = calibration.calibration_inputs(qcfg, spec, ctx.tokenizer, ctx.config_dir)
     reference = _run(module, heldout, names)  # the unquantized packed module (= transformers)
     module.to(device=device, dtype=dtype)
     layers = quantize_fp8(module)
@@ -183,11 +133,11 @@ def _quantize_fp8(
         raise ExportError(f"fp8: {spec.architecture} has no Linear layer FP8 can quantize (widths must be multiples of 16)")
     static = qcfg.activation_scales == "static"
     if static:
-        batches = quantize.make_batches(spec, tokenizer, texts, max_len, batch_size=16)
+        batches = calibration.make_batches(spec, ctx.tokenizer, texts, max_len, batch_size=16)
         calibrate_static_scales(module, lambda: [_run(module, b, names) for b in batches])
-    accuracy = quantize.accuracy_of_outputs(reference, _run(module, heldout, names), heldout, spec.task, qtype="fp8")
-    quantize.require_accuracy(accuracy, qcfg.min_accuracy)
-    progress.note(f"{len(layers)} Linear layers in FP8 ({'static' if static else 'dynamic per-row'} activation scales); {accuracy.summary()}")
+    accuracy = accuracy_of_outputs(reference, _run(module, heldout, names), heldout, spec.task, qtype="fp8")
+    require_accuracy(accuracy, qcfg.min_accuracy)
+    ctx.progress.note(f"{len(layers)} Linear layers in FP8 ({'static' if static else 'dynamic per-row'} activation scales); {accuracy.summary()}")
     entry = {
         "type": "fp8",
         "activation_scales": "static" if static else "dynamic",

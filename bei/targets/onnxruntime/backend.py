@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from bei.runtime.base import Backend, Batch
+from bei.backend import Backend, Batch
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> onnxruntime.SessionOptions:

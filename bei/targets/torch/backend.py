@@ -32,8 +32,9 @@ from bei.modeling.packed.model import (
     read_config,
 )
 from bei.modeling.pooling import PoolingConfig, PoolingMode
-from bei.modeling.spec import DenseLayer, ModelSpec, Task
-from bei.runtime.base import Backend, Batch
+from bei.modeling.spec import DenseLayer, ModelSpec
+from bei.kinds import Task
+from bei.backend import Backend, Batch
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any])
         else None
     )
     dense = tuple(
-        DenseLayer(folder, int(d["in_features"]), int(d["out_features"]), bool(d["bias"]), str(d["activation"]))
+        DenseLayer(folder, d.in_features, d.out_features, d.bias, d.activation)
         for d in manifest.dense_layers
     )
     return ModelSpec(
@@ -75,7 +76,7 @@ def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any])
         architecture=manifest.architecture,
         model_type=manifest.model_type,
         base_model=manifest.base_model,
-        task=Task(manifest.task),
+        task=manifest.task,
         hidden_size=int(config.get("hidden_size") or config.get("dim") or 0),
         num_heads=int(config.get("num_attention_heads") or config.get("n_heads") or 0),
         max_seq_len=manifest.max_input_tokens,
@@ -90,6 +91,7 @@ def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any])
 
 class TorchBackend(Backend):
     name = "torch"
+    pads = False  # packed: the engine computes real tokens only
 
     def __init__(
         self,
@@ -124,8 +126,7 @@ class TorchBackend(Backend):
     def load(cls, folder: Path, manifest: Manifest, threads: int | None = None) -> TorchBackend:
         from safetensors.torch import load_model
 
-        extra = manifest.target.model_extra or {}
-        device, dtype = str(extra.get("device", "cpu")), DTYPES[str(extra.get("dtype", "float32"))]
+        device, dtype = manifest.target.device, DTYPES[manifest.target.dtype or "float32"]
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"engine {manifest.name!r} runs on CUDA and torch sees no GPU here")
         if threads and device == "cpu":
@@ -180,7 +181,7 @@ class TorchBackend(Backend):
         """Run a batch of each of WARM_TOKENS tokens (rows of at most 128 tokens, of pad ids): every
         CUDA-graph bucket, then the dynamic-shape graph, so that compiling and graph capture happen
         here. Returns the buckets the graphed batches ran in."""
-        from bei.runtime.tokenizer import Encoded
+        from bei.text.tokenizer import Encoded
 
         ran = []
         for tokens in WARM_TOKENS:

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bei.errors import ExportError
-from bei.export.profiles import Profile, profile_shapes
+from bei.engine.profiles import Profile, profile_shapes
 
-TARGET_NAME = "tensorrt"
 TIMING_CACHE_FILE = ".tensorrt-timing.cache"  # next to the engines, shared by every build on this GPU
 
 

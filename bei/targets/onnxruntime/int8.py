@@ -1,7 +1,7 @@
 """INT8 CPU engines: ONNX Runtime dynamic quantization of the fp32 engine graph, gated by accuracy.
 
 Weights become int8 per output channel; activations are quantized per call (no calibration). A fused
-`Attention` that takes the padding mask as `mask_index` (bei/export/onnxruntime.py) becomes `QAttention`,
+`Attention` that takes the padding mask as `mask_index` (bei/targets/onnxruntime/fusions.py) becomes `QAttention`,
 so the Q/K/V projections are int8 too (about a quarter of the encoder's FLOPs).
 
 ONNX Runtime's own dynamic quantization gives a MatMul's input one scale for the whole tensor, which a
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from bei.export.onnxruntime import run_graph
-from bei.export.quantize import accuracy_of_outputs, require_accuracy
+from bei.targets.onnxruntime.fusions import run_graph
+from bei.accuracy import accuracy_of_outputs, require_accuracy
 from bei.modeling.spec import ModelSpec
-from bei.runtime.base import Batch
+from bei.backend import Batch
 
 QTYPE = "int8"
 # activations whose consumers get per-row scales in the first attempt

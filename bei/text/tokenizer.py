@@ -9,7 +9,7 @@ from typing import Literal
 from tokenizers import Encoding, Tokenizer
 
 from bei.errors import EmptyInputError, InputTooLongError, ValidationError
-from bei.runtime.chat_template import ChatTemplate, read_special_tokens, truncate_keeping_suffix
+from bei.text.chat_template import ChatTemplate, read_special_tokens, truncate_keeping_suffix
 
 Direction = Literal["right", "left"]
 TextInput = str | tuple[str, str] | list[int]
@@ -35,7 +35,7 @@ class TokenizerRuntime:
     Separate instances because truncation is tokenizer state and encoding runs on several threads.
 
     With a `chat_template` (a causal reranker / classifier whose checkpoint defines one), texts and pairs
-    are rendered through it as sentence-transformers' CrossEncoder does (see `bei.runtime.chat_template`);
+    are rendered through it as sentence-transformers' CrossEncoder does (see `bei.text.chat_template`);
     special tokens for the template come from tokenizer_config.json next to `tokenizer_file`.
     """
 

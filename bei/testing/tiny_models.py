@@ -7,7 +7,7 @@ sentence-transformers module files (modules.json, 1_Pooling/, N_Dense/, N_Normal
 1_SpladePooling/, sentence_bert_config.json, config_sentence_transformers.json).
 
 `SUPPORTED` maps each model_type to the tasks it can be made for (checked with the smoke loop in
-`python tests/tiny_models.py`); `TEXTS` are sentences for parity tests.
+`python bei/testing/tiny_models.py`); `TEXTS` are sentences for parity tests.
 """
 
 from __future__ import annotations
@@ -462,7 +462,7 @@ def make_checkpoint(
     return folder
 
 
-# --- smoke loop: `python tests/tiny_models.py` ---------------------------------------------
+# --- smoke loop: `python bei/testing/tiny_models.py` ---------------------------------------------
 def _smoke(model_type: str, task: str, folder: Path) -> str:
     make_checkpoint(folder, model_type, task)
     if task == "embed":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bei.runtime.tokenizer import Encoded
+from bei.text.tokenizer import Encoded
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,9 @@ class Backend(ABC):
 
     name: str = "backend"
     input_names: list[str]
+    # True: the engine computes every position of the padded batch (rows x longest row), and the
+    # queue budgets that; False: it packs the batch and computes real tokens only
+    pads: bool = True
 
     @abstractmethod
     def infer(self, batch: Batch) -> np.ndarray:

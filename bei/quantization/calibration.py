@@ -21,11 +21,15 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bei.errors import CheckpointError, ConfigError
+from bei.backend import Batch
+from bei.errors import CheckpointError, ConfigError, ExportError
+from bei.kinds import Task
+from bei.modeling.spec import ModelSpec
+from bei.text.tokenizer import Encoded, TokenizerRuntime
 
 FIELD = "trt_llm.build.quantization_config.calib_dataset"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -376,3 +380,56 @@ def builtin_texts(size: int = 512) -> list[str]:
 def heldout_texts(n: int = 32, exclude: Iterable[str] = ()) -> list[str]:
     """`n` texts for accuracy measurement, none of them in `exclude` (the calibration texts)."""
     return _generate(HELDOUT_SEED, n, set(exclude) | set(builtin_texts(2048)))
+
+
+# --- batches of calibration and held-out texts ------------------------------------------------
+def _cut(enc: Encoded, max_len: int) -> Encoded:
+    """At most `max_len` tokens, the last (a closing special token, or a causal model's last token) kept."""
+    if len(enc) <= max_len:
+        return enc
+    keep = list(range(max_len - 1)) + [len(enc) - 1]
+    return Encoded(
+        ids=[enc.ids[i] for i in keep],
+        type_ids=[enc.type_ids[i] for i in keep],
+        offsets=[enc.offsets[i] for i in keep],
+        special=[enc.special[i] for i in keep],
+        prompt_length=min(enc.prompt_length, max_len - 1),
+    )
+
+
+def encode_texts(spec: ModelSpec, tokenizer: TokenizerRuntime, texts: Sequence[str], max_seq_len: int) -> list[Encoded]:
+    """Texts as the engine sees them, cut to `max_seq_len` tokens; rerankers get (text, next text) pairs."""
+    if not texts:
+        raise ExportError("no calibration texts")
+    items: list[str | tuple[str, str]] = list(texts)
+    if spec.task is Task.RERANK:
+        items = [(texts[i], texts[(i + 1) % len(texts)]) for i in range(len(texts))]
+    return [_cut(tokenizer.encode(item, truncate=True), max(2, max_seq_len)) for item in items]
+
+
+def make_batches(
+    spec: ModelSpec, tokenizer: TokenizerRuntime, texts: Sequence[str], max_seq_len: int, batch_size: int = 16
+) -> list[Batch]:
+    """Padded batches of `texts`, sorted by length (less padding: the activation ranges are those of real tokens)."""
+    encoded = sorted(encode_texts(spec, tokenizer, texts, max_seq_len), key=len)
+    return [
+        Batch.pad(encoded[i : i + batch_size], tokenizer.pad_id, spec.padding_side)
+        for i in range(0, len(encoded), max(1, batch_size))
+    ]
+
+
+def calibration_inputs(
+    qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, config_dir: Path | None
+) -> tuple[list[str], int, Batch]:
+    """`quantization_config`'s calibration texts, their length cap, and the held-out batch the
+    accuracy gate measures on (never calibration texts)."""
+    texts = load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
+    max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
+    return texts, max_len, heldout_batch(spec, tokenizer, texts, max_len)
+
+
+def heldout_batch(
+    spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64
+) -> Batch:
+    """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`."""
+    return make_batches(spec, tokenizer, heldout_texts(n, calib_texts), max_seq_len, batch_size=n)[0]

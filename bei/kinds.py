@@ -1,0 +1,37 @@
+"""The vocabulary every layer shares: what an engine computes (`Task`) and in what number format
+(`Precision`). A leaf: it imports nothing of bei, so the manifest, the modeling code, the targets and
+the routes can all name the same values."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Task(StrEnum):
+    EMBED = "embed"  # dense embeddings: /v1/embeddings, /embed
+    RERANK = "rerank"  # sequence classification with one label: /rerank, /v1/rerank, /predict
+    CLASSIFY = "classify"  # sequence classification with id2label: /predict
+    NER = "ner"  # token classification: /predict_tokens
+    SPARSE = "sparse"  # SPLADE: /embed_sparse
+
+
+class Precision(StrEnum):
+    """The number format of an engine's weights and GEMMs."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+    NVFP4 = "nvfp4"
+    NVFP4_MLP = "nvfp4-mlp"
+    INT8 = "int8"
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return _BYTES_PER_WEIGHT[self]
+
+
+_BYTES_PER_WEIGHT = {
+    Precision.FP32: 4.0, Precision.FP16: 2.0, Precision.BF16: 2.0, Precision.FP8: 1.0,
+    Precision.NVFP4: 0.5625, Precision.NVFP4_MLP: 1.0, Precision.INT8: 1.0,
+}  # fmt: skip

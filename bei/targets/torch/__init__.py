@@ -1,0 +1,93 @@
+"""The torch target: bei's own packed modules (no computation on padding, variable-length flash
+attention), FP16/BF16 or FP8 on CUDA GPUs with torch.compile's code saved per GPU type and CUDA
+graphs for small batches; fp32, eager, on the CPU (where it is tested against transformers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bei.backend import Backend
+from bei.buildsteps.context import BuildContext, BuildResult
+from bei.engine.manifest import Manifest
+from bei.errors import EngineError
+from bei.hardware import Host
+from bei.kinds import Precision
+from bei.targets.base import PlanDetails, PlanRequest, Target, gpu_precision, needs_runtime
+
+NAME = "torch"
+
+
+def _build(ctx: BuildContext) -> BuildResult:
+    from bei.targets.torch.build import build
+
+    return build(ctx)
+
+
+def _open(folder: Path, manifest: Manifest, threads: int | None) -> Backend:
+    from bei.targets.torch.backend import TorchBackend
+
+    return TorchBackend.load(folder, manifest, threads=threads)
+
+
+def _fp8_layers(request: PlanRequest) -> list[str]:
+    """The Linear layers FP8 quantizes: bei's packed module (fused q/k/v in encoders), built on the
+    meta device, through the same selection the build uses."""
+    import torch
+
+    from bei.modeling.packed.fp8 import fp8_layers
+    from bei.modeling.packed.model import PackedEngineModule, make_body, read_config
+
+    with torch.device("meta"):
+        module = PackedEngineModule(request.spec, make_body(request.spec, read_config(request.spec.path)), load_dense=False)
+    return fp8_layers(module)
+
+
+def _plan(request: PlanRequest) -> PlanDetails:
+    if request.gpu is None and request.quantization == "no_quant":
+        return PlanDetails(Precision.FP32)
+    precision = gpu_precision(request.base_model, request.quantization)
+    if precision != Precision.FP8:
+        return PlanDetails(precision)
+    notes = ["fp8 on the CPU runs torch._scaled_mm's CPU kernel: for the accuracy figures, not for speed"] if request.gpu is None else []
+    return PlanDetails(precision, quantized_layers=_fp8_layers(request), notes=notes)
+
+
+def _stages(quantized: bool) -> list[str]:
+    return ["resolve checkpoint", "read pooling", "load", *(["quantize"] if quantized else []), "verify", "compile", "write"]
+
+
+def _check_host(manifest: Manifest, host: Host) -> None:
+    """A torch engine built on the CPU runs wherever torch does; one built on a GPU needs that GPU type
+    (its compiled code and FP8 kernels are per GPU); another torch version only recompiles."""
+    needs_runtime(manifest, host, "torch")
+    built_gpu = manifest.target.gpu
+    if built_gpu is None:
+        return
+    rebuild = "rebuild it on this machine with `bei build <config.yaml> --target torch`"
+    if host.gpu is None:
+        raise EngineError(f"engine {manifest.name!r} was built for the GPU {built_gpu} and this machine has no GPU; {rebuild}")
+    if host.gpu != built_gpu:
+        raise EngineError(f"engine {manifest.name!r} was built for {built_gpu}, not for this machine's {host.gpu}; {rebuild}")
+
+
+def _auto(host: Host) -> str | None:
+    if host.gpu is None:
+        return None
+    return f"auto: {host.gpu} is present and the tensorrt package is not, so the torch target"
+
+
+TARGET = Target(
+    name=NAME,
+    label="the torch target",
+    summary="bei's packed torch modules: FP16/BF16/FP8 on CUDA GPUs (compiled, CUDA graphs), fp32 on the CPU",
+    build=_build,
+    open=_open,
+    plan=_plan,
+    stages=_stages,
+    check_host=_check_host,
+    availability=lambda host: None if "torch" in host.versions else "the torch package",
+    auto=_auto,
+    quantizations=frozenset({"no_quant", "fp8"}),
+    quantizes=frozenset({"fp8"}),
+    uses_gpu=True,
+)

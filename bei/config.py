@@ -10,16 +10,13 @@ import enum
 import hashlib
 import json
 import re
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
 
+from bei.config_errors import Problems, format_error, raise_problems, unknown_field_message, unknown_keys
 from bei.errors import ConfigError
 from bei.hardware import compute_capability, hardware_problems
 
@@ -161,14 +158,6 @@ class Resources(BaseModel):
     node_count: int | None = None
 
 
-class _Problems(ConfigError):
-    """A ConfigError carrying its individual problems, so that they can be merged with others."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
 class BeiConfig(BaseModel):
     """The whole config.yaml; top-level keys other than Truss's known ones are errors."""
 
@@ -182,11 +171,11 @@ class BeiConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> BeiConfig:
-        unknown = _unknown_keys(self.model_extra or {})
-        problems = [_unknown_field_message("", key, TRUSS_TOP_LEVEL_KEYS) for key in unknown]
+        unknown = unknown_keys(self.model_extra or {}, TRUSS_TOP_LEVEL_KEYS)
+        problems = [unknown_field_message("", key, TRUSS_TOP_LEVEL_KEYS) for key in unknown]
         problems += _cross_field_problems(self)
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
     @property
@@ -239,110 +228,21 @@ def _safe_name(text: str) -> str:
     return name or "model"
 
 
-def _unknown_keys(data: dict[Any, Any]) -> list[Any]:
-    return [key for key in data if key not in TRUSS_TOP_LEVEL_KEYS]
-
-
-# --- error messages ---------------------------------------------------------------------------
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _field_at(loc: tuple[int | str, ...]) -> tuple[FieldInfo | None, type[BaseModel] | None]:
-    """The field at a pydantic error location, and the model class that holds that location."""
-    model: type[BaseModel] | None = BeiConfig
-    field: FieldInfo | None = None
-    for part in loc:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            return None, None
-        field = model.model_fields[part]
-        inner = _unwrap_optional(field.annotation)
-        model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
-    return field, model
-
-
-def _allowed_values(field: FieldInfo | None) -> list[str] | None:
-    if field is None:
-        return None
-    inner = _unwrap_optional(field.annotation)
-    if isinstance(inner, type) and issubclass(inner, enum.Enum):
-        return [str(m.value) for m in inner]
-    if typing.get_origin(inner) is Literal:
-        return [str(a) for a in typing.get_args(inner)]
-    return None
-
-
-def _bounds(field: FieldInfo | None) -> str | None:
-    if field is None:
-        return None
-    parts = []
-    for meta in field.metadata:
-        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            if isinstance(meta, getattr(annotated_types, attr.capitalize())):
-                parts.append(f"{op} {getattr(meta, attr)}")
-    return " and ".join(parts) or None
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<root>"
-
-
-def _unknown_field_message(parent: str, key: Any, allowed: typing.Iterable[str]) -> str:
-    path = f"{parent}.{key}" if parent else str(key)
-    return f"{path}: unknown field {str(key)!r} (allowed: {', '.join(allowed)})"
-
-
-def _format_error(err: Any) -> str:
-    loc: tuple[int | str, ...] = tuple(err["loc"])
-    kind, value, path = err["type"], err.get("input"), _dotted(loc)
-    if kind == "missing":
-        return f"{path}: missing required field"
-    if kind == "extra_forbidden":
-        _, parent_model = _field_at(loc[:-1]) if loc[:-1] else (None, BeiConfig)
-        allowed = list(parent_model.model_fields) if parent_model else []
-        return _unknown_field_message(_dotted(loc[:-1]) if loc[:-1] else "", loc[-1], allowed)
-    field, _ = _field_at(loc)
-    if kind in ("enum", "literal_error"):
-        allowed = _allowed_values(field)
-        if allowed:
-            return f"{path}: {value!r} is not one of {', '.join(allowed)}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds = _bounds(field)
-        if bounds:
-            return f"{path}: {value!r} must be {bounds}"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{path}: expected a mapping, got {type(value).__name__} {value!r}"
-    return f"{path}: {value!r} is invalid: {err['msg']}"
-
-
-def _raise(source: str, problems: list[str]) -> typing.NoReturn:
-    if len(problems) == 1:
-        raise ConfigError(f"{source}: {problems[0]}")
-    raise ConfigError(f"{source}: {len(problems)} errors:\n" + "\n".join(f"  {p}" for p in problems))
-
-
 def parse_config(data: Any, source: str = "<config>") -> BeiConfig:
     """Validate a mapping (a parsed config.yaml) into a BeiConfig; any problem raises one ConfigError."""
     if not isinstance(data, dict):
         kind = "an empty document" if data is None else type(data).__name__
-        _raise(source, [f"expected a mapping at the top level, got {kind}"])
-    unknown = _unknown_keys(data)
-    problems = [_unknown_field_message("", key, TRUSS_TOP_LEVEL_KEYS) for key in unknown]
+        raise_problems(source, [f"expected a mapping at the top level, got {kind}"])
+    unknown = unknown_keys(data, TRUSS_TOP_LEVEL_KEYS)
+    problems = [unknown_field_message("", key, TRUSS_TOP_LEVEL_KEYS) for key in unknown]
     try:
         config = BeiConfig.model_validate({k: v for k, v in data.items() if k not in unknown})
     except ValidationError as exc:
-        problems += [_format_error(err) for err in exc.errors(include_url=False)]
-    except _Problems as exc:
+        problems += [format_error(err, BeiConfig) for err in exc.errors(include_url=False)]
+    except Problems as exc:
         problems += exc.problems
     if problems:
-        _raise(source, problems)
+        raise_problems(source, problems)
     return config
 
 

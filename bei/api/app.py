@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
-from bei.api.http import JSONResponse, Timing, error_response, json_response, read_json, validate
+from bei.api import schemas
+from bei.api.http import OPENAI_STYLE_PREFIX, JSONResponse, Timing, error_response, json_response, read_json, validate
 from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
 from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
@@ -143,37 +145,73 @@ def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
     }
 
 
+# the 200 body of each route, for /openapi.json (bei/api/schemas.py; the prose is docs/api.md)
+_RESPONSES: dict[str, type[BaseModel]] = {
+    "/v1/embeddings": schemas.OpenAIEmbeddingsResponse,
+    "/embed": schemas.EmbedResponse,
+    "/rerank": schemas.RerankResponse,
+    "/v1/rerank": schemas.CohereRerankResponse,
+    "/predict": schemas.PredictResponse,
+    "/predict_tokens": schemas.PredictTokensResponse,
+    "/embed_sparse": schemas.SparseResponse,
+    "/tokenize": schemas.TokenizeResponse,
+    "/v1/search": schemas.SearchResponse,
+    "/health": schemas.HealthResponse,
+    "/info": schemas.InfoResponse,
+    "/v1/models": schemas.ModelsResponse,
+}
+_ERRORS = {
+    "400": "empty input, or a route the chosen model cannot serve",
+    "404": "the named model is not served here",
+    "413": "request body over --payload-limit",
+    "422": "invalid JSON or fields, input too long, too many inputs",
+    "424": "the engine failed on this request's batch",
+    "429": "more than --max-concurrent-requests in flight",
+    "503": "loading, failed to load, or shutting down",
+}
+_MS = {"schema": {"type": "string"}, "description": "milliseconds, 3 decimals"}
+_TIMING_HEADERS = {
+    "x-compute-tokens": {"schema": {"type": "string"}, "description": "tokens the engine ran for this request"},
+    "x-queue-time": _MS,
+    "x-inference-time": _MS,
+    "x-total-time": _MS,
+}
+
+
 def openapi_schema(state: AppState) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     components: dict[str, Any] = {}
-    for route in TASK_ROUTES:
-        schema = route.request.model_json_schema(ref_template="#/components/schemas/{model}")
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
-        components[route.request.__name__] = schema
-        paths[route.path] = {
-            "post": {
-                "summary": route.summary,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{route.request.__name__}"}}},
-                },
-                "responses": {"200": {"description": "OK"}, "400": {"description": "empty input or wrong route"},
-                              "413": {"description": "payload too large"}, "422": {"description": "invalid input"},
-                              "429": {"description": "overloaded"}, "503": {"description": "not ready"}},
-            }
-        }
-    search_schema = SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    components["SearchRequest"] = search_schema
-    paths["/v1/search"] = {
-        "post": {
-            "summary": "embed, keep the top_k by cosine, rerank: one round trip",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}}}},
-            "responses": {"200": {"description": "OK"}},
-        }
+        components[model.__name__] = schema
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+    def post(path: str, summary: str, request: type[BaseModel], headers: dict[str, Any]) -> dict[str, Any]:
+        error = ref(schemas.OpenAIErrorBody if path.startswith(OPENAI_STYLE_PREFIX) else schemas.ErrorBody)
+        responses: dict[str, Any] = {"200": {"description": "OK", "headers": headers, "content": ref(_RESPONSES[path])}}
+        for status, description in _ERRORS.items():
+            responses[status] = {"description": description, "headers": _TIMING_HEADERS, "content": error}
+            if status in ("429", "503"):
+                responses[status]["headers"] = {**_TIMING_HEADERS, "Retry-After": {"schema": {"type": "string"}}}
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": ref(request)}, "responses": responses}}
+
+    for route in TASK_ROUTES:
+        paths[route.path] = post(route.path, route.summary, route.request, _TIMING_HEADERS)
+    search_headers = {**_TIMING_HEADERS, "x-embed-time": _MS, "x-rerank-time": _MS}
+    paths["/v1/search"] = post("/v1/search", "embed, keep the top_k by cosine, rerank: one round trip", SearchRequest, search_headers)
+    for path, summary in (("/health", "200 once loaded and warmed"), ("/info", "what is served"), ("/v1/models", "OpenAI model list")):
+        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": ref(_RESPONSES[path])}}}}
+    paths["/health"]["get"]["responses"]["503"] = {
+        "description": "loading, failed to load, or shutting down",
+        "headers": {"Retry-After": {"schema": {"type": "string"}}},
+        "content": ref(schemas.ErrorBody),
     }
-    for path, summary in (("/health", "200 once loaded and warmed"), ("/info", "what is served"),
-                          ("/v1/models", "OpenAI model list"), ("/metrics", "Prometheus metrics")):
-        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+        "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+    paths["/openapi.json"] = {"get": {"summary": "this schema", "responses": {"200": {
+        "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "bei", "version": __version__, "description": "serving " + ", ".join(f"{m.name} ({m.task.value})" for m in state.models.values())},

@@ -1,10 +1,15 @@
-"""Wire schemas (pydantic) of the requests; responses are built as plain JSON in the route modules."""
+"""Wire schemas (pydantic) of the requests, and of the responses for /openapi.json.
+
+Requests are validated with these models. Responses are built as plain JSON in the route modules;
+the response models below only describe them in the OpenAPI schema (docs/api.md is the prose).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, field_validator
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 TokenIds = list[StrictInt]
 EmbeddingInput = str | list[str] | TokenIds | list[TokenIds]
@@ -91,3 +96,193 @@ class TokenizeRequest(_Request):
     inputs: str | list[str]
     add_special_tokens: bool = True
     prompt_name: str | None = None
+
+
+# --- responses: documentation only (the route modules build these bodies as plain JSON) ------------
+class Usage(TypedDict):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbedding(TypedDict):
+    object: Literal["embedding"]
+    embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format "base64"
+    index: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: Usage
+
+
+class EmbedResponse(RootModel[list[list[float]]]):
+    """One vector per input, in input order."""
+
+
+class RerankResult(TypedDict):
+    index: int
+    score: float
+    text: NotRequired[str]  # with return_text
+
+
+class RerankResponse(RootModel[list[RerankResult]]):
+    """One result per text, in the order of `texts`."""
+
+
+class CohereRerankDocument(TypedDict):
+    text: str
+
+
+class CohereRerankResult(TypedDict):
+    index: int
+    relevance_score: float
+    document: NotRequired[CohereRerankDocument]  # with return_documents
+
+
+class CohereRerankResponse(BaseModel):
+    object: Literal["list"]
+    model: str
+    results: list[CohereRerankResult]
+    usage: Usage
+
+
+class LabelScore(TypedDict):
+    label: str
+    score: float
+
+
+class PredictResponse(RootModel[list[LabelScore] | list[list[LabelScore]]]):
+    """Every label, best first; a list per input when `inputs` is a list."""
+
+
+class TokenScores(TypedDict):
+    token: str | None
+    token_id: int
+    start: int
+    end: int
+    results: dict[str, float]
+
+
+class Entity(TypedDict):
+    entity_group: str
+    score: float
+    word: str
+    start: int
+    end: int
+
+
+class PredictTokensResponse(RootModel[list[TokenScores] | list[list[TokenScores]] | list[Entity] | list[list[Entity]]]):
+    """Per token (`aggregation_strategy: none`) or entities; a list per input when `inputs` is a list."""
+
+
+class SparseValue(TypedDict):
+    index: int
+    value: float
+
+
+class SparseResponse(RootModel[list[list[SparseValue]]]):
+    """The non-zero weights of each input, by vocabulary index."""
+
+
+class Token(TypedDict):
+    id: int
+    text: str
+    special: bool
+    start: int
+    stop: int
+
+
+class TokenizeResponse(RootModel[list[list[Token]]]):
+    """The tokens of each input."""
+
+
+class SearchResult(TypedDict):
+    index: int
+    score: float
+    text: NotRequired[str]  # with return_text
+
+
+class SearchResponse(RootModel[list[SearchResult]]):
+    """The top_k documents, best first."""
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelTypeInfo(TypedDict):
+    pooling: list[str] | None
+    labels: list[str] | None
+
+
+class TargetSummary(TypedDict):
+    name: str
+    gpu: str | None
+    device: str
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: dict[str, ModelTypeInfo]
+    task: str
+    architecture: str
+    backend: str
+    target: TargetSummary
+    embedding_dim: int | None
+    normalize: bool
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int
+    max_client_batch_size: int
+    max_concurrent_requests: int
+    auto_truncate: bool
+    tokenization_workers: int
+    routes: list[str]
+    version: str
+
+
+class ModelsInfo(BaseModel):
+    """/info when several engines are served."""
+
+    models: list[ModelInfo]
+    version: str
+
+
+class InfoResponse(RootModel[ModelInfo | ModelsInfo]):
+    """One model's info, or every model's when several are served."""
+
+
+class ModelCard(TypedDict):
+    id: str
+    object: Literal["model"]
+    owned_by: str
+    created: int
+    task: str
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    """TEI/BEI error body: every route outside /v1/."""
+
+    error: str
+    error_type: str
+
+
+class OpenAIErrorDetail(TypedDict):
+    message: str
+    type: str
+    code: int
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI-style error body: routes under /v1/."""
+
+    error: OpenAIErrorDetail

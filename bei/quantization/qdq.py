@@ -1,7 +1,7 @@
 """The Q/DQ ONNX export of a module quantized by `bei.quantization.modelopt`, for TensorRT.
 
 The ONNX graph: ModelOpt exports Q/DQ only through the TorchScript exporter; bei exports with the dynamo
-exporter (as `bei.buildsteps.onnx_export`), each enabled quantizer traced as one placeholder node, then lowered to
+exporter (as `bei.modeling.onnx_export`), each enabled quantizer traced as one placeholder node, then lowered to
 - FP8:   weights stored as FLOAT8E4M3FN initializers -> DequantizeLinear; activations QuantizeLinear ->
          DequantizeLinear with a FLOAT8E4M3FN zero point (opset 20, standard ONNX; ONNX Runtime runs it too);
 - NVFP4: the layout of ModelOpt's NVFP4 ONNX export that TensorRT consumes: weights as FLOAT4E2M1
@@ -96,8 +96,8 @@ def _placeholder_quantizers(plan: dict[int, _QSpec]) -> Iterator[None]:
 
 def export_qdq_onnx(quantized: EngineModule, sample: Batch, path: Path) -> dict[str, int]:
     """Write `quantized` as an ONNX graph with explicit Q/DQ nodes (see the module docstring); returns
-    `count_qdq(path)`. `sample`: padded rows of unequal length, as for `bei.buildsteps.onnx_export.export_onnx`."""
-    from bei.buildsteps.onnx_export import EXTERNAL_DATA_BYTES, export_onnx
+    `count_qdq(path)`. `sample`: padded rows of unequal length, as for `bei.modeling.onnx_export.export_onnx`."""
+    from bei.modeling.onnx_export import EXTERNAL_DATA_BYTES, export_onnx
 
     plan = _export_plan(quantized)
     if not plan:

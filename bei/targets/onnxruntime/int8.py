@@ -26,7 +26,7 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +127,9 @@ def _quantize(source: Path, target: Path, per_row: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = source.with_name(source.name + ".data").exists()
-    logging.getLogger("root").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         staged = Path(scratch) / target.name
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_root_records():
             quantize_dynamic(
                 source,
                 staged,
@@ -144,6 +143,39 @@ def _quantize(source: Path, target: Path, per_row: list[str]) -> None:
         quantize_per_row(model, per_row)
         data = target.name + ".data" if external else None
         onnx.save_model(model, str(target), save_as_external_data=external, all_tensors_to_one_file=True, location=data)
+
+
+class _BelowLevel(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+@contextlib.contextmanager
+def _quiet_root_records(level: int = logging.ERROR) -> Iterator[None]:
+    """While in the block, drop the records below `level` logged on the root logger itself.
+
+    onnxruntime.quantization logs through the module functions (`logging.warning(...)`: "consider
+    pre-processing", per-tensor notes). A filter on the root logger sees only the records made there,
+    not those that named loggers (bei's among them) pass up to its handlers, so they are untouched; the
+    root logger's level stays as it was. `logging.warning` on a root logger without handlers also
+    installs one (`basicConfig`): that one is removed again on the way out.
+    """
+    root = logging.getLogger()
+    had_handlers = bool(root.handlers)
+    quiet = _BelowLevel(level)
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        if not had_handlers:
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+                handler.close()
 
 
 def quantize_per_row(model: Any, names: list[str]) -> int:

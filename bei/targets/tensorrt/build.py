@@ -12,7 +12,7 @@ import torch
 from bei.accuracy import accuracy_of_outputs, compare, require_accuracy, require_agreement
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.manifest import write_engine
-from bei.buildsteps.onnx_export import export_onnx
+from bei.modeling.onnx_export import export_onnx
 from bei.buildsteps.samples import reference_outputs, sample_batch
 from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import TargetInfo

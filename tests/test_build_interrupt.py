@@ -27,12 +27,8 @@ from tests.servers import (
     bei_command,
     bei_env,
     cosine,
-    minilm_build,
     run_bei,
-    st_model,
 )
-
-__all__ = ["minilm_build", "st_model"]  # fixtures used below
 
 EXPORT_STARTED = "[3/6] export ..."
 EXPORT_DONE = "[3/6] export done"

@@ -11,17 +11,7 @@ import httpx
 import pytest
 
 from bei import __version__
-from tests.servers import (
-    MINILM_CONFIG,
-    MINILM_NAME,
-    STAGES,
-    BuiltEngine,
-    Server,
-    minilm_build,
-    run_bei,
-)
-
-__all__ = ["minilm_build"]  # fixture used below
+from tests.servers import MINILM_CONFIG, MINILM_NAME, STAGES, BuiltEngine, Server, run_bei
 
 
 def test_build_prints_the_six_stages(minilm_build: BuiltEngine) -> None:

@@ -18,9 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bei.client import AsyncClient, Client, ClientError, RetryPolicy
-from tests.servers import Server, free_port, minilm_build, minilm_server, st_model
-
-__all__ = ["minilm_build", "minilm_server", "st_model"]
+from tests.servers import Server, free_port
 
 TEXTS = [f"sentence number {i} about {'rivers' if i % 2 else 'mountains'} and {i * 7} stones" for i in range(70)]
 

@@ -10,9 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.servers import Server, cosine, metric_value, minilm_build, minilm_server, st_model
-
-__all__ = ["minilm_build", "minilm_server", "st_model"]  # fixtures used below
+from tests.servers import Server, cosine, metric_value
 
 N_REQUESTS = 200
 WORDS = (

@@ -22,9 +22,7 @@ from bei.backend import Batch
 from bei.targets.loading import load_engine
 from bei.text.tokenizer import TokenizerRuntime
 from bei.testing.inproc_server import base_model_for
-from tests.servers import BuiltEngine, cosine, minilm_build, st_model
-
-__all__ = ["minilm_build", "st_model"]
+from tests.servers import BuiltEngine, cosine
 
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog near the river bank.", "A", "Engines are built once."]
 

@@ -17,9 +17,7 @@ from bei.quantization.calibration import heldout_batch
 from bei.modeling.detect import read_model_spec
 from bei.backend import Batch
 from bei.text.tokenizer import TokenizerRuntime
-from tests.servers import BuiltEngine, cosine, minilm_build, st_model
-
-__all__ = ["minilm_build", "st_model"]
+from tests.servers import BuiltEngine, cosine
 
 
 @pytest.fixture(scope="module")

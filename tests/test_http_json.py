@@ -14,9 +14,7 @@ from starlette.responses import JSONResponse as StarletteJSONResponse
 from bei.api.http import JSONResponse, render_json
 from bei.targets.onnxruntime.backend import session_options
 from bei.serve import loop_and_http
-from tests.servers import Server, http, minilm_build, minilm_server
-
-__all__ = ["http", "minilm_build", "minilm_server"]
+from tests.servers import Server
 
 
 def starlette_body(content: Any) -> bytes:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.servers import BuiltEngine, minilm_build
-
-__all__ = ["minilm_build"]
+from tests.servers import BuiltEngine
 
 PROBE = """
 import sys

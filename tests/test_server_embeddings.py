@@ -13,19 +13,7 @@ import openai
 import pytest
 
 from bei.api.routes import TASK_ROUTES
-from tests.servers import (
-    MINILM_NAME,
-    Server,
-    assert_close_rows,
-    cosine,
-    http,
-    minilm_build,
-    minilm_server,
-    st_model,
-    unnormalized_st,
-)
-
-__all__ = ["http", "minilm_build", "minilm_server", "st_model"]  # fixtures used below
+from tests.servers import MINILM_NAME, Server, assert_close_rows, cosine
 
 TEXTS = [
     "Hello world.",
@@ -223,8 +211,8 @@ def test_embed_normalized(http: httpx.Client, reference: np.ndarray) -> None:
     assert_close_rows(single.json(), reference[3:4], what="/embed single")
 
 
-def test_embed_unnormalized_is_the_mean_pooled_vector(http: httpx.Client, st_model: Any) -> None:
-    raw_model = unnormalized_st(st_model)
+def test_embed_unnormalized_is_the_mean_pooled_vector(http: httpx.Client, st_model_unnormalized: Any) -> None:
+    raw_model = st_model_unnormalized
     expected = st_encode(raw_model, TEXTS[:5])
     norms = np.linalg.norm(expected, axis=1)
     assert (np.abs(norms - 1) > 0.5).all(), f"the reference is not un-normalized: {norms}"

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from bei.api.routes import TASK_ROUTES
+from bei.kinds import Task
 from tests.servers import MINILM_NAME, Server, assert_close_rows, cosine
 
 TEXTS = [
@@ -361,19 +362,34 @@ def test_body_over_the_payload_limit_is_413(http: httpx.Client) -> None:
     assert http.post("/embed", json={"inputs": "still alive"}).status_code == 200
 
 
-def test_wrong_route_for_an_embedding_engine(http: httpx.Client) -> None:
-    response = http.post("/rerank", json={"query": "q", "texts": ["a", "b"]})
-    if any(route.path == "/rerank" for route in TASK_ROUTES):
-        # the route exists (for rerank engines): on an embedding engine it names the routes that fit
-        assert response.status_code == 400, response.text
-        message = response.json()["error"]
-        assert "/v1/embeddings" in message and "/embed" in message
-        assert response.json()["error_type"] == "wrong_route"
+# a valid body for each task route an embedding engine cannot serve
+OTHER_TASK_BODIES: dict[str, dict[str, Any]] = {
+    "/rerank": {"query": "q", "texts": ["a", "b"]},
+    "/v1/rerank": {"query": "q", "documents": ["a", "b"]},
+    "/predict": {"inputs": "a"},
+    "/predict_tokens": {"inputs": "a"},
+    "/embed_sparse": {"inputs": "a"},
+}
+
+
+def test_other_task_routes_are_listed() -> None:
+    assert set(OTHER_TASK_BODIES) == {r.path for r in TASK_ROUTES if Task.EMBED not in r.tasks and r.path != "/tokenize"}
+
+
+@pytest.mark.parametrize("path", list(OTHER_TASK_BODIES))
+def test_wrong_route_for_an_embedding_engine(http: httpx.Client, path: str) -> None:
+    """The route exists (for rerank, classify, NER or sparse engines): an embedding engine answers 400
+    naming the routes that fit (api.md, "Routes")."""
+    response = http.post(path, json=OTHER_TASK_BODIES[path])
+    assert response.status_code == 400, response.text
+    body = response.json()
+    if path.startswith("/v1/"):  # the OpenAI-style routes answer errors in OpenAI's shape
+        assert set(body["error"]) == OPENAI_ERROR_KEYS
+        message, error_type = body["error"]["message"], body["error"]["type"]
     else:
-        # TODO: once bei serves /rerank (cross-encoder engines), it is in TASK_ROUTES and an embedding
-        # engine must answer 400 naming /v1/embeddings and /embed (api.md, "Routes"); until then the
-        # route does not exist at all and starlette answers 404.
-        assert response.status_code == 404, response.text
+        message, error_type = body["error"], body["error_type"]
+    assert "/v1/embeddings" in message and "/embed" in message
+    assert error_type == "wrong_route"
 
 
 def test_default_route_is_openai_embeddings(http: httpx.Client, reference: np.ndarray) -> None:

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from bei import __version__
-from bei.errors import BeiError
+from bei.errors import BeiError, ExportError
 from bei.settings import add_arguments, engines_dir_default, settings_from
 from bei.targets import registry
+
+
+BUILD_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
+
+
+def _require_build_extra() -> None:
+    """`bei build` needs the `build` extra; `pip install bei` alone serves ONNX Runtime engines."""
+    missing = []
+    for name in BUILD_MODULES:  # the build imports them all anyway
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"bei build needs {', '.join(missing)}, which this install lacks: pip install 'bei[build]'")
 
 
 def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
@@ -18,6 +34,7 @@ def _dry_run(config_path: Path, target: str, as_json: bool) -> None:
     from bei.config import load_config
 
     config = load_config(config_path)
+    _require_build_extra()
     from bei.build import plan_build
     from bei.progress import Progress
 
@@ -35,6 +52,7 @@ def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> P
     from bei.config import load_config
 
     config = load_config(config_path)  # config errors come before the heavy imports
+    _require_build_extra()
     from bei.build import build_engine
     from bei.progress import Progress
 

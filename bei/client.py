@@ -9,6 +9,7 @@ is for code that already has one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import base64
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -108,7 +109,7 @@ class AsyncClient:
 
     async def batch_post(self, path: str, payloads: Sequence[Any]) -> list[Any]:
         """Post each payload to `path` concurrently; answers in payload order."""
-        return await self._gather([lambda p=p: self.post(path, p) for p in payloads])
+        return await self._gather([functools.partial(self.post, path, p) for p in payloads])
 
     async def embed(self, texts: Sequence[str], *, dimensions: int | None = None) -> np.ndarray:
         """OpenAI /v1/embeddings in base64, as float32 [len(texts), dim]."""
@@ -123,7 +124,7 @@ class AsyncClient:
             rows = sorted(answer["data"], key=lambda d: d["index"])
             return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in rows]
 
-        parts = await self._gather([lambda c=c: one(c) for c in batches(texts, self.batch_size)])
+        parts = await self._gather([functools.partial(one, c) for c in batches(texts, self.batch_size)])
         return np.stack([row for part in parts for row in part]) if texts else np.zeros((0, 0), np.float32)
 
     async def rerank(self, query: str, texts: Sequence[str], *, raw_scores: bool = False, truncate: bool = True) -> np.ndarray:
@@ -137,7 +138,7 @@ class AsyncClient:
                 scores[item["index"]] = item["score"]
             return scores
 
-        parts = await self._gather([lambda c=c: one(c) for c in batches(texts, self.batch_size)])
+        parts = await self._gather([functools.partial(one, c) for c in batches(texts, self.batch_size)])
         return np.array([s for part in parts for s in part], dtype=np.float32)
 
     async def classify(self, texts: Sequence[str], *, raw_scores: bool = False, truncate: bool = True) -> list[list[dict[str, Any]]]:
@@ -147,7 +148,7 @@ class AsyncClient:
             payload = {"inputs": [[t] for t in chunk], "raw_scores": raw_scores, "truncate": truncate}
             return list(await self.post("/predict", payload))
 
-        parts = await self._gather([lambda c=c: one(c) for c in batches(texts, self.batch_size)])
+        parts = await self._gather([functools.partial(one, c) for c in batches(texts, self.batch_size)])
         return [row for part in parts for row in part]
 
 

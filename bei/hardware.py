@@ -68,7 +68,7 @@ def detect_host(gpu: bool = True) -> Host:
     except ImportError:
         pass
     try:
-        import tensorrt  # type: ignore[import-not-found]
+        import tensorrt
 
         versions["tensorrt"] = str(tensorrt.__version__)
     except ImportError:

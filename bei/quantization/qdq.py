@@ -87,11 +87,11 @@ def _placeholder_quantizers(plan: dict[int, _QSpec]) -> Iterator[None]:
         return torch.onnx.ops.symbolic(f"{QDOMAIN}::{spec.kind}", (inputs,), attrs,
                                        dtype=inputs.dtype, shape=inputs.shape, version=1)
 
-    cls.forward = forward  # type: ignore[method-assign]
+    cls.forward = forward
     try:
         yield
     finally:
-        cls.forward = original  # type: ignore[method-assign]
+        cls.forward = original
 
 
 def export_qdq_onnx(quantized: EngineModule, sample: Batch, path: Path) -> dict[str, int]:

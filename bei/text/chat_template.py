@@ -122,7 +122,7 @@ class ChatTemplate:
         self.template = template
         self.special_tokens = dict(special_tokens or {})
         self.format = message_format(template)
-        self._render_jinja = render_jinja_template
+        self._render_jinja: Any = render_jinja_template
         self._suffixes: dict[tuple[str, ...], list[int]] = {}
         self._lock = threading.Lock()
 

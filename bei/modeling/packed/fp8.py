@@ -36,6 +36,10 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[t
 
 
 class Fp8Linear(torch.nn.Module):
+    weight: torch.Tensor  # E4M3 [out, in]
+    weight_scale: torch.Tensor  # [out]
+    input_scale: torch.Tensor  # scalar; 0: dynamic per row
+
     def __init__(self, in_features: int, out_features: int, bias: bool, out_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -58,7 +62,7 @@ class Fp8Linear(torch.nn.Module):
         return layer.to(linear.weight.device)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)
         self.static = bool(self.input_scale.item() > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,7 @@ def quantize_fp8(module: torch.nn.Module, layers: Iterable[str] | None = None) -
     return names
 
 
-def calibrate_static_scales(module: torch.nn.Module, run_calibration: Callable[[], None]) -> int:
+def calibrate_static_scales(module: torch.nn.Module, run_calibration: Callable[[], object]) -> int:
     """Static activation scales: the largest |input| each Fp8Linear saw over `run_calibration()` / 448.
 
     Layers are switched to dynamic scaling while calibrating; returns how many layers were calibrated."""

@@ -90,7 +90,7 @@ def _attempts(graph: Path) -> list[tuple[str, list[str]]]:
     model = onnx.load(str(graph), load_external_data=False)  # read once: node names and weight shapes
     every = weighted_matmuls(model)
     after_gelu = matmuls_after_gelu(model)
-    first = ("per-tensor scales", [])
+    first: tuple[str, list[str]] = ("per-tensor scales", [])
     if after_gelu:
         first = (f"per-token scales for the {len(after_gelu)} MatMuls after a GELU", after_gelu)
     attempts = [first]

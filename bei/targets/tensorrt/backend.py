@@ -20,7 +20,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, plan: Path, input_names: list[str], output_name: str, profiles: list[Profile]) -> None:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt
         import torch
 
         self._torch = torch
@@ -86,6 +86,6 @@ class _Prepared:
 
 
 def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:
-    import tensorrt as trt  # type: ignore[import-not-found]
+    import tensorrt as trt
 
     return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}[trt_dtype]

@@ -19,7 +19,7 @@ TIMING_CACHE_FILE = ".tensorrt-timing.cache"  # next to the engines, shared by e
 
 
 def versions() -> dict[str, str]:
-    import tensorrt as trt  # type: ignore[import-not-found]
+    import tensorrt as trt
     import torch
 
     return {"tensorrt": str(trt.__version__), "cuda": str(torch.version.cuda), "torch": torch.__version__}
@@ -35,7 +35,7 @@ def build_plan(
     note: Callable[[str], None] = lambda _: None,
 ) -> bytes:
     """Parse `graph`, add one optimization profile per `profiles`, build; reuse and update the timing cache."""
-    import tensorrt as trt  # type: ignore[import-not-found]
+    import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -50,7 +50,7 @@ def device_and_dtype(plan: BuildPlan, base_model: str) -> tuple[str, torch.dtype
 
 
 def versions() -> dict[str, str]:
-    found = {"torch": torch.__version__}
+    found = {"torch": str(torch.__version__)}
     if torch.version.cuda:
         found["cuda"] = str(torch.version.cuda)
     return found

@@ -208,10 +208,18 @@ def openapi_schema(state: AppState) -> dict[str, Any]:
         "headers": {"Retry-After": {"schema": {"type": "string"}}},
         "content": ref(schemas.ErrorBody),
     }
-    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-        "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
-    paths["/openapi.json"] = {"get": {"summary": "this schema", "responses": {"200": {
-        "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {
+            "summary": "this schema",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "bei", "version": __version__, "description": "serving " + ", ".join(f"{m.name} ({m.task.value})" for m in state.models.values())},

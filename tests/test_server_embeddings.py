@@ -434,9 +434,50 @@ def test_metrics_count_requests(http: httpx.Client) -> None:
     assert "bei_requests_total" in before.text
     line = 'bei_requests_total{route="/embed",status="400"}'
 
-    def count(text: str) -> int:
-        return next((int(l.split()[-1]) for l in text.splitlines() if l.startswith(line)), 0)
+    def count(text: str) -> float:  # prometheus-client writes every value as a float: 3.0
+        return next((float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)), 0.0)
 
     http.post("/embed", json={"inputs": ""})
     after = http.get("/metrics").text
     assert count(after) == count(before.text) + 1
+
+
+def test_metrics_parse_as_prometheus(http: httpx.Client) -> None:
+    """The /metrics body as Prometheus reads it: every family with its type, and a histogram whose
+    buckets are cumulative, end at +Inf and count each request answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def families(response: httpx.Response) -> dict[str, Any]:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=")
+        return {f.name: f for f in text_string_to_metric_families(response.text)}
+
+    def request_count(family: Any) -> float:
+        return next(s.value for s in family.samples if s.name == "bei_request_seconds_count")
+
+    before = families(http.get("/metrics"))
+    ok = http.post("/embed", json={"inputs": ["metrics", "parse"]})
+    assert ok.status_code == 200, ok.text
+    after = families(http.get("/metrics"))
+
+    counters, gauges = ("bei_requests", "bei_tokens", "bei_batches"), ("bei_queue_depth", "bei_requests_in_flight")
+    histograms = ("bei_queue_seconds", "bei_inference_seconds", "bei_request_seconds", "bei_request_tokens")
+    histograms += ("bei_tokenization_seconds", "bei_batch_size", "bei_batch_tokens")
+    expected = {name: "counter" for name in counters} | {name: "gauge" for name in gauges} | {name: "histogram" for name in histograms}
+    assert {name: after[name].type for name in expected if name in after} == expected
+    assert "process_resident_memory_bytes" in after or "python_info" in after  # the library's own collectors
+
+    requests = {(s.labels["route"], s.labels["status"]): s.value for s in after["bei_requests"].samples}
+    assert requests[("/embed", "200")] >= 1
+
+    histogram = after["bei_request_seconds"]
+    buckets = [s for s in histogram.samples if s.name == "bei_request_seconds_bucket"]
+    bounds = [s.labels["le"] for s in buckets]
+    assert bounds == ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf"]
+    values = [s.value for s in buckets]
+    assert values == sorted(values), "buckets are cumulative"
+    assert values[-1] == request_count(histogram)
+    assert request_count(histogram) == request_count(before["bei_request_seconds"]) + 1
+
+    sizes = [s.labels["le"] for s in after["bei_batch_size"].samples if s.name == "bei_batch_size_bucket"]
+    assert sizes[:3] == ["1", "2", "4"] and sizes[-2:] == ["65536", "+Inf"]

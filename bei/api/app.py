@@ -12,12 +12,13 @@ from typing import Any
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
 from bei.api import schemas
 from bei.api.http import OPENAI_STYLE_PREFIX, JSONResponse, Timing, error_response, json_response, read_json, validate
+from bei.api.metrics import exposition
 from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
 from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
@@ -25,7 +26,6 @@ from bei.errors import BeiError, NotReadyError, OverloadedError
 from bei.inference import InferenceService
 from bei.targets.loading import load_engine
 from bei.settings import ServeSettings
-from bei.telemetry import SIZE_BUCKETS, TIME_BUCKETS, Histogram
 
 log = logging.getLogger("bei")
 
@@ -110,13 +110,6 @@ async def _search_work(state: AppState, request: Request, data: Any, timing: Tim
     embedder = state.ready(state.pick(_SEARCH_ROUTES["/v1/embeddings"], body.embed_model))
     reranker = state.ready(state.pick(_SEARCH_ROUTES["/rerank"], body.rerank_model)) if body.rerank else None
     return await search(embedder, reranker, body, timing)
-
-
-def _merged(histograms: list[Histogram], buckets: tuple[float, ...]) -> Histogram:
-    total = Histogram(buckets)
-    for histogram in histograms:
-        total = total.merged(histogram)
-    return total
 
 
 def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
@@ -251,16 +244,8 @@ def create_app(state: AppState) -> Starlette:
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics(_: Request) -> Response:
-        services = [m.service for m in state.models.values() if m.service is not None]
-        text = state.metrics.render(
-            batches=sum(s.batcher.batches_run for s in services),
-            queue_depth=sum(len(s.batcher.queue) for s in services),
-            in_flight=state.in_flight,
-            batch_sizes=_merged([s.batcher.batch_sizes for s in services], SIZE_BUCKETS),
-            batch_tokens=_merged([s.batcher.batch_tokens for s in services], SIZE_BUCKETS),
-            tokenization_time=_merged([s.tokenization_time for s in services], TIME_BUCKETS),
-        )
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        body, content_type = exposition(state.registry)
+        return Response(body, headers={"content-type": content_type})
 
     async def openapi(_: Request) -> Response:
         return JSONResponse(openapi_schema(state))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bei.api.metrics import Metrics
+from prometheus_client import CollectorRegistry
+
+from bei.api.metrics import EngineFigures, Metrics, registry_for
 from bei.api.routes import TaskRoute, routes_for
 from bei.engine.manifest import Manifest
 from bei.errors import ModelNotFoundError, NotReadyError, ValidationError, WrongRouteError
@@ -13,6 +15,7 @@ from bei.inference import InferenceService
 from bei.kinds import Task
 from bei.targets.loading import LoadedEngine
 from bei.settings import ServeSettings
+from bei.telemetry import SIZE_BUCKETS, TIME_BUCKETS, Histogram
 
 
 @dataclass
@@ -35,6 +38,22 @@ class AppState:
     draining: bool = False
     in_flight: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+    registry: CollectorRegistry = field(init=False, repr=False)  # this app's /metrics, never the global one
+
+    def __post_init__(self) -> None:
+        self.registry = registry_for(self.metrics, self.engine_figures)
+
+    def engine_figures(self) -> EngineFigures:
+        """The loaded engines' figures, summed: what /metrics reads at each scrape."""
+        services = [m.service for m in self.models.values() if m.service is not None]
+        return EngineFigures(
+            batches=sum(s.batcher.batches_run for s in services),
+            queue_depth=sum(len(s.batcher.queue) for s in services),
+            in_flight=self.in_flight,
+            batch_sizes=Histogram.combined([s.batcher.batch_sizes for s in services], SIZE_BUCKETS),
+            batch_tokens=Histogram.combined([s.batcher.batch_tokens for s in services], SIZE_BUCKETS),
+            tokenization_time=Histogram.combined([s.tokenization_time for s in services], TIME_BUCKETS),
+        )
 
     def ready(self, model: ServedModel) -> InferenceService:
         if self.draining:

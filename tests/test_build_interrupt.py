@@ -86,6 +86,7 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     }
 
 
+@pytest.mark.slow  # a MiniLM build of its own, killed during export, then rebuilt: 23 s on two cores
 def test_killed_build_leaves_no_loadable_engine(tmp_path: Path, st_model: Any) -> None:
     engines_dir = tmp_path / "engines"
     engine_dir = engines_dir / MINILM_NAME

@@ -40,6 +40,8 @@ import torch
 from bei.testing.inproc_server import EngineBuilder, serve_engine
 from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
+pytestmark = pytest.mark.slow  # ~95 engines built and served: about 8 minutes on two cores
+
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4
 QUERY = "What is the capital of France?"

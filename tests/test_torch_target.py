@@ -243,6 +243,7 @@ def test_static_shape_padding_changes_no_output(tiny_checkpoint_factory: Any, mo
     np.testing.assert_allclose(static.run(prepared), plain.infer(batch), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a batch in every bucket up to 1024 tokens and one above: 16 s and 47 s on two cores
 @pytest.mark.parametrize("model_type,task", [("bert", "embed"), ("qwen3", "ner")])
 def test_warm_up_runs_every_graph_bucket_then_the_dynamic_shape(tiny_checkpoint_factory: Any, model_type: str, task: str) -> None:
     """What the build (compile) and `bei serve` (capture) run before the first request: one batch in each

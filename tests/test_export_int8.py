@@ -132,3 +132,24 @@ def test_per_row_matmul_equals_its_definition_and_stays_close_to_fp32(tmp_path: 
     exact = x @ w
     error = np.abs(got - exact).max(axis=-1) / np.abs(exact).max(axis=-1)
     assert error.max() < 0.03, error  # every row within 3% of its own range, the outlier row's included
+
+
+def test_int8_quiets_onnxruntime_only_while_it_quantizes(
+    fp32: tuple[Any, Path, TokenizerRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime's quantizer logs on the root logger ("consider pre-processing", ...): those records are
+    dropped while it runs; bei's own notes still log, and the root logger is left as it was."""
+    import logging
+
+    spec, graph, tokenizer = fp32
+    held_out = heldout_batch(spec, tokenizer, [], spec.max_seq_len)
+    root = logging.getLogger()
+    before = (root.level, list(root.filters), list(root.handlers))
+    with caplog.at_level(logging.INFO, logger="bei.export"):
+        quantize_int8(spec, graph, graph.with_name("quiet.onnx"), held_out, min_accuracy=0.9)
+    assert (root.level, list(root.filters), list(root.handlers)) == before
+    assert [r.name for r in caplog.records if r.name != "bei.export"] == [], [r.getMessage() for r in caplog.records]
+    assert any(r.getMessage().startswith("int8 (") for r in caplog.records if r.name == "bei.export")
+
+    logging.warning("after the quantization")  # the root logger's own records pass again
+    assert caplog.records[-1].name == "root" and caplog.records[-1].getMessage() == "after the quantization"

@@ -13,7 +13,7 @@ import pytest
 
 from bei.buildsteps.samples import reference_outputs, sample_batch
 from bei.targets.onnxruntime import fusions as ort_target
-from bei.buildsteps.onnx_export import export_onnx
+from bei.modeling.onnx_export import export_onnx
 from bei.accuracy import compare
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import build_module

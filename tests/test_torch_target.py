@@ -186,7 +186,7 @@ def test_engine_directory_and_compatibility(tiny_checkpoint_factory: Any, tmp_pa
     assert (engine / "weights.safetensors").exists() and not (engine / "model.onnx").exists()
     manifest = read_manifest(engine)
     assert manifest.target.versions["torch"] == torch.__version__ and manifest.target.gpu is None
-    assert manifest.dense_layers == [{"in_features": 32, "out_features": 24, "bias": True, "activation": "tanh"}]
+    assert [d.model_dump() for d in manifest.dense_layers] == [{"in_features": 32, "out_features": 24, "bias": True, "activation": "tanh"}]
     check_compatible(manifest, CPU)  # a CPU-built torch engine runs wherever torch does
     on_h100 = manifest.model_copy(update={"target": manifest.target.model_copy(update={"gpu": "NVIDIA H100 80GB HBM3"})})
     with pytest.raises(EngineError, match="built for the GPU NVIDIA H100 80GB HBM3 and this machine has no GPU.*--target torch"):

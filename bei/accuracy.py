@@ -74,13 +74,20 @@ class Accuracy:
     def as_dict(self) -> dict[str, Any]:
         """The figures, for the manifest (JSON-ready; per-row cosines left out)."""
         return {
-            "min_cosine": self.min_cosine, "mean_cosine": self.mean_cosine, "max_abs_diff": self.max_abs_diff,
-            "samples": self.samples, "top1_agreement": self.top1_agreement, "metric": self.metric,
+            "min_cosine": self.min_cosine,
+            "mean_cosine": self.mean_cosine,
+            "max_abs_diff": self.max_abs_diff,
+            "samples": self.samples,
+            "top1_agreement": self.top1_agreement,
+            "metric": self.metric,
         }
 
     def summary(self) -> str:
-        parts = [f"min cosine {self.min_cosine:.4f} ({self.metric})", f"mean cosine {self.mean_cosine:.4f}",
-                 f"max abs diff {self.max_abs_diff:.3g}"]
+        parts = [
+            f"min cosine {self.min_cosine:.4f} ({self.metric})",
+            f"mean cosine {self.mean_cosine:.4f}",
+            f"max abs diff {self.max_abs_diff:.3g}",
+        ]
         if self.top1_agreement is not None:
             parts.append(f"top-1 agreement {self.top1_agreement:.1%}")
         return ", ".join(parts) + f" on {self.samples} held-out inputs"
@@ -105,9 +112,7 @@ def pair_order_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])))
 
 
-def accuracy_of_outputs(
-    reference: np.ndarray, output: np.ndarray, batch: Batch, task: Task | str, qtype: str | None = None
-) -> Accuracy:
+def accuracy_of_outputs(reference: np.ndarray, output: np.ndarray, batch: Batch, task: Task | str, qtype: str | None = None) -> Accuracy:
     """How close `output` is to `reference` on `batch` (held-out inputs): a quantized engine's or module's
     outputs against the unquantized ones."""
     task = Task(task)
@@ -147,10 +152,11 @@ def require_accuracy(acc: Accuracy, threshold: float = 0.99, *, min_top1: float 
     """ExportError unless the worst cosine reaches `threshold` (and top-1 agreement `min_top1`, if given)."""
     what = f"{acc.qtype} quantization" if acc.qtype else "quantization"
     milder = {"fp4": "fp4_mlp_only, fp8 or no_quant", "fp4_mlp_only": "fp8 or no_quant"}.get(acc.qtype or "", "no_quant")
-    hint = ("calibrate with texts like the production inputs (quantization_config.calib_dataset) or use "
-            f"quantization_type {milder}; the engine was not written")
+    hint = (
+        "calibrate with texts like the production inputs (quantization_config.calib_dataset) or use "
+        f"quantization_type {milder}; the engine was not written"
+    )
     if acc.min_cosine < threshold:
         raise ExportError(f"{what} keeps cosine {acc.min_cosine:.4f} < {threshold} required: {acc.summary()}; {hint}")
     if min_top1 is not None and acc.top1_agreement is not None and acc.top1_agreement < min_top1:
-        raise ExportError(f"{what} keeps top-1 agreement {acc.top1_agreement:.1%} < {min_top1:.1%} required: "
-                          f"{acc.summary()}; {hint}")
+        raise ExportError(f"{what} keeps top-1 agreement {acc.top1_agreement:.1%} < {min_top1:.1%} required: {acc.summary()}; {hint}")

@@ -34,7 +34,7 @@ class Batch:
         mask = np.zeros((len(encoded), width), dtype=np.int64)
         types = np.zeros((len(encoded), width), dtype=np.int64)
         left = padding_side == "left"
-        for row, (enc, n) in enumerate(zip(encoded, lengths)):
+        for row, (enc, n) in enumerate(zip(encoded, lengths, strict=True)):
             cols = slice(width - n, width) if left else slice(0, n)
             ids[row, cols] = enc.ids
             mask[row, cols] = 1

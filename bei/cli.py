@@ -12,7 +12,6 @@ from bei.errors import BeiError, ExportError
 from bei.settings import add_arguments, engines_dir_default, settings_from
 from bei.targets import registry
 
-
 BUILD_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
 
 
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         help="auto (default): the first of "
         + ", ".join(t.name for t in registry.TARGETS)
         + " that builds on this machine (TensorRT where a CUDA GPU and tensorrt are present, the torch target on a CUDA "
-        "GPU without TensorRT, else the ONNX Runtime CPU engine). "
-        + "; ".join(f"{t.name}: {t.summary}" for t in registry.TARGETS),
+        "GPU without TensorRT, else the ONNX Runtime CPU engine). " + "; ".join(f"{t.name}: {t.summary}" for t in registry.TARGETS),
     )
     build.add_argument("--quiet", action="store_true", help="no progress display")
     build.add_argument("--dry-run", action="store_true", help="print the plan (target, precision, profiles, memory) and stop")
@@ -138,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 if args.command == "embed":
-                    count = embed_file(args.url, args.input, args.output, batch_size=args.batch_size,
-                                       concurrency=args.concurrency, model=args.model)
+                    count = embed_file(
+                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency, model=args.model
+                    )
                 else:
-                    count = rerank_file(args.url, args.query, args.input, args.output, batch_size=args.batch_size,
-                                        concurrency=args.concurrency)
+                    count = rerank_file(
+                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency
+                    )
             except ClientError as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 1

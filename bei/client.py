@@ -9,8 +9,8 @@ is for code that already has one.
 from __future__ import annotations
 
 import asyncio
-import functools
 import base64
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass

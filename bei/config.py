@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-class CheckpointSource(str, enum.Enum):
+class CheckpointSource(enum.StrEnum):
     """Where the checkpoint comes from."""
 
     HF = "HF"
@@ -50,7 +50,7 @@ class CheckpointSource(str, enum.Enum):
     AZURE = "AZURE"
 
 
-class QuantizationType(str, enum.Enum):
+class QuantizationType(enum.StrEnum):
     NO_QUANT = "no_quant"
     FP8 = "fp8"
     FP4 = "fp4"
@@ -58,14 +58,14 @@ class QuantizationType(str, enum.Enum):
     INT8 = "int8"  # bei's own: the ONNX Runtime CPU engine only
 
 
-class BaseModelKind(str, enum.Enum):
+class BaseModelKind(enum.StrEnum):
     """`encoder`: causal decoders used as embedders; `encoder_bert`: BERT-like bidirectional models."""
 
     ENCODER = "encoder"
     ENCODER_BERT = "encoder_bert"
 
 
-class Route(str, enum.Enum):
+class Route(enum.StrEnum):
     EMBEDDINGS = "/v1/embeddings"
     RERANK = "/rerank"
     PREDICT = "/predict"

@@ -52,9 +52,9 @@ def format_error(err: Any, root: type[BaseModel]) -> str:
         return unknown_field_message(_dotted(loc[:-1]) if loc[:-1] else "", loc[-1], allowed)
     field, _ = _field_at(root, loc)
     if kind in ("enum", "literal_error"):
-        allowed = _allowed_values(field)
-        if allowed:
-            return f"{path}: {value!r} is not one of {', '.join(allowed)}"
+        values = _allowed_values(field)
+        if values:
+            return f"{path}: {value!r} is not one of {', '.join(values)}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bounds = _bounds(field)
         if bounds:

@@ -30,7 +30,7 @@ def read_texts(path: Path) -> list[str]:
         elif isinstance(item, str):
             texts.append(item)
         else:
-            raise ValidationError(f"--input: {path}:{number} has no \"text\" field")
+            raise ValidationError(f'--input: {path}:{number} has no "text" field')
     return texts
 
 
@@ -71,5 +71,10 @@ def rerank_file(url: str, query: str, source: Path, target: Path, *, batch_size:
             _progress(min(start + CHUNK, len(texts)), len(texts))
     print(file=sys.stderr)
     flat = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    _write(target, flat if target.suffix == ".npy" else [{"index": i, "score": float(s), "text": t} for i, (s, t) in enumerate(zip(flat, texts))])
+    _write(
+        target,
+        flat
+        if target.suffix == ".npy"
+        else [{"index": i, "score": float(s), "text": t} for i, (s, t) in enumerate(zip(flat, texts, strict=True))],
+    )
     return len(texts)

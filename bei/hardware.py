@@ -38,8 +38,7 @@ def hardware_problems(base_model: str, quantization: str, capability: Capability
     need = MIN_CAPABILITY.get(quantization)
     if need is not None and capability < need:
         problems.append(
-            f"trt_llm.build.quantization_type: {quantization!r} needs compute capability >= {need[0]}.{need[1]}; "
-            f"{what} has {have}"
+            f"trt_llm.build.quantization_type: {quantization!r} needs compute capability >= {need[0]}.{need[1]}; {what} has {have}"
         )
     if base_model == "encoder" and capability < CAUSAL_MIN_CAPABILITY:
         problems.append(

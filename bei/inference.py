@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bei.targets.loading import LoadedEngine
-from bei.text.tokenizer import Direction, Encoded, TextInput
 from bei.scheduler.batcher import Batcher, Result
 from bei.settings import ServeSettings
+from bei.targets.loading import LoadedEngine
 from bei.telemetry import TIME_BUCKETS, Histogram
+from bei.text.tokenizer import Direction, Encoded, TextInput
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -374,8 +374,9 @@ class HttpPeer(Peer):
         latencies: list[float] = []
         counter = itertools.count()
         # no retries: a refused request is a failed cell, not a slow one
-        async with AsyncClient(self.base_url, max_concurrency=cell.concurrency, timeout=REQUEST_TIMEOUT_S,
-                               retry=RetryPolicy(attempts=0)) as client:
+        async with AsyncClient(
+            self.base_url, max_concurrency=cell.concurrency, timeout=REQUEST_TIMEOUT_S, retry=RetryPolicy(attempts=0)
+        ) as client:
             started = time.perf_counter()
 
             async def worker() -> None:
@@ -408,8 +409,20 @@ class BeiPeer(HttpPeer):
         self.version = __version__
 
     def command(self) -> tuple[list[str], Path | None, dict[str, str]]:
-        argv = [sys.executable, "-m", "bei.cli", "serve", str(self.engine_dir), "--host", "127.0.0.1",
-                "--port", str(self.port), "--log-level", "warning", *self.serve_args]
+        argv = [
+            sys.executable,
+            "-m",
+            "bei.cli",
+            "serve",
+            str(self.engine_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *self.serve_args,
+        ]
         return argv, None, {}
 
     def body(self, texts: list[str]) -> dict[str, Any]:
@@ -434,8 +447,22 @@ class InfinityPeer(HttpPeer):
         executable = INFINITY_VENV / "bin" / "infinity_emb"
         if not executable.exists():
             raise PeerUnavailable(f"{INFINITY_VENV} is missing: run with --setup-infinity")
-        argv = [str(executable), "v2", "--host", "127.0.0.1", "--port", str(self.port), "--engine", self.engine,
-                "--device", "cpu", "--served-model-name", self.served_name, "--log-level", "warning"]
+        argv = [
+            str(executable),
+            "v2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--engine",
+            self.engine,
+            "--device",
+            "cpu",
+            "--served-model-name",
+            self.served_name,
+            "--log-level",
+            "warning",
+        ]
         cwd = None
         if self.engine == "optimum":
             if not (self.model_dir / "model.onnx").exists():
@@ -509,8 +536,15 @@ class TorchWorker(Peer):
         if workload.name not in self._sent:
             self.call({"cmd": "workload", "name": workload.name, "texts": workload.texts, "tokens": workload.tokens})
             self._sent.add(workload.name)
-        answer = self.call({"cmd": "cell", "workload": workload.name, "batch_size": cell.batch_size,
-                            "requests": budget.requests, "duration": budget.duration})
+        answer = self.call(
+            {
+                "cmd": "cell",
+                "workload": workload.name,
+                "batch_size": cell.batch_size,
+                "requests": budget.requests,
+                "duration": budget.duration,
+            }
+        )
         cell.embeddings, cell.tokens, cell.seconds = answer["embeddings"], answer["tokens"], answer["seconds"]
         return answer["latencies"]
 
@@ -559,8 +593,7 @@ def worker_main(model_dir: str) -> None:
                     loaded().encode(texts, batch_size=ST_BATCH_SIZE)
                     latencies.append(time.perf_counter() - sent)
                     embeddings, tokens = embeddings + len(texts), tokens + count
-                answer = {"latencies": latencies, "embeddings": embeddings, "tokens": tokens,
-                          "seconds": time.perf_counter() - started}
+                answer = {"latencies": latencies, "embeddings": embeddings, "tokens": tokens, "seconds": time.perf_counter() - started}
             elif command["cmd"] == "hardware":
                 answer = hardware_limits(model_dir, command["seq_len"])
             else:
@@ -620,15 +653,15 @@ def _ort_matmul(a: np.ndarray, b: np.ndarray) -> Callable[[], Any]:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "matmul",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])],
         [numpy_helper.from_array(b, "b")],
     )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = TORCH_THREADS
-    session = onnxruntime.InferenceSession(helper.make_model(graph).SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(helper.make_model(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
     return lambda: session.run(None, {"a": a})
 
 
@@ -644,8 +677,9 @@ def ensure_engine(config_path: Path) -> tuple[Path, Path]:
 
     config = load_config(config_path)
     repo = config.trt_llm.build.checkpoint_repository
-    checkpoint = resolve_checkpoint(repo.source.value, repo.repo, revision=repo.revision,
-                                    secret_name=repo.runtime_secret_name, base_dir=config_path.resolve().parent)
+    checkpoint = resolve_checkpoint(
+        repo.source.value, repo.repo, revision=repo.revision, secret_name=repo.runtime_secret_name, base_dir=config_path.resolve().parent
+    )
     engines_root = engines_dir_default()
     engine_dir = _up_to_date_engine(config_path, engines_root)
     if engine_dir is None:
@@ -673,9 +707,23 @@ def setup_infinity(model_dir: Path, optimum_dir: Path, max_seq_len: int) -> None
         staging = optimum_dir.with_name(optimum_dir.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(model_dir, staging)
-        subprocess.run([str(INFINITY_VENV / "bin" / "optimum-cli"), "export", "onnx", "--model", str(staging),
-                        "--task", "feature-extraction", "--library-name", "transformers", str(staging / "export")],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                str(INFINITY_VENV / "bin" / "optimum-cli"),
+                "export",
+                "onnx",
+                "--model",
+                str(staging),
+                "--task",
+                "feature-extraction",
+                "--library-name",
+                "transformers",
+                str(staging / "export"),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         shutil.move(staging / "export" / "model.onnx", staging / "model.onnx")
         shutil.rmtree(staging / "export")
         # Infinity's ONNX engine truncates at max_position_embeddings; the exported graph keeps
@@ -697,24 +745,39 @@ def csv_ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "all-minilm-l6-v2.yaml",
-                        help="the model's bei config (default configs/all-minilm-l6-v2.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "configs" / "all-minilm-l6-v2.yaml",
+        help="the model's bei config (default configs/all-minilm-l6-v2.yaml)",
+    )
     parser.add_argument("--workloads", help=f"comma-separated, of {', '.join(WORKLOADS)} (default {FULL['workloads']})")
     parser.add_argument("--batch-sizes", help=f"client batch sizes (default {FULL['batch_sizes']})")
     parser.add_argument("--concurrency", help=f"requests in flight (default {FULL['concurrency']})")
-    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS), help=f"comma-separated, of {', '.join(PEERS)} "
-                        f"(default {','.join(DEFAULT_PEERS)})")
-    parser.add_argument("--int8-config", type=Path, default=ROOT / "configs" / "all-minilm-l6-v2-int8.yaml",
-                        help="the bei-int8 peer's config (default configs/all-minilm-l6-v2-int8.yaml)")
+    parser.add_argument(
+        "--peers", default=",".join(DEFAULT_PEERS), help=f"comma-separated, of {', '.join(PEERS)} (default {','.join(DEFAULT_PEERS)})"
+    )
+    parser.add_argument(
+        "--int8-config",
+        type=Path,
+        default=ROOT / "configs" / "all-minilm-l6-v2-int8.yaml",
+        help="the bei-int8 peer's config (default configs/all-minilm-l6-v2-int8.yaml)",
+    )
     parser.add_argument("--requests", type=int, help="requests per cell (instead of --duration)")
     parser.add_argument("--duration", type=float, help=f"seconds per cell; requests in flight then finish (default {FULL['duration']})")
-    parser.add_argument("--quick", action="store_true", help=f"a grid of ~2 minutes on an idle 2-core machine: workloads {QUICK['workloads']}, batch sizes "
-                        f"{QUICK['batch_sizes']}, concurrency {QUICK['concurrency']}, {QUICK['duration']:g} s per cell; "
-                        "explicit flags override it")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a grid of ~2 minutes on an idle 2-core machine: workloads {QUICK['workloads']}, batch sizes "
+        f"{QUICK['batch_sizes']}, concurrency {QUICK['concurrency']}, {QUICK['duration']:g} s per cell; "
+        "explicit flags override it",
+    )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "bench.json", help="JSON results (default .bench/bench.json)")
     parser.add_argument("--plots-dir", type=Path, help="where bench-throughput.png and bench-latency.png go (default: next to --out)")
-    parser.add_argument("--bei-serve-args", default="", help="extra `bei serve` flags, e.g. \"--engine-threads 1\"")
-    parser.add_argument("--setup-infinity", action="store_true", help="create .bench/infinity-venv (and the model copy its ONNX engine reads) when missing")
+    parser.add_argument("--bei-serve-args", default="", help='extra `bei serve` flags, e.g. "--engine-threads 1"')
+    parser.add_argument(
+        "--setup-infinity", action="store_true", help="create .bench/infinity-venv (and the model copy its ONNX engine reads) when missing"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # the run happens in the repository root: paths given relative to the caller's directory are resolved first
@@ -739,8 +802,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    model = (
+        next(
+            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -756,9 +825,11 @@ def table(cells: list[Cell]) -> str:
             lines.append(f"| {c.workload} | {c.batch_size} | {c.concurrency} | {c.peer} | {c.status} | | | | | | |")
             continue
         ratio = "1.00" if c.peer == "bei" else (f"{c.ratio_to_bei:.2f}" if c.ratio_to_bei is not None else "-")
-        lines.append(f"| {c.workload} | {c.batch_size} | {c.concurrency} | {c.peer} | {fmt(c.embeddings_per_s, 1)} | "
-                     f"{fmt(c.tokens_per_s)} | {fmt(c.p50_ms, 1)} | {fmt(c.p99_ms, 1)} | {fmt(c.peak_rss_mib)} | "
-                     f"{fmt(c.cpu_ms_per_embedding, 2)} | {ratio} |")
+        lines.append(
+            f"| {c.workload} | {c.batch_size} | {c.concurrency} | {c.peer} | {fmt(c.embeddings_per_s, 1)} | "
+            f"{fmt(c.tokens_per_s)} | {fmt(c.p50_ms, 1)} | {fmt(c.p99_ms, 1)} | {fmt(c.peak_rss_mib)} | "
+            f"{fmt(c.cpu_ms_per_embedding, 2)} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -785,13 +856,15 @@ def plots(cells: list[Cell], peers: list[str], directory: Path) -> list[Path]:
         ax.grid(alpha=0.3)
 
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    for ax, workload in zip(axes[0], workloads, strict=False):
         for peer in peers:
             sizes = sorted({c.batch_size for c in ok if c.peer == peer and c.workload == workload})
             best = [max(c.embeddings_per_s or 0 for c in ok if (c.peer, c.workload, c.batch_size) == (peer, workload, b)) for b in sizes]
             if sizes:
                 ax.plot(sizes, best, marker="o", label=peer, color=colors[peer])
-        ax.set(title=f"{workload} (~{WORKLOADS[workload]} tokens)", xlabel="client batch size", ylabel="embeddings/s (best over concurrency)")
+        ax.set(
+            title=f"{workload} (~{WORKLOADS[workload]} tokens)", xlabel="client batch size", ylabel="embeddings/s (best over concurrency)"
+        )
         axes_for(ax, sorted({c.batch_size for c in ok}))
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -802,11 +875,11 @@ def plots(cells: list[Cell], peers: list[str], directory: Path) -> list[Path]:
     sizes = sorted({c.batch_size for c in ok})
     size = 32 if 32 in sizes else sizes[0]
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    for ax, workload in zip(axes[0], workloads, strict=False):
         for peer in peers:
             row = sorted((c.concurrency, c.p50_ms, c.p99_ms) for c in ok if (c.peer, c.workload, c.batch_size) == (peer, workload, size))
             if row:
-                conc, p50, p99 = zip(*row)
+                conc, p50, p99 = zip(*row, strict=False)
                 ax.plot(conc, p50, marker="o", color=colors[peer], label=f"{peer} p50")
                 ax.plot(conc, p99, marker="x", linestyle="--", color=colors[peer], label=f"{peer} p99")
         ax.set(title=f"{workload}, client batch {size}", xlabel="concurrency", ylabel="request latency (ms)")
@@ -858,8 +931,9 @@ def start_peers(names: list[str], makers: dict[str, Callable[[], Peer]], probe: 
         if reference is not None:
             lineup.agreement[name] = cosine(vectors, reference)
             if lineup.agreement[name] < (0.98 if name in INT8_PEERS else 0.999):
-                print(f"bench: warning: {name} agrees with sentence-transformers only to cosine "
-                      f"{lineup.agreement[name]:.4f}", file=sys.stderr)
+                print(
+                    f"bench: warning: {name} agrees with sentence-transformers only to cosine {lineup.agreement[name]:.4f}", file=sys.stderr
+                )
     lineup.peers = {name: lineup.peers[name] for name in PEERS if name in lineup.peers}  # bei first
 
 
@@ -884,9 +958,11 @@ def run_grid(lineup: Lineup, workloads: dict[str, Workload], args: argparse.Name
                     except Exception as err:  # noqa: BLE001 - one failed cell is reported, not fatal
                         cell.status = f"failed: {type(err).__name__}: {str(err)[:200]}"
                     cells.append(cell)
-                    print(f"  {workload.name:6} batch {size:3} conc {conc:2} {name:22} "
-                          f"{fmt(cell.embeddings_per_s, 1):>9} emb/s  p50 {fmt(cell.p50_ms, 1):>9} ms  {cell.status}",
-                          file=sys.stderr)
+                    print(
+                        f"  {workload.name:6} batch {size:3} conc {conc:2} {name:22} "
+                        f"{fmt(cell.embeddings_per_s, 1):>9} emb/s  p50 {fmt(cell.p50_ms, 1):>9} ms  {cell.status}",
+                        file=sys.stderr,
+                    )
     bei_cells = {(c.workload, c.batch_size, c.concurrency): c for c in cells if c.peer == "bei" and c.embeddings_per_s}
     for c in cells:
         base = bei_cells.get((c.workload, c.batch_size, c.concurrency))
@@ -903,8 +979,12 @@ def hardware_fraction(hardware: dict[str, Any] | None, cells: list[Cell]) -> dic
         return hardware
     best = max(long_cells, key=lambda c: c.tokens_per_s or 0)
     achieved = (best.tokens_per_s or 0) * hardware["flops_per_token"]
-    fraction = {**hardware, "bei_best_long_cell": {"batch_size": best.batch_size, "concurrency": best.concurrency},
-                "bei_achieved_flops_per_s": achieved, "bei_fraction_of_matmul_limit": achieved / hardware["matmul_flops_per_s"]}
+    fraction = {
+        **hardware,
+        "bei_best_long_cell": {"batch_size": best.batch_size, "concurrency": best.concurrency},
+        "bei_achieved_flops_per_s": achieved,
+        "bei_fraction_of_matmul_limit": achieved / hardware["matmul_flops_per_s"],
+    }
     if best.cpu_ms_per_embedding:
         per_cpu_s = best.tokens / best.embeddings * hardware["flops_per_token"] / (best.cpu_ms_per_embedding / 1000)
         fraction["bei_flops_per_cpu_s"] = per_cpu_s
@@ -933,8 +1013,11 @@ def report(result: dict[str, Any], cells: list[Cell], written: list[Path]) -> No
     print()
     for name, info in result["peers"].items():
         cos = info["min_cosine_vs_sentence_transformers"]
-        print(f"{name}: {info['status']}" + (f", version {info['version']}" if info["version"] else "")
-              + (f", min cosine vs sentence-transformers {cos:.5f}" if cos is not None else ""))
+        print(
+            f"{name}: {info['status']}"
+            + (f", version {info['version']}" if info["version"] else "")
+            + (f", min cosine vs sentence-transformers {cos:.5f}" if cos is not None else "")
+        )
     for pair, by_cell in result["medium_ratios"].items():
         print(f"medium, {pair}: " + ", ".join(f"{ratio:.2f}x ({cell})" for cell, ratio in by_cell.items()))
     limit = result["hardware_limit"]
@@ -943,19 +1026,28 @@ def report(result: dict[str, Any], cells: list[Cell], written: list[Path]) -> No
     elif limit and "bei_fraction_of_matmul_limit" not in limit:
         print(f"hardware limit: {limit['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; bei's fraction of it needs the long workload")
     elif limit:
-        print(f"hardware limit: {limit['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({limit['matmul']}); "
-              f"model: {limit['flops_per_token'] / 1e6:.1f} MFLOP/token at {limit['flops_per_token_seq_len']} tokens; "
-              f"bei on long inputs: {limit['bei_achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
-              f"{limit['bei_fraction_of_matmul_limit']:.0%} of the limit")
+        print(
+            f"hardware limit: {limit['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({limit['matmul']}); "
+            f"model: {limit['flops_per_token'] / 1e6:.1f} MFLOP/token at {limit['flops_per_token_seq_len']} tokens; "
+            f"bei on long inputs: {limit['bei_achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+            f"{limit['bei_fraction_of_matmul_limit']:.0%} of the limit"
+        )
         if "bei_flops_per_cpu_s" in limit:
-            print(f"  per CPU-second: matmul {limit['matmul_flops_per_cpu_s'] / 1e9:.1f} GFLOP, bei "
-                  f"{limit['bei_flops_per_cpu_s'] / 1e9:.1f} GFLOP = {limit['bei_fraction_of_matmul_per_cpu_s']:.0%}")
+            print(
+                f"  per CPU-second: matmul {limit['matmul_flops_per_cpu_s'] / 1e9:.1f} GFLOP, bei "
+                f"{limit['bei_flops_per_cpu_s'] / 1e9:.1f} GFLOP = {limit['bei_fraction_of_matmul_per_cpu_s']:.0%}"
+            )
     before, after = result["load_average_before_after"]
     cores = result["machine"]["cores"] or 1
-    print(f"load average (1, 5, 15 min) before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
-          f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}, on {cores} cores"
-          + (": other work shared the machine, so absolute figures are low and noisy; the ratios, "
-             "measured side by side, hold better" if max(before[0], after[0]) > cores else ""))
+    print(
+        f"load average (1, 5, 15 min) before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, "
+        f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}, on {cores} cores"
+        + (
+            ": other work shared the machine, so absolute figures are low and noisy; the ratios, measured side by side, hold better"
+            if max(before[0], after[0]) > cores
+            else ""
+        )
+    )
     print(f"results: {result['out']}" + "".join(f", {p}" for p in written))
 
 
@@ -980,8 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
         except (subprocess.CalledProcessError, OSError) as err:
             lineup.status.update({p: f"not installed: {err}" for p in args.peers if p.startswith("infinity")})
 
-    workloads = {name: make_workload(name, WORKLOADS[name], engine_dir / "tokenizer.json", manifest.max_input_tokens)
-                 for name in args.workloads}
+    workloads = {
+        name: make_workload(name, WORKLOADS[name], engine_dir / "tokenizer.json", manifest.max_input_tokens) for name in args.workloads
+    }
     print("bench: measuring the machine's matmul FLOP/s", file=sys.stderr)
     hardware = TorchWorker(model_dir, log_dir).hardware(manifest.max_input_tokens)  # before any server runs
     makers: dict[str, Callable[[], Peer]] = {
@@ -1003,18 +1096,30 @@ def main(argv: list[str] | None = None) -> int:
         lineup.stop()
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(),
         "load_average_before_after": [load_before, os.getloadavg()],
         "model": {"name": manifest.name, "folder": str(model_dir), "max_input_tokens": manifest.max_input_tokens},
-        "grid": {"workloads": {n: {"target_tokens": w.target_tokens, "mean_tokens_after_truncation": float(np.mean(w.tokens))}
-                               for n, w in workloads.items()},
-                 "batch_sizes": args.batch_sizes, "concurrency": args.concurrency,
-                 "requests": args.requests, "duration_s": None if args.requests else args.duration},
+        "grid": {
+            "workloads": {
+                n: {"target_tokens": w.target_tokens, "mean_tokens_after_truncation": float(np.mean(w.tokens))}
+                for n, w in workloads.items()
+            },
+            "batch_sizes": args.batch_sizes,
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+            "duration_s": None if args.requests else args.duration,
+        },
         "bei_serve_args": args.bei_serve_args,
-        "peers": {name: {"status": lineup.status.get(name, "not run"), "version": lineup.versions.get(name),
-                         "min_cosine_vs_sentence_transformers": lineup.agreement.get(name)} for name in args.peers},
+        "peers": {
+            name: {
+                "status": lineup.status.get(name, "not run"),
+                "version": lineup.versions.get(name),
+                "min_cosine_vs_sentence_transformers": lineup.agreement.get(name),
+            }
+            for name in args.peers
+        },
         "hardware_limit": hardware_fraction(hardware, cells),
         "medium_ratios": goal_ratios(cells),
         "cells": [asdict(c) for c in cells],

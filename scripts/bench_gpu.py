@@ -86,8 +86,10 @@ BERT_LARGE = {**BERT_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_at
 TINY_MISTRAL = {**MISTRAL_7B, "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}  # fmt: skip
 TINY_BERTS = {
-    "bert-base": {**BERT_BASE, "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
-    "bert-large": {**BERT_BASE, "vocab_size": 1000, "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 192},
+    "bert-base": {**BERT_BASE, "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 128},
+    "bert-large": {**BERT_BASE, "vocab_size": 1000, "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+                   "intermediate_size": 192},
 }  # fmt: skip
 
 
@@ -155,8 +157,11 @@ class Report:
 
     def table(self) -> str:
         header = ("section", "what", "workload", "value", "of limit", "ms/call", "notes")
-        lines = [(r.section, r.what, r.workload, _value(r), _fraction(r), f"{r.ms:.2f}" if r.ms is not None else "", _notes(r)) for r in self.rows]
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+        lines = [
+            (r.section, r.what, r.workload, _value(r), _fraction(r), f"{r.ms:.2f}" if r.ms is not None else "", _notes(r))
+            for r in self.rows
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
         fmt = " | ".join(f"{{:<{w}}}" for w in widths[:-1]) + " | {}"
         sep = "-+-".join("-" * w for w in widths[:-1]) + "-+-" + "-" * 5
         return "\n".join([fmt.format(*header), sep, *(fmt.format(*line) for line in lines)])
@@ -218,7 +223,12 @@ def environment(device: str) -> dict[str, Any]:
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gib=round(props.total_memory / 2**30, 1))  # fmt: skip
     try:
-        env["bei_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False).stdout.strip() or None
+        env["bei_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         env["bei_commit"] = None
     return env
@@ -364,9 +374,9 @@ def hf_model(config: dict[str, Any], device: str, dtype: Any) -> Any:
 
 
 def bei_spec(config: dict[str, Any]) -> Any:
+    from bei.kinds import Task
     from bei.modeling.pooling import PoolingConfig, PoolingMode
     from bei.modeling.spec import ModelSpec
-    from bei.kinds import Task
 
     causal = config["model_type"] == "mistral"
     return ModelSpec(
@@ -503,7 +513,9 @@ def hf_pooled(model: Any, mode: str, feed: tuple[Any, Any]) -> Any:
     return pooled(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, mode)
 
 
-def throughput_row(ctx: Context, work: Workload, what: str, fn: Callable[[], Any], precision: str, compiled: bool, extra: dict[str, Any]) -> Row:
+def throughput_row(
+    ctx: Context, work: Workload, what: str, fn: Callable[[], Any], precision: str, compiled: bool, extra: dict[str, Any]
+) -> Row:
     """tokens/s of `fn`, median of timed calls after warm-up; compiled: the first call is timed apart."""
     extra = dict(extra)
     before = graphs_compiled()
@@ -518,12 +530,16 @@ def throughput_row(ctx: Context, work: Workload, what: str, fn: Callable[[], Any
     extra.update(tflops=flops / seconds / 1e12, tokens=work.tokens)
     if len(set(work.lengths.tolist())) == 1 and peak:
         extra["limit_tok_s"] = peak / work.flops.per_token(int(work.lengths[0]))
-    return Row(work.section, what, work.label, work.tokens / seconds, "tok/s", flops / seconds / peak if peak else None, seconds * 1e3, extra)
+    return Row(
+        work.section, what, work.label, work.tokens / seconds, "tok/s", flops / seconds / peak if peak else None, seconds * 1e3, extra
+    )
 
 
 def throughput(ctx: Context, work: Workload, what: str, fn: Callable[[], Any], precision: str, *, compiled: bool = False,
                extra: dict[str, Any] | None = None) -> Row:  # fmt: skip
-    return guarded(ctx.report, work.section, what, work.label)(partial(throughput_row, ctx, work, what, fn, precision, compiled, extra or {}))
+    return guarded(ctx.report, work.section, what, work.label)(
+        partial(throughput_row, ctx, work, what, fn, precision, compiled, extra or {})
+    )
 
 
 def measure_peaks(ctx: Context) -> None:
@@ -548,7 +564,9 @@ def measure_peaks(ctx: Context) -> None:
         b = torch.randn(n, n, device=dev, generator=gen).to(e4m3)  # [N, K] row-major: b.t() is column-major
         scale_a = torch.rand(n, 1, device=dev, generator=gen) + 0.5
         scale_b = torch.rand(1, n, device=dev, generator=gen) + 0.5
-        seconds = ctx.clock.median(partial(torch._scaled_mm, a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16), 3, iters)
+        seconds = ctx.clock.median(
+            partial(torch._scaled_mm, a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16), 3, iters
+        )
         ctx.peaks["fp8"] = flops / seconds
         return Row("peak", "torch._scaled_mm fp8 e4m3, row-wise scales", f"{n}^3", flops / seconds / 1e12, "TFLOP/s", ms=seconds * 1e3)
 
@@ -591,7 +609,9 @@ def bench_mistral(ctx: Context) -> None:
         release()  # the FP8 module compiles afresh
         layers_fp8 = quantize_fp8(module)
         print(f"[{section}] quantize_fp8: {len(layers_fp8)} Linear layers in FP8", flush=True)
-        bei_rows(ctx, work, module, TorchBackend(module, names, compiled=True), feeds, reference, "fp8 (row-wise dynamic)", "fp8", eager=False)
+        bei_rows(
+            ctx, work, module, TorchBackend(module, names, compiled=True), feeds, reference, "fp8 (row-wise dynamic)", "fp8", eager=False
+        )
 
 
 def mistral_transformers(ctx: Context, config: dict[str, Any], section: str, inputs: Inputs) -> tuple[Any, Any, Workload]:
@@ -606,7 +626,14 @@ def mistral_transformers(ctx: Context, config: dict[str, Any], section: str, inp
     reference = torch.cat(run_all(partial(hf_pooled, hf, "last"), feeds))
     throughput(ctx, work, "transformers eager SDPA bf16", partial(run_all, partial(hf_pooled, hf, "last"), feeds), "bfloat16")
     compiled = torch.compile(hf)
-    throughput(ctx, work, "transformers torch.compile bf16", partial(run_all, partial(hf_pooled, compiled, "last"), feeds), "bfloat16", compiled=True)
+    throughput(
+        ctx,
+        work,
+        "transformers torch.compile bf16",
+        partial(run_all, partial(hf_pooled, compiled, "last"), feeds),
+        "bfloat16",
+        compiled=True,
+    )
     return module, reference, work
 
 
@@ -690,8 +717,10 @@ def bert_requests(ctx: Context, name: str, config: dict[str, Any], hf: Any, eage
         feeds = [small.padded(list(range(s.small_batch)))]
         variants += [
             (batch, "batch/s", feeds, "transformers eager SDPA fp16", partial(hf_request, hf, ctx.device), False),
-            (batch, "batch/s", feeds, "bei TorchBackend compiled fp16, CUDA graph of its token bucket", partial(bei_request, compiled), True),
-            (batch, "batch/s", feeds, "bei TorchBackend compiled fp16, dynamic shapes, no graph", partial(bei_dynamic_request, compiled, ctx.device), True),
+            (batch, "batch/s", feeds, "bei TorchBackend compiled fp16, CUDA graph of its token bucket",
+             partial(bei_request, compiled), True),
+            (batch, "batch/s", feeds, "bei TorchBackend compiled fp16, dynamic shapes, no graph",
+             partial(bei_dynamic_request, compiled, ctx.device), True),
         ]  # fmt: skip
     for workload, unit, feed, what, call, graphed in variants:
         guarded(ctx.report, name, what, workload)(partial(latency_row, ctx, name, what, workload, call, feed, graphed, unit))
@@ -715,7 +744,9 @@ def latency_row(ctx: Context, section: str, what: str, workload: str, call: Call
     total = time.perf_counter() - began
     if compiled:
         extra["graphs"] = graphs_compiled() - before
-    extra.update(p50_ms=float(np.percentile(latencies, 50) * 1e3), p99_ms=float(np.percentile(latencies, 99) * 1e3), requests=len(latencies))
+    extra.update(
+        p50_ms=float(np.percentile(latencies, 50) * 1e3), p99_ms=float(np.percentile(latencies, 99) * 1e3), requests=len(latencies)
+    )
     return Row(section, what, workload, len(latencies) / total, unit, None, float(np.median(latencies) * 1e3), extra)
 
 
@@ -840,7 +871,8 @@ def bench_http(args: argparse.Namespace, report: Report) -> None:
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     target = manifest.get("target") or {}
     section = f"http {manifest.get('name', engine_dir.name)} ({target.get('name', '?')}, {target.get('device', '?')})"
-    built = f"{manifest.get('precision', '?')}, {target.get('gpu') or target.get('device', '?')}, torch {(target.get('versions') or {}).get('torch', '?')}"
+    torch_version = (target.get("versions") or {}).get("torch", "?")
+    built = f"{manifest.get('precision', '?')}, {target.get('gpu') or target.get('device', '?')}, torch {torch_version}"
     texts, mean_tokens = texts_of(engine_dir / "tokenizer.json", args.http_tokens, 256, args.seed)
     log_path = Path(args.out).with_suffix(".serve.log") if args.out else Path("bench_gpu.serve.log")
     server = Server(engine_dir, log_path, shlex.split(args.serve_args))
@@ -861,7 +893,9 @@ def bench_http(args: argparse.Namespace, report: Report) -> None:
         rate, latencies = drive_processes(server.url, texts, concurrency, args.http_seconds, args.client_processes)
         extra = {"p50_ms": float(np.percentile(latencies, 50) * 1e3), "p99_ms": float(np.percentile(latencies, 99) * 1e3),
                  "requests": len(latencies), "client_processes": max(1, min(args.client_processes, concurrency))}  # fmt: skip
-        return Row(section, "bei serve + bei.client.AsyncClient", workload, rate, "req/s", ms=float(np.median(latencies) * 1e3), extra=extra)
+        return Row(
+            section, "bei serve + bei.client.AsyncClient", workload, rate, "req/s", ms=float(np.median(latencies) * 1e3), extra=extra
+        )
 
     try:
         cold = server.start(args.start_timeout)
@@ -892,7 +926,10 @@ def build_engine_dir(folder: Path, model: str) -> Path:
     checkpoint = make_checkpoint(folder / "checkpoints" / model, "bert", "embed", pooling="mean", max_seq_length=128)
     if model == "bert-base":
         config = json.loads((checkpoint / "config.json").read_text())
-        sizes = {k: BERT_BASE[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")}
+        sizes = {
+            k: BERT_BASE[k]
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+        }
         config.update(sizes, initializer_range=0.02)
         transformers.BertModel(transformers.BertConfig(**config)).save_pretrained(str(checkpoint), safe_serialization=True)
         pooling_file = checkpoint / "1_Pooling" / "config.json"
@@ -922,8 +959,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--device cpu --tiny: aot_eager, since inductor's C++ compiles take minutes on a small CPU)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON file of the rows (rewritten after each)")
-    p.add_argument("--http", metavar="ENGINE_DIR", nargs="?", const="", default=None,
-                   help="only: `bei serve ENGINE_DIR` driven over 127.0.0.1 (no ENGINE_DIR: the one --build-engine built)")
+    p.add_argument(
+        "--http",
+        metavar="ENGINE_DIR",
+        nargs="?",
+        const="",
+        default=None,
+        help="only: `bei serve ENGINE_DIR` driven over 127.0.0.1 (no ENGINE_DIR: the one --build-engine built)",
+    )
     p.add_argument("--concurrency", default="1,8,64")
     p.add_argument("--http-tokens", type=int, default=5, help="tokens per request text, special tokens included")
     p.add_argument("--http-seconds", type=float, default=8.0, help="timed seconds per concurrency")
@@ -931,7 +974,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-processes", type=int, default=4, help="client processes sharing the concurrency")
     p.add_argument("--serve-args", default="", help="extra `bei serve` arguments, one string")
     p.add_argument("--start-timeout", type=float, default=600.0)
-    p.add_argument("--build-engine", metavar="DIR", type=Path, default=None, help="only: build a random BERT engine under DIR (then --http it)")
+    p.add_argument(
+        "--build-engine", metavar="DIR", type=Path, default=None, help="only: build a random BERT engine under DIR (then --http it)"
+    )
     p.add_argument("--engine-model", choices=("tiny", "bert-base"), default="bert-base")
     return p.parse_args(argv)
 

@@ -163,7 +163,7 @@ def assert_close_rows(actual: Any, expected: Any, min_cosine: float = MIN_COSINE
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    for i, (a, e) in enumerate(zip(actual, expected)):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=False)):
         c = cosine(a, e)
         assert c >= min_cosine, f"{what} row {i}: cosine {c:.7f} < {min_cosine}"
         np.testing.assert_allclose(np.linalg.norm(a), np.linalg.norm(e), rtol=1e-3, err_msg=f"{what} row {i}: norm")

@@ -9,10 +9,10 @@ import threading
 import numpy as np
 import pytest
 
-from bei.errors import EngineFailedError
 from bei.backend import Backend, Batch
-from bei.text.tokenizer import Encoded
+from bei.errors import EngineFailedError
 from bei.scheduler.batcher import Batcher
+from bei.text.tokenizer import Encoded
 
 
 def encoded(n: int, first: int) -> Encoded:

@@ -140,8 +140,8 @@ def test_killed_rebuild_keeps_the_old_engine(tmp_path: Path, minilm_build: Built
     assert manifest == manifest_before
 
     # and the old engine still loads and embeds
-    from bei.targets.loading import load_engine
     from bei.backend import Batch
+    from bei.targets.loading import load_engine
 
     engine = load_engine(engine_dir, threads=1)
     try:

@@ -29,10 +29,10 @@ from bei.config import parse_config
 from bei.engine.manifest import read_manifest
 from bei.modeling.detect import read_model_spec
 from bei.progress import Progress
-from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
-from bei.text.tokenizer import TokenizerRuntime
 from bei.testing.inproc_server import serve_engine
 from bei.testing.tiny_models import TEXTS, make_checkpoint
+from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
+from bei.text.tokenizer import TokenizerRuntime
 
 TOL = 1e-4
 MAX_LEN = 128  # the tiny models' positions; the template alone takes ~65 tokens of the tiny vocabulary
@@ -104,22 +104,23 @@ def _st_ids(model: CrossEncoder, items: list[Any]) -> list[list[int]]:
     """The token ids sentence-transformers feeds the model, padding removed."""
     features = model[0].preprocess(items)
     return [
-        [i for i, m in zip(row, mask) if m]
-        for row, mask in zip(features["input_ids"].tolist(), features["attention_mask"].tolist())
+        [i for i, m in zip(row, mask, strict=False) if m]
+        for row, mask in zip(features["input_ids"].tolist(), features["attention_mask"].tolist(), strict=False)
     ]
 
 
 def _build(checkpoint: Path, root: Path, name: str) -> Path:
     config = {
         "model_name": name,
-        "trt_llm": {"build": {
-            "base_model": "encoder",
-            "max_seq_len": MAX_LEN,
-            "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
-        }},
+        "trt_llm": {
+            "build": {
+                "base_model": "encoder",
+                "max_seq_len": MAX_LEN,
+                "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
+            }
+        },
     }
-    result = build_engine(parse_config(config), config_dir=root, engines_root=root / "engines",
-                          progress=Progress([], enabled=False))
+    result = build_engine(parse_config(config), config_dir=root, engines_root=root / "engines", progress=Progress([], enabled=False))
     return result.engine_dir
 
 
@@ -143,8 +144,7 @@ def test_detects_template_where_sentence_transformers_reads_it(base_checkpoint: 
     both = _copy(base_checkpoint, tmp_path / "both", STRUCTURED_TEMPLATE, "config")
     (both / "chat_template.jinja").write_text(RERANK_TEMPLATE)  # the .jinja file wins over tokenizer_config.json
     none = _copy(base_checkpoint, tmp_path / "none", None)
-    for folder, want in ((jinja, RERANK_TEMPLATE), (in_config, RERANK_TEMPLATE), (both, RERANK_TEMPLATE),
-                         (none, None)):
+    for folder, want in ((jinja, RERANK_TEMPLATE), (in_config, RERANK_TEMPLATE), (both, RERANK_TEMPLATE), (none, None)):
         assert read_model_spec(folder).chat_template == want, folder.name
         processor = _cross_encoder(folder)[0].processor
         assert processor.chat_template == want, f"{folder.name}: not the template ST reads"
@@ -180,11 +180,12 @@ def test_special_tokens_as_transformers_reads_them(base_checkpoint: Path) -> Non
 
 
 # --- token ids -------------------------------------------------------------------------------
-@pytest.mark.parametrize("template,where", [(RERANK_TEMPLATE, "jinja"), (RERANK_TEMPLATE, "config"),
-                                            (STRUCTURED_TEMPLATE, "jinja")], ids=["flat-jinja", "flat-config",
-                                                                                  "structured"])
-def test_token_ids_match_sentence_transformers(base_checkpoint: Path, tmp_path: Path, template: str,
-                                               where: str) -> None:
+@pytest.mark.parametrize(
+    "template,where",
+    [(RERANK_TEMPLATE, "jinja"), (RERANK_TEMPLATE, "config"), (STRUCTURED_TEMPLATE, "jinja")],
+    ids=["flat-jinja", "flat-config", "structured"],
+)
+def test_token_ids_match_sentence_transformers(base_checkpoint: Path, tmp_path: Path, template: str, where: str) -> None:
     folder = _copy(base_checkpoint, tmp_path / "ckpt", template, where)
     model = _cross_encoder(folder)
     runtime = TokenizerRuntime(folder / "tokenizer.json", MAX_LEN, chat_template=template)
@@ -194,7 +195,7 @@ def test_token_ids_match_sentence_transformers(base_checkpoint: Path, tmp_path: 
     items: list[Any] = [*PAIRS, (QUERY, LONG_DOC), (LONG_DOC, TEXTS[0]), TEXTS[1], LONG_DOC]
     want = _st_ids(model, items)
     got = [runtime.encode(item, truncate=True).ids for item in items]
-    for item, g, w in zip(items, got, want):
+    for item, g, w in zip(items, got, want, strict=False):
         assert g == w, f"{item!r}: {len(g)} ids {g[-12:]} != ST's {len(w)} ids {w[-12:]}"
     assert max(len(w) for w in want) == MAX_LEN, "no input was truncated"
 
@@ -209,14 +210,14 @@ def test_truncation_keeps_the_template_suffix(base_checkpoint: Path, tmp_path: P
     plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
     # the template tail after the document (from <|im_end|> on), as it ends an untruncated input
     short = runtime.encode((QUERY, TEXTS[0])).ids
-    tail = short[short.index(plain.token_to_id("<|im_end|>"), len(short) - 30):]
+    tail = short[short.index(plain.token_to_id("<|im_end|>"), len(short) - 30) :]
     assert len(tail) > 5
     right = runtime.encode((QUERY, LONG_DOC), truncate=True).ids
-    assert len(right) == MAX_LEN and right[-len(tail):] == tail
+    assert len(right) == MAX_LEN and right[-len(tail) :] == tail
     head = plain.encode(RERANK_TEMPLATE.split("<Query>")[0], add_special_tokens=False).ids
     assert right[: len(head)] == head
     left = runtime.encode((QUERY, LONG_DOC), truncate=True, direction="left").ids
-    assert len(left) == MAX_LEN and left[-len(tail):] == tail
+    assert len(left) == MAX_LEN and left[-len(tail) :] == tail
 
 
 def test_without_template_pairs_stay_plain(base_checkpoint: Path) -> None:
@@ -259,8 +260,7 @@ def _check_scores(checkpoint: Path, url: str, pairs: list[tuple[str, str]], trun
             _close([r["score"] for r in raw], want_raw[index], f"{what} /rerank raw_scores")
         predict = _post(client, "/predict", {"inputs": [[q, d] for q, d in pairs], "truncate": truncate})
         _close([row[0]["score"] for row in predict], want, f"{what} /predict")
-        raw = _post(client, "/predict", {"inputs": [[q, d] for q, d in pairs], "truncate": truncate,
-                                         "raw_scores": True})
+        raw = _post(client, "/predict", {"inputs": [[q, d] for q, d in pairs], "truncate": truncate, "raw_scores": True})
         _close([row[0]["score"] for row in raw], want_raw, f"{what} /predict raw_scores")
 
 
@@ -276,8 +276,7 @@ def test_served_truncation(templated: tuple[Path, Path, str]) -> None:
     checkpoint, _, url = templated
     pairs = [(QUERY, LONG_DOC), (QUERY, TEXTS[3]), (_words(60, 9), TEXTS[1])]
     with httpx.Client(base_url=url, timeout=60.0) as client:
-        for path, body in (("/rerank", {"query": QUERY, "texts": [LONG_DOC]}),
-                           ("/predict", {"inputs": [[QUERY, LONG_DOC]]})):
+        for path, body in (("/rerank", {"query": QUERY, "texts": [LONG_DOC]}), ("/predict", {"inputs": [[QUERY, LONG_DOC]]})):
             for truncate in ({}, {"truncate": False}):
                 response = client.post(path, json={**body, **truncate})
                 assert response.status_code == 422, f"{path} {truncate}: {response.status_code} {response.text}"

@@ -29,9 +29,14 @@ def make_model(folder: Path, *, weights: str = "model.safetensors") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     (folder / "tokenizer.json").write_text("{}")
-    (folder / "modules.json").write_text(json.dumps(
-        [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     if weights:
@@ -75,8 +80,7 @@ def test_local_package_missing() -> None:
 def test_file_hashes(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m")
     hashes = Checkpoint(path=model, source="LOCAL", repo=str(model)).file_hashes()
-    assert set(hashes) == {"config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
-                           "model.safetensors"}
+    assert set(hashes) == {"config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json", "model.safetensors"}
     assert hashes["model.safetensors"] == hashlib.sha256(b"weights").hexdigest()
 
 
@@ -95,8 +99,9 @@ def _only_bin(p: Path) -> None:
 
 def _missing_shard(p: Path) -> None:
     (p / "model.safetensors").rename(p / "model-00001-of-00002.safetensors")
-    (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (p / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
 
 
 def _no_weights(p: Path) -> None:
@@ -107,14 +112,17 @@ def _no_pooling_config(p: Path) -> None:
     shutil.rmtree(p / "1_Pooling")
 
 
-@pytest.mark.parametrize(("breaker", "expected", "needs_pooling"), [
-    (_no_config, "config.json", False),
-    (_no_tokenizer, "fast tokenizer is required", False),
-    (_only_bin, "safetensors weights are required; found pytorch_model.bin", False),
-    (_missing_shard, "model-00002-of-00002.safetensors", False),
-    (_no_weights, "*.safetensors", False),
-    (_no_pooling_config, "1_Pooling/config.json", True),
-])
+@pytest.mark.parametrize(
+    ("breaker", "expected", "needs_pooling"),
+    [
+        (_no_config, "config.json", False),
+        (_no_tokenizer, "fast tokenizer is required", False),
+        (_only_bin, "safetensors weights are required; found pytorch_model.bin", False),
+        (_missing_shard, "model-00002-of-00002.safetensors", False),
+        (_no_weights, "*.safetensors", False),
+        (_no_pooling_config, "1_Pooling/config.json", True),
+    ],
+)
 def test_check_required_files_names_missing(tmp_path: Path, breaker, expected: str, needs_pooling: bool) -> None:
     model = make_model(tmp_path / "m")
     breaker(model)

@@ -83,14 +83,7 @@ def test_serve_config_uses_an_up_to_date_engine(minilm_build: BuiltEngine, tmp_p
 
 def test_bad_config_names_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        "model_name: broken\n"
-        "trt_llm:\n"
-        "  build:\n"
-        "    checkpoint_repository:\n"
-        "      source: NOPE\n"
-        "      repo: some/model\n"
-    )
+    bad.write_text("model_name: broken\ntrt_llm:\n  build:\n    checkpoint_repository:\n      source: NOPE\n      repo: some/model\n")
     engines_dir = tmp_path / "engines"
     done = run_bei("build", bad, "--engines-dir", engines_dir, timeout=120)
     assert done.returncode == 1, done.stderr

@@ -119,9 +119,23 @@ def test_bei_embed_command_writes_npy_and_jsonl(minilm_server: Server, st_model:
     source.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:40]) + "\n")
     for output in (tmp_path / "out.npy", tmp_path / "out.jsonl"):
         result = subprocess.run(
-            [sys.executable, "-m", "bei.cli", "embed", "--url", minilm_server.base_url, "--input", str(source),
-             "--output", str(output), "--batch-size", "8"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "bei.cli",
+                "embed",
+                "--url",
+                minilm_server.base_url,
+                "--input",
+                str(source),
+                "--output",
+                str(output),
+                "--batch-size",
+                "8",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 0, result.stderr
         assert "40 texts written" in result.stderr and "40/40" in result.stderr
@@ -139,6 +153,8 @@ def test_bei_embed_command_names_a_missing_input(tmp_path: Any) -> None:
 
     result = subprocess.run(
         [sys.executable, "-m", "bei.cli", "embed", "--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o.npy")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1 and "nope.txt does not exist" in result.stderr

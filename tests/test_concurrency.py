@@ -41,7 +41,7 @@ def test_concurrent_requests_get_their_own_vectors(minilm_server: Server, st_mod
         batches_before = metric_value(client.get("/metrics").text, "bei_batches_total")
     # the single-request vectors are right (vs sentence-transformers) and tell texts apart
     st_vectors = st_model.encode(texts, convert_to_numpy=True, batch_size=32)
-    for a, e in zip(alone, st_vectors):
+    for a, e in zip(alone, st_vectors, strict=False):
         assert cosine(a, e) >= 0.99999
     similarity = alone @ alone.T
     np.fill_diagonal(similarity, -1)
@@ -77,9 +77,9 @@ def test_concurrent_requests_get_their_own_vectors(minilm_server: Server, st_mod
     answers = asyncio.run(burst())
 
     assert len(answers) == N_REQUESTS
-    for r, ((route, idx, _), vectors) in enumerate(zip(plans, answers)):
+    for r, ((route, idx, _), vectors) in enumerate(zip(plans, answers, strict=False)):
         assert len(vectors) == len(idx), f"request {r}: {len(vectors)} vectors for {len(idx)} inputs"
-        for position, (i, vector) in enumerate(zip(idx, vectors)):
+        for position, (i, vector) in enumerate(zip(idx, vectors, strict=False)):
             c = cosine(vector, alone[i])
             assert c >= 0.99999, f"request {r} ({route}) input {position}: cosine {c:.6f} with its own text's vector"
 

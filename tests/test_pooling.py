@@ -39,8 +39,11 @@ HIDDEN = 8
 
 def pooling_dict(modes: tuple[str, ...], spelling: str, include_prompt: bool = True) -> dict[str, object]:
     if spelling == "new":
-        return {"embedding_dimension": HIDDEN, "pooling_mode": modes[0] if len(modes) == 1 else list(modes),
-                "include_prompt": include_prompt}
+        return {
+            "embedding_dimension": HIDDEN,
+            "pooling_mode": modes[0] if len(modes) == 1 else list(modes),
+            "include_prompt": include_prompt,
+        }
     data: dict[str, object] = {"word_embedding_dimension": HIDDEN}
     data.update({flag: mode in modes for mode, flag in _LEGACY.items()})
     data["include_prompt"] = include_prompt
@@ -54,7 +57,7 @@ def masks(side: str, lengths: list[int] = LENGTHS) -> torch.Tensor:
         if side == "right":
             mask[row, :n] = 1
         else:
-            mask[row, seq - n:] = 1
+            mask[row, seq - n :] = 1
     return mask
 
 
@@ -74,8 +77,7 @@ def st_pool(st: Pooling, emb: torch.Tensor, mask: torch.Tensor, prompt_length: i
 # --- config parsing -------------------------------------------------------------------------
 @pytest.mark.parametrize("modes", MODE_SETS, ids="+".join)
 @pytest.mark.parametrize("spelling", ["legacy", "new"])
-def test_config_spellings_agree_with_sentence_transformers(tmp_path: Path, modes: tuple[str, ...],
-                                                           spelling: str) -> None:
+def test_config_spellings_agree_with_sentence_transformers(tmp_path: Path, modes: tuple[str, ...], spelling: str) -> None:
     ours, st = both(tmp_path, pooling_dict(modes, spelling, include_prompt=False))
     st_modes = (st.pooling_mode,) if isinstance(st.pooling_mode, str) else tuple(st.pooling_mode)
     assert tuple(m.value for m in ours.modes) == st_modes
@@ -96,8 +98,7 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("modes", MODE_SETS, ids="+".join)
 @pytest.mark.parametrize("spelling", ["legacy", "new"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_pool_matches_sentence_transformers(tmp_path: Path, modes: tuple[str, ...], spelling: str,
-                                            side: str) -> None:
+def test_pool_matches_sentence_transformers(tmp_path: Path, modes: tuple[str, ...], spelling: str, side: str) -> None:
     ours, st = both(tmp_path, pooling_dict(modes, spelling))
     torch.manual_seed(0)
     emb = torch.randn(len(LENGTHS), max(LENGTHS), HIDDEN)
@@ -113,8 +114,7 @@ def test_pool_matches_sentence_transformers(tmp_path: Path, modes: tuple[str, ..
 @pytest.mark.parametrize("modes", MODE_SETS, ids="+".join)
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("prompt_length", [0, 1, 2])
-def test_pool_excludes_prompt_like_sentence_transformers(tmp_path: Path, modes: tuple[str, ...], side: str,
-                                                         prompt_length: int) -> None:
+def test_pool_excludes_prompt_like_sentence_transformers(tmp_path: Path, modes: tuple[str, ...], side: str, prompt_length: int) -> None:
     ours, st = both(tmp_path, pooling_dict(modes, "new", include_prompt=False))
     lengths = [7, 3, 4, 5, 6]  # every row longer than the prompt
     torch.manual_seed(1)
@@ -183,8 +183,7 @@ E2E_CASES: dict[str, tuple[str, dict[str, object]]] = {
     "cls+mean": ("bert", {"pooling": ["cls", "mean"]}),
     "new:weightedmean": ("bert", {"pooling": "new:weightedmean"}),
     "new:max+cls": ("bert", {"pooling": "new:max+cls"}),
-    "dense+normalize": ("bert", {"pooling": ["cls", "mean"], "dense": [(24, "tanh"), (16, "identity")],
-                                 "normalize": True}),
+    "dense+normalize": ("bert", {"pooling": ["cls", "mean"], "dense": [(24, "tanh"), (16, "identity")], "normalize": True}),
     "normalize": ("bert", {"pooling": "mean", "normalize": True}),
     "qwen3-lasttoken-left": ("qwen3", {"pooling": "lasttoken", "dense": [(16, "identity")], "normalize": True}),
     "qwen3-mean-right": ("qwen3", {"pooling": "mean", "padding_side": "right"}),
@@ -209,23 +208,23 @@ def test_module_matches_sentence_transformers(tiny_checkpoint_factory: Callable[
 
 @pytest.mark.parametrize("model_type", ["bert", "qwen3"])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "weightedmean"])
-def test_module_excludes_prompt_like_sentence_transformers(tiny_checkpoint_factory: Callable[..., Path],
-                                                           model_type: str, pooling: str) -> None:
+def test_module_excludes_prompt_like_sentence_transformers(
+    tiny_checkpoint_factory: Callable[..., Path], model_type: str, pooling: str
+) -> None:
     prompts = {"query": "query: find the passage about "}
-    folder = tiny_checkpoint_factory(model_type, "embed", pooling=pooling, include_prompt=False, prompts=prompts,
-                                     default_prompt_name="query")
+    folder = tiny_checkpoint_factory(
+        model_type, "embed", pooling=pooling, include_prompt=False, prompts=prompts, default_prompt_name="query"
+    )
     spec, ours = bei_embed(folder, TEXTS, prompt=prompts["query"])
     assert spec.prompts == prompts and spec.default_prompt_name == "query"
     assert spec.pooling is not None and spec.pooling.include_prompt is False
-    theirs = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, prompt_name="query",
-                                                                   convert_to_numpy=True)
+    theirs = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, prompt_name="query", convert_to_numpy=True)
     assert_parity(ours, theirs)
 
 
 # --- missing pooling files -------------------------------------------------------------------
 @pytest.mark.parametrize("missing", ["1_Pooling/config.json", "modules.json"])
-def test_missing_pooling_file_is_a_model_error(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path,
-                                               missing: str) -> None:
+def test_missing_pooling_file_is_a_model_error(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path, missing: str) -> None:
     folder = shutil.copytree(tiny_checkpoint_factory("bert", "embed"), tmp_path / "model")
     read_model_spec(folder)  # complete: reads
     (folder / missing).unlink()
@@ -234,10 +233,11 @@ def test_missing_pooling_file_is_a_model_error(tiny_checkpoint_factory: Callable
     assert str(folder / missing) in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-                                  "tokenizer_config.json", "1_Pooling/config.json"])
-def test_malformed_json_is_a_model_error(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path,
-                                         name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "tokenizer_config.json", "1_Pooling/config.json"],
+)
+def test_malformed_json_is_a_model_error(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path, name: str) -> None:
     folder = shutil.copytree(tiny_checkpoint_factory("bert", "embed"), tmp_path / "model")
     (folder / name).write_text('[{"idx": 0,')
     with pytest.raises(ModelError) as err:

@@ -20,15 +20,15 @@ import torch
 
 pytest.importorskip("modelopt")
 
-from bei.errors import CheckpointError, ConfigError, ExportError  # noqa: E402
 from bei import accuracy  # noqa: E402
-from bei.quantization import calibration, qdq  # noqa: E402
-from bei.quantization import modelopt as Q  # noqa: E402
-from bei.modeling.quant_layers import quantized_layer_names  # noqa: E402
-from bei.quantization.calibration import builtin_texts, heldout_texts, load_calibration_texts  # noqa: E402
+from bei.backend import Batch  # noqa: E402
+from bei.errors import CheckpointError, ConfigError, ExportError  # noqa: E402
 from bei.modeling.detect import read_model_spec  # noqa: E402
 from bei.modeling.module import build_module, input_names  # noqa: E402
-from bei.backend import Batch  # noqa: E402
+from bei.modeling.quant_layers import quantized_layer_names  # noqa: E402
+from bei.quantization import calibration, qdq  # noqa: E402
+from bei.quantization import modelopt as Q  # noqa: E402
+from bei.quantization.calibration import builtin_texts, heldout_texts, load_calibration_texts  # noqa: E402
 from bei.text.tokenizer import TokenizerRuntime  # noqa: E402
 
 MAX_LEN = 48
@@ -195,8 +195,7 @@ def test_fp4_qdq_onnx_is_modelopt_nvfp4_layout(tiny: Tiny, tmp_path: Path) -> No
 
         def _run(self, x, s2, axis=-1, block_size=16, scale_type=17):  # type: ignore[no-untyped-def]
             blocks = x.reshape(*x.shape[:-1], -1, block_size).astype(np.float32)
-            scale_f8 = np.minimum(np.abs(blocks).max(-1, keepdims=True) / (6.0 * s2), 448.0).astype(
-                ml_dtypes.float8_e4m3fn)
+            scale_f8 = np.minimum(np.abs(blocks).max(-1, keepdims=True) / (6.0 * s2), 448.0).astype(ml_dtypes.float8_e4m3fn)
             scale = scale_f8.astype(np.float32) * s2
             q = (blocks / np.where(scale > 0, scale, 1.0)).astype(ml_dtypes.float4_e2m1fn)
             return q.reshape(x.shape), scale_f8[..., 0]
@@ -262,4 +261,3 @@ def test_calibration_hf_dataset_offline(tmp_path: Path, monkeypatch: pytest.Monk
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text('{"text": "cached one"}\n{"text": "cached two"}\n', encoding="utf-8")
     assert load_calibration_texts("acme/calib", 10, None) == ["cached one", "cached two"]
-

@@ -32,10 +32,46 @@ RERANK = "tiny-rerank"
 SCORE_ATOL = 1e-5
 START_TIMEOUT_S = 150  # four servers start at once on a machine that other jobs load
 WORDS = [
-    "alpha", "beta", "gamma", "delta", "engine", "token", "budget", "batch", "queue", "vector", "cosine",
-    "server", "request", "latency", "throughput", "model", "layer", "attention", "pooling", "norm", "river",
-    "mountain", "ocean", "forest", "city", "music", "paint", "coffee", "train", "ticket", "library",
-    "archive", "letter", "report", "search", "capital", "france", "paris", "london", "berlin",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "engine",
+    "token",
+    "budget",
+    "batch",
+    "queue",
+    "vector",
+    "cosine",
+    "server",
+    "request",
+    "latency",
+    "throughput",
+    "model",
+    "layer",
+    "attention",
+    "pooling",
+    "norm",
+    "river",
+    "mountain",
+    "ocean",
+    "forest",
+    "city",
+    "music",
+    "paint",
+    "coffee",
+    "train",
+    "ticket",
+    "library",
+    "archive",
+    "letter",
+    "report",
+    "search",
+    "capital",
+    "france",
+    "paris",
+    "london",
+    "berlin",
 ]
 
 
@@ -75,13 +111,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     for name, checkpoint in checkpoints.items():
         config = {
             "model_name": name,
-            "trt_llm": {"build": {
-                "base_model": ARCHITECTURES["bert"],
-                "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
-            }},
+            "trt_llm": {
+                "build": {
+                    "base_model": ARCHITECTURES["bert"],
+                    "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
+                }
+            },
         }
-        result = build_engine(parse_config(config), config_dir=root, engines_root=root / "engines",
-                              progress=Progress([], enabled=False))
+        result = build_engine(parse_config(config), config_dir=root, engines_root=root / "engines", progress=Progress([], enabled=False))
         dirs[name] = result.engine_dir
     return Built(checkpoints[EMBED], checkpoints[RERANK], dirs[EMBED], dirs[RERANK], root)
 
@@ -104,7 +141,7 @@ def cross_encoder(built: Built) -> Any:
 def reference(st: Any) -> dict[str, np.ndarray]:
     """sentence-transformers' vector of each of TEXTS."""
     vectors = st.encode(TEXTS, convert_to_numpy=True, batch_size=64)
-    return dict(zip(TEXTS, vectors))
+    return dict(zip(TEXTS, vectors, strict=False))
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +154,10 @@ def servers(built: Built) -> Iterator[dict[str, Server]]:
     quiet = ["--log-level", "warning", "--engine-threads", "1"]
     wanted = {
         "pair": Server([embed, rerank, *quiet], logs / "pair.log"),
-        "limits": Server([embed, *quiet, "--max-client-batch-size", "4", "--max-concurrent-requests", "2",
-                          "--payload-limit", "5000"], logs / "limits.log"),
+        "limits": Server(
+            [embed, *quiet, "--max-client-batch-size", "4", "--max-concurrent-requests", "2", "--payload-limit", "5000"],
+            logs / "limits.log",
+        ),
         "load": Server([embed, *quiet], logs / "load.log"),
         "drain": Server([embed, *quiet], logs / "drain.log"),
     }
@@ -164,16 +203,18 @@ def test_routing_between_two_models(servers: dict[str, Server], st: Any, cross_e
 
         expected = st.encode(texts, convert_to_numpy=True)
         # no `model`: the only model whose task fits the route
-        assert_close_rows(rows_of(ok_json(http.post("/v1/embeddings", json={"input": texts}))), expected,
-                          what="/v1/embeddings without model")
+        assert_close_rows(
+            rows_of(ok_json(http.post("/v1/embeddings", json={"input": texts}))), expected, what="/v1/embeddings without model"
+        )
         scores = ok_json(http.post("/rerank", json={"query": query, "texts": texts}))
         assert [s["index"] for s in scores] == list(range(len(texts)))
         want = cross_encoder.predict([(query, t) for t in texts])
         np.testing.assert_allclose([s["score"] for s in scores], want, atol=SCORE_ATOL)
 
         # `model` picks: the embedder on its route, the reranker is refused there (400 naming its routes)
-        assert_close_rows(rows_of(ok_json(http.post("/v1/embeddings", json={"input": texts, "model": EMBED}))),
-                          expected, what="model=embedder")
+        assert_close_rows(
+            rows_of(ok_json(http.post("/v1/embeddings", json={"input": texts, "model": EMBED}))), expected, what="model=embedder"
+        )
         wrong = http.post("/v1/embeddings", json={"input": texts, "model": RERANK})
         assert wrong.status_code == 400, wrong.text
         assert "/rerank" in wrong.json()["error"]["message"]
@@ -183,10 +224,10 @@ def test_routing_between_two_models(servers: dict[str, Server], st: Any, cross_e
         ok_json(http.post("/tokenize", json={"inputs": "hello", "model": RERANK}))
 
         # path prefixes
-        assert_close_rows(ok_json(http.post(f"/{EMBED}/embed", json={"inputs": texts})), expected,
-                          what=f"/{EMBED}/embed")
-        assert_close_rows(rows_of(ok_json(http.post(f"/{EMBED}/v1/embeddings", json={"input": texts}))), expected,
-                          what=f"/{EMBED}/v1/embeddings")
+        assert_close_rows(ok_json(http.post(f"/{EMBED}/embed", json={"inputs": texts})), expected, what=f"/{EMBED}/embed")
+        assert_close_rows(
+            rows_of(ok_json(http.post(f"/{EMBED}/v1/embeddings", json={"input": texts}))), expected, what=f"/{EMBED}/v1/embeddings"
+        )
         prefixed = ok_json(http.post(f"/{RERANK}/rerank", json={"query": query, "texts": texts}))
         np.testing.assert_allclose([s["score"] for s in prefixed], want, atol=SCORE_ATOL)
 
@@ -216,8 +257,7 @@ def test_search_equals_the_pipeline_by_hand(servers: dict[str, Server]) -> None:
         gaps = np.diff(np.sort(cosines)[::-1][: top_k + 1])
         assert np.all(np.abs(gaps) > 1e-6), "near-tied cosines: the order would not be a fair check"
 
-        plain = http.post("/v1/search", json={"query": query, "documents": documents, "top_k": top_k,
-                                              "rerank": False})
+        plain = http.post("/v1/search", json={"query": query, "documents": documents, "top_k": top_k, "rerank": False})
         got = ok_json(plain)
         assert [r["index"] for r in got] == candidates
         np.testing.assert_allclose([r["score"] for r in got], cosines[candidates], atol=SCORE_ATOL)
@@ -227,8 +267,9 @@ def test_search_equals_the_pipeline_by_hand(servers: dict[str, Server]) -> None:
         scores = ok_json(http.post("/rerank", json={"query": query, "texts": [documents[i] for i in candidates]}))
         by_hand = sorted(((candidates[s["index"]], s["score"]) for s in scores), key=lambda pair: -pair[1])
 
-        reranked = http.post("/v1/search", json={"query": query, "documents": documents, "top_k": top_k,
-                                                 "rerank": True, "return_text": True})
+        reranked = http.post(
+            "/v1/search", json={"query": query, "documents": documents, "top_k": top_k, "rerank": True, "return_text": True}
+        )
         got = ok_json(reranked)
         assert [r["index"] for r in got] == [i for i, _ in by_hand]
         np.testing.assert_allclose([r["score"] for r in got], [s for _, s in by_hand], atol=SCORE_ATOL)
@@ -258,9 +299,8 @@ def test_limits(servers: dict[str, Server], st: Any) -> None:
         limits = httpx.Limits(max_connections=20, max_keepalive_connections=20)
         async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
             plans = [[(4 * r + k) % len(texts) for k in range(4)] for r in range(20)]
-            answers = await asyncio.gather(*(client.post("/embed", json={"inputs": [texts[i] for i in p]})
-                                             for p in plans))
-            return list(zip(plans, answers))
+            answers = await asyncio.gather(*(client.post("/embed", json={"inputs": [texts[i] for i in p]}) for p in plans))
+            return list(zip(plans, answers, strict=False))
 
     statuses: list[int] = []
     for _ in range(3):  # a loaded machine might serialize one burst; three are plenty
@@ -295,7 +335,7 @@ class Probe:
         inner = engine.backend.infer
 
         def infer(batch: Any) -> Any:
-            seen = [tuple(int(t) for t in row[:n]) for row, n in zip(batch.input_ids, batch.lengths)]
+            seen = [tuple(int(t) for t in row[:n]) for row, n in zip(batch.input_ids, batch.lengths, strict=False)]
             with self.lock:
                 self.rows.extend(seen)
             if self.fail_id is not None and (batch.input_ids == self.fail_id).any():
@@ -316,8 +356,8 @@ def inprocess_server(engine_dir: Path, probe: Probe) -> Iterator[tuple[str, Any]
     import uvicorn
 
     from bei.api.app import create_app, state_for_engines
-    from bei.targets.loading import load_engine
     from bei.settings import ServeSettings
+    from bei.targets.loading import load_engine
 
     state = state_for_engines([engine_dir], ServeSettings(log_level="warning"))
     for model in state.models.values():
@@ -326,8 +366,9 @@ def inprocess_server(engine_dir: Path, probe: Probe) -> Iterator[tuple[str, Any]
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
@@ -414,8 +455,7 @@ def test_disconnected_client_leaves_the_queue(built: Built, st: Any) -> None:
         request_b = pool.submit(post_b)
         wait_until(lambda: len(service.batcher.queue) >= 1, 4, "request B was never queued")
         assert request_b.result(timeout=30) == "timed out"
-        wait_until(lambda: state.metrics.requests[("/embed", 499)] >= 1, 15,
-                   "the server did not notice that client B went away")
+        wait_until(lambda: state.metrics.requests[("/embed", 499)] >= 1, 15, "the server did not notice that client B went away")
         probe.gate.set()
 
         answer_a = request_a.result(timeout=60)
@@ -551,8 +591,10 @@ def test_load(servers: dict[str, Server]) -> None:
 
     seconds = asyncio.run(asyncio.wait_for(run(), 120))
     inputs = sum(len(p) for p in plans)
-    print(f"\nload: {len(plans)} requests ({inputs} inputs) at concurrency 64 in {seconds:.1f}s: "
-          f"{len(plans) / seconds:.0f} requests/s, {inputs / seconds:.0f} inputs/s")
+    print(
+        f"\nload: {len(plans)} requests ({inputs} inputs) at concurrency 64 in {seconds:.1f}s: "
+        f"{len(plans) / seconds:.0f} requests/s, {inputs / seconds:.0f} inputs/s"
+    )
     assert not problems, problems[:5]
     assert answered == len(plans)
 
@@ -603,8 +645,7 @@ def test_schemathesis_finds_no_server_errors(servers: dict[str, Server]) -> None
 
     def fuzzer(operation: Any, mode: Any, examples: int) -> Callable[[], None]:
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
         def fuzz(case: Any) -> None:
             response = case.call(base_url=base_url, session=session, timeout=30)
             key = f"{mode.value} {operation.path}"

@@ -1,8 +1,9 @@
 """Parity matrix: every (model_type, task) that bei/testing/tiny_models.py can make, built and served over HTTP.
 
 For each combination a tiny random checkpoint is written, built with `build_engine` for both CPU
-targets (the ONNX Runtime engine, and the torch target's packed modules: `<case>-torch`) and served in this process (bei/testing/inproc_server.py); its HTTP answers are compared with
-the reference library on the same weights, at fp32 tolerances:
+targets (the ONNX Runtime engine, and the torch target's packed modules: `<case>-torch`) and
+served in this process (bei/testing/inproc_server.py); its HTTP answers are compared with the
+reference library on the same weights, at fp32 tolerances:
 
 - embed:    /v1/embeddings and /embed vs `SentenceTransformer.encode` (cosine >= 0.99999)
 - rerank:   /rerank, /v1/rerank and /predict vs `CrossEncoder.predict` and the raw logits of
@@ -130,8 +131,7 @@ def builder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     if engines.seconds:
         total = time.perf_counter() - started
         slowest = sorted(engines.seconds.items(), key=lambda kv: -kv[1])[:3]
-        print(f"\n{len(engines.seconds)} engines in {total:.0f}s; slowest builds: "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in slowest))
+        print(f"\n{len(engines.seconds)} engines in {total:.0f}s; slowest builds: " + ", ".join(f"{k} {v:.1f}s" for k, v in slowest))
 
 
 @pytest.fixture
@@ -344,7 +344,7 @@ def test_ner(case: Case, engine: tuple[Path, Path], client: httpx.Client) -> Non
     assert len(answer) == len(TEXTS)
     reference_pipeline = pipeline("token-classification", model=str(folder), aggregation_strategy="none", device="cpu")
     non_o = 0
-    for text, tokens in zip(TEXTS, answer):
+    for text, tokens in zip(TEXTS, answer, strict=False):
         positions, ids, offsets, probs = token_probabilities(folder, text)
         assert [t["token_id"] for t in tokens] == ids, f"{case}: token ids of {text!r}"
         assert [(t["start"], t["end"]) for t in tokens] == offsets, f"{case}: offsets of {text!r}"
@@ -352,7 +352,7 @@ def test_ner(case: Case, engine: tuple[Path, Path], client: httpx.Client) -> Non
         assert_close(got, probs, f"{case} per-token scores of {text!r}")
         # the pipeline leaves out "O" and special tokens: compare on the tokens it returns, found by
         # their position (offsets alone are ambiguous: a Metaspace "▁" and the next piece can share one)
-        by_position = dict(zip(positions, tokens))
+        by_position = dict(zip(positions, tokens, strict=False))
         for entity in reference_pipeline(text):
             token = by_position[entity["index"]]
             assert (token["start"], token["end"]) == (entity["start"], entity["end"]), f"{case}: {text!r} {entity}"
@@ -369,7 +369,7 @@ def test_ner(case: Case, engine: tuple[Path, Path], client: httpx.Client) -> Non
     for strategy in ("simple", "first", "average", "max"):
         groups = post(client, "/predict_tokens", {"inputs": TEXTS, "aggregation_strategy": strategy})
         total = 0
-        for text, got in zip(TEXTS, groups):
+        for text, got in zip(TEXTS, groups, strict=False):
             want = reference_pipeline(text, aggregation_strategy=strategy)
             what = f"{case} {strategy} {text!r}"
             assert [(g["entity_group"], g["word"], g["start"], g["end"]) for g in got] == [
@@ -389,7 +389,7 @@ def test_sparse(case: Case, engine: tuple[Path, Path], client: httpx.Client) -> 
     reference = encoded.to_dense().double().numpy()
     answer = post(client, "/embed_sparse", {"inputs": TEXTS})
     assert len(answer) == len(TEXTS)
-    for i, (row, want) in enumerate(zip(answer, reference)):
+    for i, (row, want) in enumerate(zip(answer, reference, strict=False)):
         got = np.zeros_like(want)
         indices = [item["index"] for item in row]
         assert indices == sorted(indices), "indices are not ascending"

@@ -120,8 +120,12 @@ def test_default_route_from_the_config(servers: dict[str, httpx.Client]) -> None
     embedded = ok(servers["embed"].post("/", json={"input": TEXTS[:2], "encoding_format": "float"}))
     assert embedded["object"] == "list" and len(embedded["data"]) == 2
     assert embedded["data"] == ok(servers["embed"].post("/v1/embeddings", json={"input": TEXTS[:2], "encoding_format": "float"}))["data"]
-    assert ok(servers["ner"].post("/", json={"inputs": [TEXTS[3]]})) == ok(servers["ner"].post("/predict_tokens", json={"inputs": [TEXTS[3]]}))
-    assert ok(servers["classify"].post("/", json={"inputs": [TEXTS[2]]})) == ok(servers["classify"].post("/predict", json={"inputs": [TEXTS[2]]}))
+    assert ok(servers["ner"].post("/", json={"inputs": [TEXTS[3]]})) == ok(
+        servers["ner"].post("/predict_tokens", json={"inputs": [TEXTS[3]]})
+    )
+    assert ok(servers["classify"].post("/", json={"inputs": [TEXTS[2]]})) == ok(
+        servers["classify"].post("/predict", json={"inputs": [TEXTS[2]]})
+    )
 
 
 def test_info_reports_the_task(servers: dict[str, httpx.Client]) -> None:
@@ -144,9 +148,7 @@ def test_info_reports_the_task(servers: dict[str, httpx.Client]) -> None:
 
 # --- /tokenize --------------------------------------------------------------------------------
 @pytest.mark.parametrize("add_special_tokens", [True, False])
-def test_tokenize_matches_the_tokenizer(
-    servers: dict[str, httpx.Client], checkpoints: dict[str, Path], add_special_tokens: bool
-) -> None:
+def test_tokenize_matches_the_tokenizer(servers: dict[str, httpx.Client], checkpoints: dict[str, Path], add_special_tokens: bool) -> None:
     from tokenizers import Tokenizer
 
     for name in ("embed", "rerank"):
@@ -154,13 +156,13 @@ def test_tokenize_matches_the_tokenizer(
         texts = TEXTS[:6]
         answer = ok(servers[name].post("/tokenize", json={"inputs": texts, "add_special_tokens": add_special_tokens}))
         assert len(answer) == len(texts)
-        for text, tokens in zip(texts, answer):
+        for text, tokens in zip(texts, answer, strict=False):
             enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
             assert [t["id"] for t in tokens] == enc.ids
             assert [(t["start"], t["stop"]) for t in tokens] == [tuple(o) for o in enc.offsets]
             assert [t["special"] for t in tokens] == [bool(s) for s in enc.special_tokens_mask]
             assert any(t["special"] for t in tokens) == add_special_tokens
-            for token, piece, special, (start, stop) in zip(tokens, enc.tokens, enc.special_tokens_mask, enc.offsets):
+            for token, piece, special, (start, stop) in zip(tokens, enc.tokens, enc.special_tokens_mask, enc.offsets, strict=False):
                 assert token["text"] == (piece if special else text[start:stop])
     single = ok(servers["ner"].post("/tokenize", json={"inputs": TEXTS[1]}))
     assert len(single) == 1 and single[0][0]["special"] and single[0][0]["text"] == "[CLS]"
@@ -203,8 +205,9 @@ def _reference_logits(checkpoint: Path, items: list[Any], direction: str) -> np.
     tokenizer.truncation_side = direction
     model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     if isinstance(items[0], tuple):
-        batch = tokenizer([a for a, _ in items], [b for _, b in items], padding=True, truncation=True,
-                          max_length=LIMIT, return_tensors="pt")
+        batch = tokenizer(
+            [a for a, _ in items], [b for _, b in items], padding=True, truncation=True, max_length=LIMIT, return_tensors="pt"
+        )
     else:
         batch = tokenizer(items, padding=True, truncation=True, max_length=LIMIT, return_tensors="pt")
     assert batch["input_ids"].shape[1] == LIMIT
@@ -240,8 +243,12 @@ def test_rerank_truncation(servers: dict[str, httpx.Client], checkpoints: dict[s
         np.testing.assert_allclose([r["score"] for r in raw], logits[:, 0], atol=MAX_ABS_DIFF, err_msg=direction)
         scores = ok(client.post("/rerank", json={**body, "raw_scores": False}))
         np.testing.assert_allclose([r["score"] for r in scores], 1 / (1 + np.exp(-logits[:, 0])), atol=MAX_ABS_DIFF)
-        pairs = ok(client.post("/predict", json={"inputs": [[QUERY, t] for t in texts], "truncate": True,
-                                                 "truncation_direction": direction, "raw_scores": True}))
+        pairs = ok(
+            client.post(
+                "/predict",
+                json={"inputs": [[QUERY, t] for t in texts], "truncate": True, "truncation_direction": direction, "raw_scores": True},
+            )
+        )
         np.testing.assert_allclose([p[0]["score"] for p in pairs], logits[:, 0], atol=MAX_ABS_DIFF, err_msg=direction)
     # /v1/rerank truncates documents over the limit, as Cohere, Jina and Infinity do
     cohere = ok(client.post("/v1/rerank", json={"query": QUERY, "documents": texts}))
@@ -266,12 +273,16 @@ def test_predict_truncation(servers: dict[str, httpx.Client], checkpoints: dict[
         logits = _reference_logits(checkpoint, texts, direction)
         references[direction] = logits
         for raw_scores, want in ((True, logits), (False, _softmax(logits))):
-            answer = ok(client.post("/predict", json={"inputs": texts, "truncate": True, "truncation_direction": direction,
-                                                      "raw_scores": raw_scores}))
-            for row, expected in zip(answer, want):
+            answer = ok(
+                client.post(
+                    "/predict", json={"inputs": texts, "truncate": True, "truncation_direction": direction, "raw_scores": raw_scores}
+                )
+            )
+            for row, expected in zip(answer, want, strict=False):
                 got = {r["label"]: r["score"] for r in row}
-                np.testing.assert_allclose([got[f"LABEL_{c}"] for c in "ABC"], expected, atol=MAX_ABS_DIFF,
-                                           err_msg=f"{direction} raw_scores={raw_scores}")
+                np.testing.assert_allclose(
+                    [got[f"LABEL_{c}"] for c in "ABC"], expected, atol=MAX_ABS_DIFF, err_msg=f"{direction} raw_scores={raw_scores}"
+                )
     # the two directions keep different tokens of `longer`: the engine followed the one asked for
     assert np.abs(references["right"][1] - references["left"][1]).max() > 10 * MAX_ABS_DIFF
 
@@ -377,6 +388,7 @@ def test_id2label_rule(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     folder = _edited_copy(checkpoints["ner"], tmp_path / "ner", _drop_labels)
     with pytest.raises(ModelError, match="id2label is required"):
         read_model_spec(folder)
+
     # a reranker (one output, num_labels 1) needs no name
     def one_output(config: dict[str, Any]) -> None:
         _drop_labels(config)

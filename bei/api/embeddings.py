@@ -68,18 +68,12 @@ async def embed(
 async def openai_embeddings(service: InferenceService, request: OpenAIEmbeddingsRequest, timing: Timing) -> Any:
     manifest = service.engine.manifest
     items = as_inputs(request.input, service)
-    vectors = await embed(
-        service, items, truncate=False, direction="right", prompt=prompt_text(service, None), timing=timing
-    )
-    vectors = finish(
-        vectors, normalize=manifest.normalize, dimensions=request.dimensions, full_dim=vectors.shape[1]
-    )
+    vectors = await embed(service, items, truncate=False, direction="right", prompt=prompt_text(service, None), timing=timing)
+    vectors = finish(vectors, normalize=manifest.normalize, dimensions=request.dimensions, full_dim=vectors.shape[1])
     data: list[dict[str, Any]] = []
     for index, vector in enumerate(vectors):
         value: Any = (
-            base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-            if request.encoding_format == "base64"
-            else vector.tolist()
+            base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii") if request.encoding_format == "base64" else vector.tolist()
         )
         data.append({"object": "embedding", "embedding": value, "index": index})
     return {
@@ -96,7 +90,7 @@ async def tei_embed(service: InferenceService, request: EmbedRequest, timing: Ti
         service,
         items,
         truncate=bool(request.truncate),
-        direction=request.truncation_direction,  # type: ignore[arg-type]
+        direction=request.truncation_direction,
         prompt=prompt_text(service, request.prompt_name),
         timing=timing,
     )

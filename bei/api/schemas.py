@@ -11,6 +11,8 @@ from typing import Literal, NotRequired
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, field_validator
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
+from bei.text.tokenizer import Direction
+
 TokenIds = list[StrictInt]
 EmbeddingInput = str | list[str] | TokenIds | list[TokenIds]
 
@@ -21,7 +23,10 @@ class _Request(BaseModel):
     model: str | None = Field(None, description="which served model answers (needed only where several fit)")
 
 
-def _direction(value: str) -> str:
+def _direction(value: object) -> object:
+    """TEI spells the direction `Right` / `Left`; any case is taken."""
+    if not isinstance(value, str):
+        return value
     lowered = value.lower()
     if lowered not in ("right", "left"):
         raise ValueError(f"{value!r} is not one of Right, Left")
@@ -30,9 +35,9 @@ def _direction(value: str) -> str:
 
 class TruncationMixin(BaseModel):
     truncate: bool | None = None
-    truncation_direction: str = "right"
+    truncation_direction: Direction = "right"
 
-    _check_direction = field_validator("truncation_direction")(classmethod(lambda cls, v: _direction(v)))
+    _check_direction = field_validator("truncation_direction", mode="before")(classmethod(lambda cls, v: _direction(v)))
 
 
 class OpenAIEmbeddingsRequest(_Request):

@@ -44,7 +44,11 @@ async def logits_of(
 async def rerank(service: InferenceService, request: RerankRequest, timing: Timing) -> Any:
     pairs: list[TextInput] = [(request.query, text) for text in request.texts]
     logits = await logits_of(
-        service, pairs, truncate=bool(request.truncate), direction=request.truncation_direction, timing=timing  # type: ignore[arg-type]
+        service,
+        pairs,
+        truncate=bool(request.truncate),
+        direction=request.truncation_direction,
+        timing=timing,
     )
     scores = activate(logits, request.raw_scores)[:, 0]
     results: list[dict[str, Any]] = []
@@ -90,20 +94,22 @@ def predict_items(inputs: PredictInput) -> tuple[list[TextInput], bool]:
         elif len(entry) == 2:
             items.append((entry[0], entry[1]))
         else:
-            raise ValidationError(
-                f"inputs.{position}: a list of {len(entry)} strings; use one string (a text) or two (a pair)"
-            )
+            raise ValidationError(f"inputs.{position}: a list of {len(entry)} strings; use one string (a text) or two (a pair)")
     return items, False
 
 
 async def predict(service: InferenceService, request: PredictRequest, timing: Timing) -> Any:
     items, single = predict_items(request.inputs)
     logits = await logits_of(
-        service, items, truncate=bool(request.truncate), direction=request.truncation_direction, timing=timing  # type: ignore[arg-type]
+        service,
+        items,
+        truncate=bool(request.truncate),
+        direction=request.truncation_direction,
+        timing=timing,
     )
     labels = service.engine.manifest.labels
     answers = []
     for row in activate(logits, request.raw_scores):
-        ranked = sorted(zip(labels, row), key=lambda pair: -pair[1])
+        ranked = sorted(zip(labels, row, strict=False), key=lambda pair: -pair[1])
         answers.append([{"label": label, "score": float(score)} for label, score in ranked])
     return answers[0] if single else answers

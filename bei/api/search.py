@@ -47,7 +47,7 @@ async def search(
         ranked = await reranker.run(pairs, truncate=True)
         timing.record(ranked)
         probabilities = activate(np.stack(ranked.rows), raw=False)[:, 0]
-        scores = {i: float(p) for i, p in zip(candidates, probabilities)}
+        scores = {i: float(p) for i, p in zip(candidates, probabilities, strict=True)}
         rerank_time = time.perf_counter() - started
     order = sorted(candidates, key=lambda i: -scores[i])
     results = []

@@ -15,7 +15,7 @@ from bei.inference import InferenceService
 async def embed_sparse(service: InferenceService, request: SparseRequest, timing: Timing) -> Any:
     texts = [request.inputs] if isinstance(request.inputs, str) else list(request.inputs)
     check_count(len(texts), service)
-    outcome = await service.run(texts, truncate=bool(request.truncate), direction=request.truncation_direction)  # type: ignore[arg-type]
+    outcome = await service.run(texts, truncate=bool(request.truncate), direction=request.truncation_direction)
     timing.record(outcome)
     answers = []
     for row in outcome.rows:

@@ -13,8 +13,8 @@ from bei.engine.manifest import Manifest
 from bei.errors import ModelNotFoundError, NotReadyError, ValidationError, WrongRouteError
 from bei.inference import InferenceService
 from bei.kinds import Task
-from bei.targets.loading import LoadedEngine
 from bei.settings import ServeSettings
+from bei.targets.loading import LoadedEngine
 from bei.telemetry import SIZE_BUCKETS, TIME_BUCKETS, Histogram
 
 
@@ -75,7 +75,7 @@ class AppState:
                 raise ModelNotFoundError(f"model {prefix!r} is not served here; served: {names}")
             chosen = self.models[prefix]
         elif requested in self.models:
-            chosen = self.models[requested]  # type: ignore[index]
+            chosen = self.models[requested]
         elif len(self.models) == 1:
             chosen = next(iter(self.models.values()))  # one model: `model` is optional and free-form
         else:

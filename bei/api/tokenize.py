@@ -23,7 +23,7 @@ async def tokenize(service: InferenceService, request: TokenizeRequest, timing: 
         answers.append(
             [
                 {"id": token_id, "text": full[start:stop] if not special else token, "special": bool(special), "start": start, "stop": stop}
-                for token_id, token, special, (start, stop) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets)
+                for token_id, token, special, (start, stop) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, strict=True)
             ]
         )
     return answers

@@ -97,7 +97,9 @@ def _group(entities: list[dict[str, Any]], tokenizer: TokenizerRuntime) -> list[
     ]
 
 
-def aggregate(text: str, enc: Encoded, probs: np.ndarray, strategy: str, labels: list[str], tokenizer: TokenizerRuntime) -> list[dict[str, Any]]:
+def aggregate(
+    text: str, enc: Encoded, probs: np.ndarray, strategy: str, labels: list[str], tokenizer: TokenizerRuntime
+) -> list[dict[str, Any]]:
     tokens = _tokens(text, enc, probs, tokenizer)
     if strategy == "simple":
         entities = []
@@ -122,7 +124,7 @@ def per_token(enc: Encoded, scores: np.ndarray, labels: list[str], tokenizer: To
             "token_id": token_id,
             "start": enc.offsets[idx][0],
             "end": enc.offsets[idx][1],
-            "results": {label: float(score) for label, score in zip(labels, scores[idx])},
+            "results": {label: float(score) for label, score in zip(labels, scores[idx], strict=False)},
         }
         for idx, token_id in enumerate(enc.ids)
         if not enc.special[idx]
@@ -137,16 +139,14 @@ async def predict_tokens(service: InferenceService, request: PredictTokensReques
             raise ValidationError(f"inputs.{position}: token classification takes single texts, not pairs")
         texts.append(item)
     check_count(len(texts), service)
-    outcome = await service.run(texts, truncate=bool(request.truncate), direction=request.truncation_direction)  # type: ignore[arg-type]
+    outcome = await service.run(texts, truncate=bool(request.truncate), direction=request.truncation_direction)
     timing.record(outcome)
     labels = service.engine.manifest.labels
     tokenizer = service.tokenizer
     answers = []
-    for text, enc, logits in zip(texts, outcome.encoded, outcome.rows):
+    for text, enc, logits in zip(texts, outcome.encoded, outcome.rows, strict=True):
         if request.aggregation_strategy == "none":
             answers.append(per_token(enc, activate(logits, request.raw_scores), labels, tokenizer))
         else:
             answers.append(aggregate(text, enc, activate(logits, raw=False), request.aggregation_strategy, labels, tokenizer))
     return answers[0] if single else answers
-
-

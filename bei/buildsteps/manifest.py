@@ -82,8 +82,7 @@ def manifest_for(
         config_fingerprint=config.fingerprint(),
         profiles=list(plan.profiles),
         dense_layers=[
-            DenseLayerInfo(in_features=d.in_features, out_features=d.out_features, bias=d.bias, activation=d.activation)
-            for d in spec.dense
+            DenseLayerInfo(in_features=d.in_features, out_features=d.out_features, bias=d.bias, activation=d.activation) for d in spec.dense
         ],
         quantization=quantization,
     )

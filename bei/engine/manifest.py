@@ -114,9 +114,7 @@ def read_manifest(folder: Path) -> Manifest:
     except json.JSONDecodeError as err:
         raise EngineError(f"{path} is not valid JSON: {err}") from None
     if data.get("format_version") != FORMAT_VERSION:
-        raise EngineError(
-            f"{path}: engine format {data.get('format_version')!r} is not {FORMAT_VERSION}; rebuild it with this bei"
-        )
+        raise EngineError(f"{path}: engine format {data.get('format_version')!r} is not {FORMAT_VERSION}; rebuild it with this bei")
     try:
         return Manifest.model_validate(data)
     except PydanticValidationError as err:

@@ -10,6 +10,7 @@ than twice the budget.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from bei.errors import EngineError
@@ -56,7 +57,7 @@ def derive_profiles(max_num_tokens: int, max_batch_size: int, max_seq_len: int, 
         bounds.append(edge)
         edge *= 2
     bounds.append(max_seq_len)
-    return [_profile(lo + 1, hi, max_num_tokens, max_batch_size) for lo, hi in zip(bounds, bounds[1:])]
+    return [_profile(lo + 1, hi, max_num_tokens, max_batch_size) for lo, hi in itertools.pairwise(bounds)]
 
 
 def select_profile(profiles: list[Profile], rows: int, width: int) -> int:
@@ -77,5 +78,5 @@ def profile_shapes(profile: Profile, input_names: list[str]) -> dict[str, tuple[
         if name == "prompt_length":
             shapes[name] = ((profile.batch[0],), (profile.batch[1],), (profile.batch[2],))
         else:
-            shapes[name] = tuple((b, s) for b, s in zip(profile.batch, profile.seq))  # type: ignore[assignment]
+            shapes[name] = tuple((b, s) for b, s in zip(profile.batch, profile.seq, strict=True))  # type: ignore[assignment]
     return shapes

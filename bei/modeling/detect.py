@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.files import read_json
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import DenseLayer, ModelSpec
-from bei.kinds import Task
 from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ def _read_dense(folder: Path) -> DenseLayer:
     config = _read_json(folder / "config.json")
     activation_name = str(config.get("activation_function", "torch.nn.modules.activation.Tanh"))
     if activation_name not in _ACTIVATIONS:
-        raise ModelError(
-            f"{folder / 'config.json'}: activation_function {activation_name!r} is not one of "
-            + ", ".join(_ACTIVATIONS)
-        )
+        raise ModelError(f"{folder / 'config.json'}: activation_function {activation_name!r} is not one of " + ", ".join(_ACTIVATIONS))
     if not any((folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
         raise ModelError(f"Dense module {folder} has no model.safetensors")
     return DenseLayer(
@@ -87,9 +84,7 @@ def detect_task(config: dict[str, Any], modules: list[dict[str, Any]]) -> Task:
         return Task.RERANK if n_labels == 1 or len(labels) == 1 else Task.CLASSIFY
     if architecture.endswith("ForTokenClassification"):
         return Task.NER
-    if architecture.endswith("ForMaskedLM") and any(
-        _module_kind(m) in ("SpladePooling", "MLMTransformer") for m in modules
-    ):
+    if architecture.endswith("ForMaskedLM") and any(_module_kind(m) in ("SpladePooling", "MLMTransformer") for m in modules):
         return Task.SPARSE
     return Task.EMBED
 
@@ -120,9 +115,7 @@ def _labels(config: dict[str, Any], task: Task, config_path: Path) -> tuple[str,
     except (TypeError, ValueError):
         raise ModelError(f"{config_path}: id2label keys must be output indices 0, 1, ...; got {list(id2label)}") from None
     if sorted(by_index) != list(range(len(by_index))):
-        raise ModelError(
-            f"{config_path}: id2label must name outputs 0..{len(by_index) - 1} without gaps; got indices {sorted(by_index)}"
-        )
+        raise ModelError(f"{config_path}: id2label must name outputs 0..{len(by_index) - 1} without gaps; got indices {sorted(by_index)}")
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
@@ -139,9 +132,7 @@ def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> in
             limit = min(limit, int(st_max))
     if override is not None:
         if override > positions:
-            raise ModelError(
-                f"trt_llm.build.max_seq_len: {override} is over the model's {positions} position embeddings"
-            )
+            raise ModelError(f"trt_llm.build.max_seq_len: {override} is over the model's {positions} position embeddings")
         limit = override
     return limit
 
@@ -170,8 +161,7 @@ def _chat_template(path: Path, family: str, task: Task) -> str | None:
         return None
     failure = ChatTemplate(template, read_special_tokens(path)).pair_roles_failure()
     if failure is not None:
-        log.warning("%s: the chat template cannot carry a (query, document) pair (%s); inputs are tokenized as "
-                    "plain pairs", path, failure)
+        log.warning("%s: the chat template cannot carry a (query, document) pair (%s); inputs are tokenized as plain pairs", path, failure)
         return None
     return template
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.pooling import pool
 from bei.modeling.spec import DenseLayer, ModelSpec
-from bei.kinds import Task
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "tanh": torch.nn.Tanh,

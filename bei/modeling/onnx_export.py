@@ -11,9 +11,9 @@ from pathlib import Path
 import onnx
 import torch
 
+from bei.backend import Batch
 from bei.errors import ExportError
 from bei.modeling.module import OUTPUT_NAMES, EngineModule, input_names
-from bei.backend import Batch
 
 # Graphs over this size keep their weights in a side file (protobuf's 2 GiB limit).
 EXTERNAL_DATA_BYTES = 1 << 30

@@ -9,7 +9,7 @@ plain tensor ops that export to ONNX with dynamic batch and sequence axes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch only where pooling runs (export, tests): the server n
     import torch
 
 
-class PoolingMode(str, Enum):
+class PoolingMode(StrEnum):
     CLS = "cls"
     MEAN = "mean"
     MAX = "max"

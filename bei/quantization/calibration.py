@@ -57,8 +57,7 @@ def load_calibration_texts(dataset: str | None, size: int, base_dir: Path | None
     else:
         tried = ", ".join(str(c) for c in _candidates(dataset, base_dir))
         raise ConfigError(
-            f"{FIELD}: {dataset!r} is neither an existing file (looked at: {tried}) nor a Hugging Face "
-            "dataset id (owner/name)"
+            f"{FIELD}: {dataset!r} is neither an existing file (looked at: {tried}) nor a Hugging Face dataset id (owner/name)"
         )
     if not texts:
         raise ConfigError(f"{FIELD}: {where} holds no non-empty text")
@@ -153,7 +152,7 @@ def _json_texts(data: Any, path: Path) -> list[str | None]:
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list):
-        raise ConfigError(f"{FIELD}: {path} must hold a JSON list of strings (or of records with a \"text\" field)")
+        raise ConfigError(f'{FIELD}: {path} must hold a JSON list of strings (or of records with a "text" field)')
     return [_record_text(item) for item in data]
 
 
@@ -185,8 +184,7 @@ def _usable(files: Iterable[str]) -> list[str]:
     """Data files of a dataset repo that can be read, best first: preferred suffix, a train split, short path."""
     suffixes = [s for s in HF_SUFFIXES if s != ".parquet" or _has_pyarrow()]
     chosen = [f for f in files if f.lower().endswith(tuple(suffixes)) and not Path(f).name.startswith(".")]
-    chosen = [f for f in chosen if Path(f).name.lower() not in ("dataset_info.json", "dataset_infos.json",
-                                                               "state.json", "config.json")]
+    chosen = [f for f in chosen if Path(f).name.lower() not in ("dataset_info.json", "dataset_infos.json", "state.json", "config.json")]
 
     def rank(name: str) -> tuple[int, int, int, str]:
         suffix = next(i for i, s in enumerate(suffixes) if name.lower().endswith(s))
@@ -212,10 +210,14 @@ def _hf_dataset_file(repo: str) -> Path:
     kinds = ", ".join(s for s in HF_SUFFIXES if s != ".parquet" or _has_pyarrow())
     try:
         if offline:
-            folder = Path(huggingface_hub.snapshot_download(
-                repo_id=repo, repo_type="dataset", local_files_only=True,
-                allow_patterns=[f"*{s}" for s in HF_SUFFIXES],
-            ))
+            folder = Path(
+                huggingface_hub.snapshot_download(
+                    repo_id=repo,
+                    repo_type="dataset",
+                    local_files_only=True,
+                    allow_patterns=[f"*{s}" for s in HF_SUFFIXES],
+                )
+            )
             files = _usable(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
             if not files:
                 raise ConfigError(f"{FIELD}: the cached HF dataset {repo} has no {kinds} data file")
@@ -228,13 +230,17 @@ def _hf_dataset_file(repo: str) -> Path:
         raise
     except hf.LocalEntryNotFoundError as err:
         if offline:
-            raise CheckpointError(f"{FIELD}: HF_HUB_OFFLINE is set and HF dataset {repo} is not in the cache; "
-                                  "download it once online, or use a local .txt/.jsonl/.json file") from err
-        raise CheckpointError(f"{FIELD}: cannot reach the HF hub to download dataset {repo} "
-                              f"(network unreachable?): {err.__cause__ or err}") from err
+            raise CheckpointError(
+                f"{FIELD}: HF_HUB_OFFLINE is set and HF dataset {repo} is not in the cache; "
+                "download it once online, or use a local .txt/.jsonl/.json file"
+            ) from err
+        raise CheckpointError(
+            f"{FIELD}: cannot reach the HF hub to download dataset {repo} (network unreachable?): {err.__cause__ or err}"
+        ) from err
     except (hf.RepositoryNotFoundError, hf.GatedRepoError) as err:
-        raise CheckpointError(f"{FIELD}: HF dataset {repo} not found or not accessible "
-                              "(a private or gated dataset needs HF_TOKEN)") from err
+        raise CheckpointError(
+            f"{FIELD}: HF dataset {repo} not found or not accessible (a private or gated dataset needs HF_TOKEN)"
+        ) from err
     except hf.HFValidationError as err:
         raise ConfigError(f"{FIELD}: invalid HF dataset id {repo!r}: {err}") from err
     except Exception as err:  # noqa: BLE001 - network errors of many kinds
@@ -244,80 +250,254 @@ def _hf_dataset_file(repo: str) -> Path:
 # --- built-in sample ------------------------------------------------------------------------
 _TOPICS: dict[str, dict[str, list[str]]] = {
     "science": {
-        "subjects": ["the telescope", "a team of physicists", "the new vaccine", "this enzyme", "the Mars rover",
-                     "a quantum computer", "the research group", "the climate model", "a biologist", "the satellite"],
-        "verbs": ["measured", "discovered", "predicts", "explains", "detected", "simulates", "confirmed",
-                  "analyzed", "observed", "reduced"],
-        "objects": ["the spectrum of a distant star", "a protein that folds in milliseconds",
-                    "the rate of ocean warming", "signals from deep space", "the structure of the cell membrane",
-                    "the mass of the neutrino", "a new species of frog", "carbon levels in the atmosphere",
-                    "the error rate of the qubits", "traces of water ice"],
+        "subjects": [
+            "the telescope",
+            "a team of physicists",
+            "the new vaccine",
+            "this enzyme",
+            "the Mars rover",
+            "a quantum computer",
+            "the research group",
+            "the climate model",
+            "a biologist",
+            "the satellite",
+        ],
+        "verbs": [
+            "measured",
+            "discovered",
+            "predicts",
+            "explains",
+            "detected",
+            "simulates",
+            "confirmed",
+            "analyzed",
+            "observed",
+            "reduced",
+        ],
+        "objects": [
+            "the spectrum of a distant star",
+            "a protein that folds in milliseconds",
+            "the rate of ocean warming",
+            "signals from deep space",
+            "the structure of the cell membrane",
+            "the mass of the neutrino",
+            "a new species of frog",
+            "carbon levels in the atmosphere",
+            "the error rate of the qubits",
+            "traces of water ice",
+        ],
     },
     "cooking": {
-        "subjects": ["the chef", "my grandmother", "this recipe", "the bakery on the corner", "a good cook",
-                     "the restaurant", "our neighbour", "the cookbook", "the pastry team", "a street vendor"],
-        "verbs": ["prepares", "bakes", "recommends", "serves", "roasts", "seasons", "slices", "simmers",
-                  "mixes", "grills"],
-        "objects": ["fresh bread with olive oil", "a spicy tomato soup", "the vegetables for twenty minutes",
-                    "a lemon tart with almond crust", "rice with saffron and peas", "the dough overnight",
-                    "garlic, onions and a pinch of salt", "chicken with rosemary", "a bowl of ramen",
-                    "chocolate cake for the party"],
+        "subjects": [
+            "the chef",
+            "my grandmother",
+            "this recipe",
+            "the bakery on the corner",
+            "a good cook",
+            "the restaurant",
+            "our neighbour",
+            "the cookbook",
+            "the pastry team",
+            "a street vendor",
+        ],
+        "verbs": ["prepares", "bakes", "recommends", "serves", "roasts", "seasons", "slices", "simmers", "mixes", "grills"],
+        "objects": [
+            "fresh bread with olive oil",
+            "a spicy tomato soup",
+            "the vegetables for twenty minutes",
+            "a lemon tart with almond crust",
+            "rice with saffron and peas",
+            "the dough overnight",
+            "garlic, onions and a pinch of salt",
+            "chicken with rosemary",
+            "a bowl of ramen",
+            "chocolate cake for the party",
+        ],
     },
     "finance": {
-        "subjects": ["the central bank", "investors", "the company", "the quarterly report", "the startup",
-                     "the pension fund", "analysts", "the market", "the board", "a small business"],
-        "verbs": ["raised", "expects", "reported", "cut", "announced", "forecasts", "reviewed", "lost",
-                  "doubled", "invested in"],
-        "objects": ["interest rates by a quarter point", "revenue growth of 12 percent", "its annual dividend",
-                    "a loss of 3.5 million dollars", "new bonds worth 400 million euros", "the price of oil",
-                    "inflation near two percent", "the merger with its rival", "costs in the second quarter",
-                    "renewable energy projects"],
+        "subjects": [
+            "the central bank",
+            "investors",
+            "the company",
+            "the quarterly report",
+            "the startup",
+            "the pension fund",
+            "analysts",
+            "the market",
+            "the board",
+            "a small business",
+        ],
+        "verbs": ["raised", "expects", "reported", "cut", "announced", "forecasts", "reviewed", "lost", "doubled", "invested in"],
+        "objects": [
+            "interest rates by a quarter point",
+            "revenue growth of 12 percent",
+            "its annual dividend",
+            "a loss of 3.5 million dollars",
+            "new bonds worth 400 million euros",
+            "the price of oil",
+            "inflation near two percent",
+            "the merger with its rival",
+            "costs in the second quarter",
+            "renewable energy projects",
+        ],
     },
     "technology": {
-        "subjects": ["the search engine", "the new phone", "our database", "the compiler", "this library",
-                     "the cloud service", "the operating system", "a language model", "the router", "the app"],
-        "verbs": ["indexes", "supports", "stores", "optimizes", "crashed on", "encrypts", "downloads",
-                  "updates", "ranks", "caches"],
-        "objects": ["millions of documents per day", "the user's settings", "queries in under ten milliseconds",
-                    "large files over a slow network", "embeddings for semantic search", "every security patch",
-                    "images in the background", "the results by relevance", "requests from mobile devices",
-                    "the configuration file"],
+        "subjects": [
+            "the search engine",
+            "the new phone",
+            "our database",
+            "the compiler",
+            "this library",
+            "the cloud service",
+            "the operating system",
+            "a language model",
+            "the router",
+            "the app",
+        ],
+        "verbs": ["indexes", "supports", "stores", "optimizes", "crashed on", "encrypts", "downloads", "updates", "ranks", "caches"],
+        "objects": [
+            "millions of documents per day",
+            "the user's settings",
+            "queries in under ten milliseconds",
+            "large files over a slow network",
+            "embeddings for semantic search",
+            "every security patch",
+            "images in the background",
+            "the results by relevance",
+            "requests from mobile devices",
+            "the configuration file",
+        ],
     },
     "sports": {
-        "subjects": ["the home team", "the goalkeeper", "the coach", "a young sprinter", "the champion",
-                     "the referee", "both teams", "the captain", "the tennis player", "the cyclist"],
-        "verbs": ["won", "lost", "scored", "trained for", "defended", "finished", "celebrated", "missed",
-                  "broke", "prepared for"],
-        "objects": ["the final by two goals", "a penalty in the last minute", "the world record",
-                    "the marathon in under three hours", "the title for the third time", "the second set",
-                    "a difficult mountain stage", "the match on Sunday", "the season opener", "a free kick"],
+        "subjects": [
+            "the home team",
+            "the goalkeeper",
+            "the coach",
+            "a young sprinter",
+            "the champion",
+            "the referee",
+            "both teams",
+            "the captain",
+            "the tennis player",
+            "the cyclist",
+        ],
+        "verbs": ["won", "lost", "scored", "trained for", "defended", "finished", "celebrated", "missed", "broke", "prepared for"],
+        "objects": [
+            "the final by two goals",
+            "a penalty in the last minute",
+            "the world record",
+            "the marathon in under three hours",
+            "the title for the third time",
+            "the second set",
+            "a difficult mountain stage",
+            "the match on Sunday",
+            "the season opener",
+            "a free kick",
+        ],
     },
     "travel": {
-        "subjects": ["the train", "our flight", "the hotel", "a tourist", "the museum", "the ferry",
-                     "the tour guide", "the old town", "the airport", "the campsite"],
-        "verbs": ["leaves", "arrives at", "offers", "closes", "welcomes", "connects", "shows", "overlooks",
-                  "was delayed by", "is close to"],
-        "objects": ["the station at 7:45", "a view of the harbour", "visitors from all over the world",
-                    "the islands twice a day", "the lake and the mountains", "two hours because of the storm",
-                    "a collection of medieval maps", "free breakfast and parking", "the cathedral", "the beach"],
+        "subjects": [
+            "the train",
+            "our flight",
+            "the hotel",
+            "a tourist",
+            "the museum",
+            "the ferry",
+            "the tour guide",
+            "the old town",
+            "the airport",
+            "the campsite",
+        ],
+        "verbs": [
+            "leaves",
+            "arrives at",
+            "offers",
+            "closes",
+            "welcomes",
+            "connects",
+            "shows",
+            "overlooks",
+            "was delayed by",
+            "is close to",
+        ],
+        "objects": [
+            "the station at 7:45",
+            "a view of the harbour",
+            "visitors from all over the world",
+            "the islands twice a day",
+            "the lake and the mountains",
+            "two hours because of the storm",
+            "a collection of medieval maps",
+            "free breakfast and parking",
+            "the cathedral",
+            "the beach",
+        ],
     },
     "health": {
-        "subjects": ["the doctor", "regular exercise", "the hospital", "a balanced diet", "the nurse",
-                     "the study", "good sleep", "the clinic", "the patient", "the pharmacist"],
-        "verbs": ["recommends", "improves", "treated", "lowers", "monitors", "suggests", "reduces", "helps",
-                  "explained", "prescribed"],
-        "objects": ["blood pressure in older adults", "the risk of heart disease", "a short walk after dinner",
-                    "the symptoms of the flu", "two tablets a day", "stress and anxiety", "the results of the test",
-                    "more vegetables and less sugar", "a follow-up visit next week", "memory and concentration"],
+        "subjects": [
+            "the doctor",
+            "regular exercise",
+            "the hospital",
+            "a balanced diet",
+            "the nurse",
+            "the study",
+            "good sleep",
+            "the clinic",
+            "the patient",
+            "the pharmacist",
+        ],
+        "verbs": ["recommends", "improves", "treated", "lowers", "monitors", "suggests", "reduces", "helps", "explained", "prescribed"],
+        "objects": [
+            "blood pressure in older adults",
+            "the risk of heart disease",
+            "a short walk after dinner",
+            "the symptoms of the flu",
+            "two tablets a day",
+            "stress and anxiety",
+            "the results of the test",
+            "more vegetables and less sugar",
+            "a follow-up visit next week",
+            "memory and concentration",
+        ],
     },
 }
-_TIMES = ["yesterday", "last week", "on Monday", "this morning", "in 2023", "next year", "every summer",
-          "after the meeting", "before noon", "in the evening", "during the holidays", "twice a month"]
-_PLACES = ["in Paris", "in Tokyo", "in a small village", "near the river", "in New York", "at the university",
-           "in the north of Italy", "on the coast", "in Berlin", "in the city centre", "in Nairobi", "in Toronto"]
+_TIMES = [
+    "yesterday",
+    "last week",
+    "on Monday",
+    "this morning",
+    "in 2023",
+    "next year",
+    "every summer",
+    "after the meeting",
+    "before noon",
+    "in the evening",
+    "during the holidays",
+    "twice a month",
+]
+_PLACES = [
+    "in Paris",
+    "in Tokyo",
+    "in a small village",
+    "near the river",
+    "in New York",
+    "at the university",
+    "in the north of Italy",
+    "on the coast",
+    "in Berlin",
+    "in the city centre",
+    "in Nairobi",
+    "in Toronto",
+]
 _QUESTIONS = ["Why", "How", "When", "Where", "How often", "Under which conditions"]
-_INSTRUCTIONS = ["Explain how", "Describe why", "Summarize the report in which", "Find documents where",
-                 "Write a short note saying that", "Check whether"]
+_INSTRUCTIONS = [
+    "Explain how",
+    "Describe why",
+    "Summarize the report in which",
+    "Find documents where",
+    "Write a short note saying that",
+    "Check whether",
+]
 _CONNECTORS = ["because", "although", "while", "after", "so", "and"]
 
 
@@ -338,8 +518,9 @@ def _text(rng: random.Random, kind: int) -> str:
         return f"{rng.choice(_INSTRUCTIONS)} {s}."
     if kind == 3:
         t = rng.choice(_TIMES)
-        return (f"{t[0].upper()}{t[1:]}, {s} {rng.choice(_CONNECTORS)} {_sentence(rng, other)}; "
-                f"about {rng.randint(2, 98)}% of readers agreed.")
+        return (
+            f"{t[0].upper()}{t[1:]}, {s} {rng.choice(_CONNECTORS)} {_sentence(rng, other)}; about {rng.randint(2, 98)}% of readers agreed."
+        )
     if kind == 4:  # a short paragraph
         parts = [_sentence(rng, rng.choice([topic, other])) for _ in range(rng.randint(3, 6))]
         return " ".join(f"{p[0].upper()}{p[1:]}." for p in parts)
@@ -348,9 +529,11 @@ def _text(rng: random.Random, kind: int) -> str:
         keep = sorted(rng.sample(range(len(content)), k=min(len(content), rng.randint(2, 5))))
         return " ".join(content[i] for i in keep) + " " + rng.choice(_PLACES).split(" ", 1)[1]
     # a quote with numbers and punctuation
-    return (f"\"{s[0].upper()}{s[1:]},\" said {rng.choice(['Dr. Lee', 'Maria', 'the spokesperson', 'Ahmed', 'Ms. Novak'])} "
-            f"on {rng.choice(['3 May', '12 June', '1 October', '24 December'])} -- "
-            f"{rng.randint(1, 999)} people, {rng.randint(1, 60)} minutes.")
+    return (
+        f'"{s[0].upper()}{s[1:]}," said {rng.choice(["Dr. Lee", "Maria", "the spokesperson", "Ahmed", "Ms. Novak"])} '
+        f"on {rng.choice(['3 May', '12 June', '1 October', '24 December'])} -- "
+        f"{rng.randint(1, 999)} people, {rng.randint(1, 60)} minutes."
+    )
 
 
 def _generate(seed: int, count: int, exclude: set[str] | None = None) -> list[str]:
@@ -407,20 +590,13 @@ def encode_texts(spec: ModelSpec, tokenizer: TokenizerRuntime, texts: Sequence[s
     return [_cut(tokenizer.encode(item, truncate=True), max(2, max_seq_len)) for item in items]
 
 
-def make_batches(
-    spec: ModelSpec, tokenizer: TokenizerRuntime, texts: Sequence[str], max_seq_len: int, batch_size: int = 16
-) -> list[Batch]:
+def make_batches(spec: ModelSpec, tokenizer: TokenizerRuntime, texts: Sequence[str], max_seq_len: int, batch_size: int = 16) -> list[Batch]:
     """Padded batches of `texts`, sorted by length (less padding: the activation ranges are those of real tokens)."""
     encoded = sorted(encode_texts(spec, tokenizer, texts, max_seq_len), key=len)
-    return [
-        Batch.pad(encoded[i : i + batch_size], tokenizer.pad_id, spec.padding_side)
-        for i in range(0, len(encoded), max(1, batch_size))
-    ]
+    return [Batch.pad(encoded[i : i + batch_size], tokenizer.pad_id, spec.padding_side) for i in range(0, len(encoded), max(1, batch_size))]
 
 
-def calibration_inputs(
-    qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, config_dir: Path | None
-) -> tuple[list[str], int, Batch]:
+def calibration_inputs(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, config_dir: Path | None) -> tuple[list[str], int, Batch]:
     """`quantization_config`'s calibration texts, their length cap, and the held-out batch the
     accuracy gate measures on (never calibration texts)."""
     texts = load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
@@ -428,8 +604,6 @@ def calibration_inputs(
     return texts, max_len, heldout_batch(spec, tokenizer, texts, max_len)
 
 
-def heldout_batch(
-    spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64
-) -> Batch:
+def heldout_batch(spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64) -> Batch:
     """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`."""
     return make_batches(spec, tokenizer, heldout_texts(n, calib_texts), max_seq_len, batch_size=n)[0]

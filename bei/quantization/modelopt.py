@@ -35,20 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from bei.quantization.calibration import make_batches
 from bei.accuracy import Accuracy, accuracy_of_outputs
-from bei.errors import ExportError
-from bei.modeling.quant_layers import NVFP4_BLOCK, QUANT_TYPES, excluded_patterns
-from bei.modeling.module import EngineModule, input_names
-from bei.kinds import Task
 from bei.backend import Batch
+from bei.errors import ExportError
+from bei.kinds import Task
+from bei.modeling.module import EngineModule, input_names
+from bei.modeling.quant_layers import NVFP4_BLOCK, QUANT_TYPES, excluded_patterns
+from bei.quantization.calibration import make_batches
 from bei.text.tokenizer import TokenizerRuntime
 
 log = logging.getLogger(__name__)
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
-
 
 
 # --- modelopt -------------------------------------------------------------------------------
@@ -60,8 +59,7 @@ def _mtq() -> Any:
             import modelopt.torch.quantization as mtq
     except ImportError as err:
         raise ExportError(
-            f"quantization needs NVIDIA ModelOpt, which cannot be imported ({err}); "
-            "install it with `pip install 'bei[quant]'`"
+            f"quantization needs NVIDIA ModelOpt, which cannot be imported ({err}); install it with `pip install 'bei[quant]'`"
         ) from err
     return mtq
 
@@ -94,9 +92,7 @@ def quant_config(qtype: str, module: torch.nn.Module | None = None) -> dict[str,
     disabled = excluded_patterns(qtype)
     if qtype != "fp8" and module is not None:
         disabled += [
-            f"{name}.*"
-            for name, layer in module.named_modules()
-            if isinstance(layer, torch.nn.Linear) and layer.in_features % NVFP4_BLOCK
+            f"{name}.*" for name, layer in module.named_modules() if isinstance(layer, torch.nn.Linear) and layer.in_features % NVFP4_BLOCK
         ]
     entries += [{"quantizer_name": pattern, "enable": False} for pattern in disabled]
     return {"quant_cfg": entries, "algorithm": base.get("algorithm", "max")}
@@ -120,8 +116,19 @@ def nvfp4_fake_quant(x: torch.Tensor, global_amax: torch.Tensor, block_size: int
     scale = torch.clamp(block_amax / (E2M1_MAX * s2), max=E4M3_MAX).to(torch.float8_e4m3fn).float() * s2
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
     a = blocks.abs() / scale
-    q = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
-        a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
+    q = torch.where(
+        a <= 0.25,
+        0.0,
+        torch.where(
+            a < 0.75,
+            0.5,
+            torch.where(
+                a <= 1.25,
+                1.0,
+                torch.where(a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))),
+            ),
+        ),
+    )
     out = torch.where(blocks >= 0, q * scale, -q * scale).reshape(flat.shape)[:, :width]
     return out.reshape(shape).to(dtype)
 
@@ -196,8 +203,9 @@ def quantize_module(
             warnings.simplefilter("ignore")
             mtq.quantize(module, quant_config(qtype, module), forward_loop)
     except Exception as err:  # noqa: BLE001 - modelopt raises many kinds
-        raise ExportError(f"{qtype} quantization of {module.spec.architecture} failed: "
-                          f"{type(err).__name__}: {err}\n{out.getvalue()[-2000:]}") from err
+        raise ExportError(
+            f"{qtype} quantization of {module.spec.architecture} failed: {type(err).__name__}: {err}\n{out.getvalue()[-2000:]}"
+        ) from err
     layers = quantized_layers(module)
     if not layers:
         raise ExportError(f"{qtype} quantization of {module.spec.architecture} quantized no layer")
@@ -215,15 +223,12 @@ def enabled_quantizers(module: torch.nn.Module) -> Iterator[tuple[str, Any]]:
 
 def quantized_layers(module: torch.nn.Module) -> list[str]:
     """Names of the layers whose weights are quantized."""
-    return sorted(
-        name.rsplit(".", 1)[0] for name, _ in enabled_quantizers(module) if name.endswith(".weight_quantizer")
-    )
+    return sorted(name.rsplit(".", 1)[0] for name, _ in enabled_quantizers(module) if name.endswith(".weight_quantizer"))
 
 
 def _run(module: EngineModule, batch: Batch) -> np.ndarray:
     with torch.no_grad():
         return module(**_feeds(module, batch)).float().cpu().numpy().astype(np.float64)
-
 
 
 def measure_accuracy(reference: EngineModule, quantized: EngineModule, batch: Batch, task: Task | str) -> Accuracy:

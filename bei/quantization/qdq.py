@@ -57,8 +57,7 @@ def _export_plan(module: torch.nn.Module) -> dict[int, _QSpec]:
         role = attr.removesuffix("_quantizer")
         amax = q.amax
         if amax is None or amax.numel() != 1 or role not in ("weight", "input"):
-            raise ExportError(f"quantizer {name} cannot be exported: only calibrated per-tensor weight and "
-                              "input quantizers are supported")
+            raise ExportError(f"quantizer {name} cannot be exported: only calibrated per-tensor weight and input quantizers are supported")
         num_bits = tuple(q.num_bits) if isinstance(q.num_bits, (tuple, list)) else q.num_bits
         blocks = q.block_sizes or {}
         if num_bits == (4, 3) and not blocks:
@@ -80,12 +79,15 @@ def _placeholder_quantizers(plan: dict[int, _QSpec]) -> Iterator[None]:
         spec = plan.get(id(self))
         if spec is None:
             return original(self, inputs)
-        attrs: dict[str, Any] = {"amax": spec.amax, "layer": spec.layer, "role": spec.role,
-                                 "dtype": _ONNX_DTYPE.get(inputs.dtype, TensorProto.FLOAT)}
+        attrs: dict[str, Any] = {
+            "amax": spec.amax,
+            "layer": spec.layer,
+            "role": spec.role,
+            "dtype": _ONNX_DTYPE.get(inputs.dtype, TensorProto.FLOAT),
+        }
         if spec.block_size:
             attrs["block_size"] = spec.block_size
-        return torch.onnx.ops.symbolic(f"{QDOMAIN}::{spec.kind}", (inputs,), attrs,
-                                       dtype=inputs.dtype, shape=inputs.shape, version=1)
+        return torch.onnx.ops.symbolic(f"{QDOMAIN}::{spec.kind}", (inputs,), attrs, dtype=inputs.dtype, shape=inputs.shape, version=1)
 
     cls.forward = forward
     try:
@@ -114,8 +116,9 @@ def export_qdq_onnx(quantized: EngineModule, sample: Batch, path: Path) -> dict[
     for leftover in path.parent.glob(path.name + ".data"):
         leftover.unlink()
     large = model.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data" if large else None)
+    onnx.save_model(
+        model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=path.name + ".data" if large else None
+    )
     return count_qdq(path)
 
 
@@ -180,18 +183,20 @@ def _lower_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             if x in inits:
                 w = torch.from_numpy(numpy_helper.to_array(inits[x]).astype(np.float32))
                 w8 = (w / (amax / E4M3_MAX)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-                new_inits.append(_raw_tensor(f"{base}_fp8", TensorProto.FLOAT8E4M3FN, w8.shape,
-                                             w8.view(torch.uint8).numpy().tobytes()))
-                new_nodes.append(_tag(helper.make_node("DequantizeLinear", [f"{base}_fp8", scale], [y],
-                                                       name=f"{base}/DequantizeLinear"), layer))
+                new_inits.append(_raw_tensor(f"{base}_fp8", TensorProto.FLOAT8E4M3FN, w8.shape, w8.view(torch.uint8).numpy().tobytes()))
+                new_nodes.append(
+                    _tag(helper.make_node("DequantizeLinear", [f"{base}_fp8", scale], [y], name=f"{base}/DequantizeLinear"), layer)
+                )
                 drop.add(x)
             else:
                 zero = f"{base}_zero_point"
                 new_inits.append(_raw_tensor(zero, TensorProto.FLOAT8E4M3FN, [], b"\x00"))
-                new_nodes.append(_tag(helper.make_node("QuantizeLinear", [x, scale, zero], [f"{base}_fp8"],
-                                                       name=f"{base}/QuantizeLinear"), layer))
-                new_nodes.append(_tag(helper.make_node("DequantizeLinear", [f"{base}_fp8", scale, zero], [y],
-                                                       name=f"{base}/DequantizeLinear"), layer))
+                new_nodes.append(
+                    _tag(helper.make_node("QuantizeLinear", [x, scale, zero], [f"{base}_fp8"], name=f"{base}/QuantizeLinear"), layer)
+                )
+                new_nodes.append(
+                    _tag(helper.make_node("DequantizeLinear", [f"{base}_fp8", scale, zero], [y], name=f"{base}/DequantizeLinear"), layer)
+                )
         elif kind == "NVFP4QDQ":
             s2 = amax / (E2M1_MAX * E4M3_MAX)
             s2_name = scale_init(f"{base}_global_scale", s2, TensorProto.FLOAT)
@@ -204,17 +209,46 @@ def _lower_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
                 new_inits.append(_raw_tensor(f"{base}_block_scale", TensorProto.FLOAT8E4M3FN, s_f8[0], s_f8[1]))
                 drop.add(x)
             else:
-                new_nodes.append(_tag(helper.make_node(
-                    "TRT_FP4DynamicQuantize", [x, s2_name], [f"{base}_fp4", f"{base}_block_scale"],
-                    name=f"{base}/TRT_FP4DynamicQuantize", domain=TRT_DOMAIN,
-                    axis=-1, block_size=block, scale_type=TensorProto.FLOAT8E4M3FN), layer))
+                new_nodes.append(
+                    _tag(
+                        helper.make_node(
+                            "TRT_FP4DynamicQuantize",
+                            [x, s2_name],
+                            [f"{base}_fp4", f"{base}_block_scale"],
+                            name=f"{base}/TRT_FP4DynamicQuantize",
+                            domain=TRT_DOMAIN,
+                            axis=-1,
+                            block_size=block,
+                            scale_type=TensorProto.FLOAT8E4M3FN,
+                        ),
+                        layer,
+                    )
+                )
             # weights (FP4 initializers) and activations (dynamic FP4) dequantize the same way: two levels
-            new_nodes.append(_tag(helper.make_node(
-                "DequantizeLinear", [f"{base}_block_scale", s2_name], [f"{base}_block_scale_f32"],
-                name=f"{base}/DequantizeLinear_scale"), layer))
-            new_nodes.append(_tag(helper.make_node(
-                "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale_f32"], [y],
-                name=f"{base}/DequantizeLinear", axis=-1, block_size=block), layer))
+            new_nodes.append(
+                _tag(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_block_scale", s2_name],
+                        [f"{base}_block_scale_f32"],
+                        name=f"{base}/DequantizeLinear_scale",
+                    ),
+                    layer,
+                )
+            )
+            new_nodes.append(
+                _tag(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_fp4", f"{base}_block_scale_f32"],
+                        [y],
+                        name=f"{base}/DequantizeLinear",
+                        axis=-1,
+                        block_size=block,
+                    ),
+                    layer,
+                )
+            )
             if y != final:
                 new_nodes.append(_tag(helper.make_node("Cast", [y], [final], name=f"{base}/Cast", to=dtype), layer))
         else:
@@ -245,9 +279,7 @@ def _lower_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _nvfp4_weight(
-    weight: np.ndarray, block: int, s2: float, layer: str
-) -> tuple[tuple[list[int], bytes], tuple[list[int], bytes]]:
+def _nvfp4_weight(weight: np.ndarray, block: int, s2: float, layer: str) -> tuple[tuple[list[int], bytes], tuple[list[int], bytes]]:
     """(dims, packed FLOAT4E2M1 bytes) of the weight and (dims, FLOAT8E4M3FN bytes) of its block scales,
     as ModelOpt's NVFP4QTensor quantizes them (low nibble = even element)."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bei.errors import EngineFailedError, NotReadyError
 from bei.backend import Backend, Batch
-from bei.text.tokenizer import Encoded
+from bei.errors import EngineFailedError, NotReadyError
 from bei.scheduler.queue import TokenBudgetQueue
 from bei.telemetry import SIZE_BUCKETS, Histogram
+from bei.text.tokenizer import Encoded
 
 
 @dataclass
@@ -57,9 +57,7 @@ class Batcher:
         self.pad_id = pad_id
         self.padding_side = padding_side
         self.per_token_output = per_token_output
-        self.queue: TokenBudgetQueue[_Pending] = TokenBudgetQueue(
-            max_batch_tokens, max_batch_requests, padded=backend.pads
-        )
+        self.queue: TokenBudgetQueue[_Pending] = TokenBudgetQueue(max_batch_tokens, max_batch_requests, padded=backend.pads)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-engine")
         self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bei-prepare")

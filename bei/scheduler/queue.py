@@ -2,9 +2,10 @@
 
 Waiting jobs are grouped into engine calls by a token budget and a request cap. The budget counts
 what the engine computes: for a backend that pads, padded positions (rows x the longest row); for
-one that packs (`padded=False`), real tokens (the sum of the rows' lengths). Jobs are sorted by length so that a batch pads to neighbours of similar
-length, never to the longest input of the whole queue; the batch always holds the oldest waiting
-job, so no job waits behind an endless stream of better-fitting ones.
+one that packs (`padded=False`), real tokens (the sum of the rows' lengths). Jobs are sorted by
+length so that a batch pads to neighbours of similar length, never to the longest input of the
+whole queue; the batch always holds the oldest waiting job, so no job waits behind an endless
+stream of better-fitting ones.
 """
 
 from __future__ import annotations

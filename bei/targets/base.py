@@ -17,8 +17,8 @@ from pathlib import Path
 
 from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
-from bei.engine.profiles import Profile
 from bei.engine.manifest import Manifest
+from bei.engine.profiles import Profile
 from bei.errors import EngineError
 from bei.hardware import Host
 from bei.kinds import Precision

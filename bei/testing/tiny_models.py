@@ -46,6 +46,7 @@ POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "
 NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
 CLASS_LABELS = ("LABEL_A", "LABEL_B", "LABEL_C", "LABEL_D", "LABEL_E", "LABEL_F", "LABEL_G", "LABEL_H")
 
+
 # --- models ---------------------------------------------------------------------------------
 def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
     import transformers
@@ -66,28 +67,50 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
         common["label2id"] = {v: k for k, v in common["id2label"].items()}
     # encoders: init std 0.2 (not 0.02) so that attention mixes tokens and the [CLS] state (and so
     # sequence-classification logits) differs from input to input
-    enc = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
-    common_enc = {**common, "initializer_range": 0.2}
+    enc: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    common_enc: dict[str, Any] = {**common, "initializer_range": 0.2}
     if model_type == "bert":
-        return transformers.BertConfig(**common_enc, **enc, max_position_embeddings=128, type_vocab_size=2,
-                                       pad_token_id=ids["pad_token"])
+        return transformers.BertConfig(**common_enc, **enc, max_position_embeddings=128, type_vocab_size=2, pad_token_id=ids["pad_token"])
     if model_type in ("roberta", "xlm-roberta"):
         cls = transformers.RobertaConfig if model_type == "roberta" else transformers.XLMRobertaConfig
-        return cls(**common_enc, **enc, max_position_embeddings=130, type_vocab_size=1,
-                   pad_token_id=ids["pad_token"], bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"])
+        return cls(
+            **common_enc,
+            **enc,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            pad_token_id=ids["pad_token"],
+            bos_token_id=ids["bos_token"],
+            eos_token_id=ids["eos_token"],
+        )
     if model_type == "distilbert":
-        return transformers.DistilBertConfig(**common_enc, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                                             max_position_embeddings=128, pad_token_id=ids["pad_token"])
+        return transformers.DistilBertConfig(
+            **common_enc, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128, pad_token_id=ids["pad_token"]
+        )
     if model_type == "modernbert":
         return transformers.ModernBertConfig(
-            **common_enc, **enc, max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=64,
-            pad_token_id=ids["pad_token"], bos_token_id=ids["cls_token"], eos_token_id=ids["sep_token"],
-            cls_token_id=ids["cls_token"], sep_token_id=ids["sep_token"],
+            **common_enc,
+            **enc,
+            max_position_embeddings=128,
+            global_attn_every_n_layers=2,  # type: ignore[call-arg]  # read by transformers' config, not in its signature
+            local_attention=64,
+            pad_token_id=ids["pad_token"],
+            bos_token_id=ids["cls_token"],
+            eos_token_id=ids["sep_token"],
+            cls_token_id=ids["cls_token"],
+            sep_token_id=ids["sep_token"],
         )
     dec: dict[str, Any] = {
-        **common, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],
-        "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "tie_word_embeddings": False,
+        **common,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": ids["pad_token"],
+        "bos_token_id": ids["bos_token"],
+        "eos_token_id": ids["eos_token"],
+        "tie_word_embeddings": False,
     }
     if model_type == "llama":
         return transformers.LlamaConfig(**dec)
@@ -114,8 +137,10 @@ _AUTO = {
 def _rescale_heads(model: torch.nn.Module, n_out: int) -> None:
     """Re-draw the classification head so logits are O(1) and vary between inputs (init std 0.02 is flat)."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.out_features == n_out and (
-            name.startswith(("classifier", "score")) or name.endswith(("out_proj", "classifier", "score"))
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module.out_features == n_out
+            and (name.startswith(("classifier", "score")) or name.endswith(("out_proj", "classifier", "score")))
         ):
             with torch.no_grad():
                 module.weight.normal_(0.0, 1.0 / module.in_features**0.5)
@@ -125,7 +150,7 @@ def _rescale_heads(model: torch.nn.Module, n_out: int) -> None:
 
 def _pooling_config(pooling: str | Sequence[str], hidden: int, include_prompt: bool) -> dict[str, Any]:
     if isinstance(pooling, str) and pooling.startswith("new:"):
-        name = pooling[len("new:"):]
+        name = pooling[len("new:") :]
         modes: str | list[str] = name.split("+") if "+" in name else name
         for mode in [modes] if isinstance(modes, str) else modes:
             if mode not in POOLING_MODES:
@@ -218,8 +243,7 @@ def make_checkpoint(
     model.eval()
     model.save_pretrained(str(folder), safe_serialization=True)
 
-    st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}),
-                 "default_prompt_name": default_prompt_name}
+    st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":
         hidden = config.hidden_size
         modules: list[dict[str, Any]] = [
@@ -234,38 +258,50 @@ def make_checkpoint(
             if activation not in ("tanh", "identity"):
                 raise ValueError(f"dense activation {activation!r} is not 'tanh' or 'identity'")
             linear = torch.nn.Linear(in_features, out_features, bias=True)
-            _write_json(folder / sub / "config.json", {
-                "in_features": in_features, "out_features": out_features, "bias": True,
-                "activation_function": "torch.nn.modules.activation.Tanh" if activation == "tanh"
-                else "torch.nn.modules.linear.Identity",
-            })
-            save_file({"linear.weight": linear.weight.detach().contiguous(),
-                       "linear.bias": linear.bias.detach().contiguous()}, str(folder / sub / "model.safetensors"))
+            _write_json(
+                folder / sub / "config.json",
+                {
+                    "in_features": in_features,
+                    "out_features": out_features,
+                    "bias": True,
+                    "activation_function": "torch.nn.modules.activation.Tanh"
+                    if activation == "tanh"
+                    else "torch.nn.modules.linear.Identity",
+                },
+            )
+            save_file(
+                {"linear.weight": linear.weight.detach().contiguous(), "linear.bias": linear.bias.detach().contiguous()},
+                str(folder / sub / "model.safetensors"),
+            )
             modules.append({"idx": idx, "name": str(idx), "path": sub, "type": "sentence_transformers.models.Dense"})
             in_features = out_features
         if normalize:
             idx = len(modules)
             (folder / f"{idx}_Normalize").mkdir(exist_ok=True)
-            modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
+            modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize", "type": "sentence_transformers.models.Normalize"})
         _write_json(folder / "modules.json", modules)
-        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 64,
-                                                            "do_lower_case": False})
-        _write_json(folder / "config_sentence_transformers.json",
-                    {"model_type": "SentenceTransformer", **st_config, "similarity_fn_name": "cosine"})
+        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 64, "do_lower_case": False})
+        _write_json(
+            folder / "config_sentence_transformers.json", {"model_type": "SentenceTransformer", **st_config, "similarity_fn_name": "cosine"}
+        )
     elif task == "sparse":
-        _write_json(folder / "modules.json", [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sparse_encoder.models.MLMTransformer"},
-            {"idx": 1, "name": "1", "path": "1_SpladePooling",
-             "type": "sentence_transformers.sparse_encoder.models.SpladePooling"},
-        ])
-        _write_json(folder / "1_SpladePooling" / "config.json", {
-            "pooling_strategy": "max", "activation_function": "relu", "word_embedding_dimension": config.vocab_size,
-        })
-        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 64,
-                                                            "do_lower_case": False})
-        _write_json(folder / "config_sentence_transformers.json",
-                    {"model_type": "SparseEncoder", **st_config, "similarity_fn_name": "dot"})
+        _write_json(
+            folder / "modules.json",
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sparse_encoder.models.MLMTransformer"},
+                {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": "sentence_transformers.sparse_encoder.models.SpladePooling"},
+            ],
+        )
+        _write_json(
+            folder / "1_SpladePooling" / "config.json",
+            {
+                "pooling_strategy": "max",
+                "activation_function": "relu",
+                "word_embedding_dimension": config.vocab_size,
+            },
+        )
+        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length or 64, "do_lower_case": False})
+        _write_json(folder / "config_sentence_transformers.json", {"model_type": "SparseEncoder", **st_config, "similarity_fn_name": "dot"})
     return folder
 
 
@@ -286,8 +322,8 @@ def _smoke(model_type: str, task: str, folder: Path) -> str:
     if task == "sparse":
         from sentence_transformers import SparseEncoder
 
-        out = SparseEncoder(str(folder), device="cpu").encode(TEXTS)
-        return f"sparse {tuple(out.shape)}"
+        sparse = SparseEncoder(str(folder), device="cpu").encode(TEXTS)
+        return f"sparse {tuple(sparse.shape)}"
     from transformers import AutoTokenizer, pipeline
 
     AutoTokenizer.from_pretrained(str(folder))

@@ -22,7 +22,7 @@ TEXTS: list[str] = [
     "A café in Zürich serves coffee.",
     "I'd like 3 tickets, please; the 7:45 train to Berlin.",
     "Machine learning models turn text into vectors",
-    "She said: \"it works\" -- and it did (mostly).",
+    'She said: "it works" -- and it did (mostly).',
     "Numbers like 42, 3.14 and 1,000,000 appear in reports.",
     "embeddings",
     "On Monday, the small company in London hired two engineers and a designer, who will build a new "
@@ -31,23 +31,152 @@ TEXTS: list[str] = [
 ]
 
 # --- corpus ---------------------------------------------------------------------------------
-_SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the small company", "John", "Maria",
-             "the old man", "a young engineer", "the search engine", "this model", "the city council", "Alice",
-             "the river", "a student", "the doctor", "Bob", "the library", "the government"]
-_VERBS = ["reads", "writes", "builds", "finds", "sees", "likes", "sells", "buys", "opens", "closes",
-          "visits", "answers", "explains", "computes", "ranks", "sorts", "cleans", "paints", "plays", "hired"]
-_OBJECTS = ["a book", "the letter", "three apples", "the report", "new maps", "an old car", "the question",
-            "the vectors", "a red house", "the results", "coffee", "the music", "two tickets", "the archive",
-            "a small boat", "the code", "the sentence", "a long story", "the data", "fresh bread"]
-_PLACES = ["in Paris", "in London", "in Berlin", "at home", "near the sea", "in Zürich", "in the park",
-           "at the café", "in New York", "on the train", "in Tokyo", "at school", "in France", "by the river"]
-_TIMES = ["on Monday", "yesterday", "today", "next year", "in 2023", "at 7:45", "every morning", "tonight",
-          "last week", "in summer", "before noon", "after lunch"]
-_EXTRA = ["machine learning", "quick brown fox", "lazy dog", "capital", "populous", "residents", "engineers",
-          "designer", "archive", "letters", "embeddings", "numbers", "reports", "mostly", "rivers", "flow",
-          "toward", "never", "fill", "serves", "tickets", "please", "models", "turn", "text", "into", "works",
-          "naïve", "résumé", "über", "façade", "jumps", "over", "what", "why", "does", "hello", "most",
-          "with", "and", "who", "will", "from", "for", "search", "engine", "city", "small"]
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "my friend",
+    "the teacher",
+    "our team",
+    "the small company",
+    "John",
+    "Maria",
+    "the old man",
+    "a young engineer",
+    "the search engine",
+    "this model",
+    "the city council",
+    "Alice",
+    "the river",
+    "a student",
+    "the doctor",
+    "Bob",
+    "the library",
+    "the government",
+]
+_VERBS = [
+    "reads",
+    "writes",
+    "builds",
+    "finds",
+    "sees",
+    "likes",
+    "sells",
+    "buys",
+    "opens",
+    "closes",
+    "visits",
+    "answers",
+    "explains",
+    "computes",
+    "ranks",
+    "sorts",
+    "cleans",
+    "paints",
+    "plays",
+    "hired",
+]
+_OBJECTS = [
+    "a book",
+    "the letter",
+    "three apples",
+    "the report",
+    "new maps",
+    "an old car",
+    "the question",
+    "the vectors",
+    "a red house",
+    "the results",
+    "coffee",
+    "the music",
+    "two tickets",
+    "the archive",
+    "a small boat",
+    "the code",
+    "the sentence",
+    "a long story",
+    "the data",
+    "fresh bread",
+]
+_PLACES = [
+    "in Paris",
+    "in London",
+    "in Berlin",
+    "at home",
+    "near the sea",
+    "in Zürich",
+    "in the park",
+    "at the café",
+    "in New York",
+    "on the train",
+    "in Tokyo",
+    "at school",
+    "in France",
+    "by the river",
+]
+_TIMES = [
+    "on Monday",
+    "yesterday",
+    "today",
+    "next year",
+    "in 2023",
+    "at 7:45",
+    "every morning",
+    "tonight",
+    "last week",
+    "in summer",
+    "before noon",
+    "after lunch",
+]
+_EXTRA = [
+    "machine learning",
+    "quick brown fox",
+    "lazy dog",
+    "capital",
+    "populous",
+    "residents",
+    "engineers",
+    "designer",
+    "archive",
+    "letters",
+    "embeddings",
+    "numbers",
+    "reports",
+    "mostly",
+    "rivers",
+    "flow",
+    "toward",
+    "never",
+    "fill",
+    "serves",
+    "tickets",
+    "please",
+    "models",
+    "turn",
+    "text",
+    "into",
+    "works",
+    "naïve",
+    "résumé",
+    "über",
+    "façade",
+    "jumps",
+    "over",
+    "what",
+    "why",
+    "does",
+    "hello",
+    "most",
+    "with",
+    "and",
+    "who",
+    "will",
+    "from",
+    "for",
+    "search",
+    "engine",
+    "city",
+    "small",
+]
 
 
 def _corpus() -> list[str]:
@@ -63,7 +192,7 @@ def _corpus() -> list[str]:
         elif kind == 2:
             line = f"{rng.choice(_TIMES).capitalize()}, {s} {v} {rng.randint(0, 9999)} items, {o} and {rng.choice(_OBJECTS)}!"
         elif kind == 3:
-            line = f"\"{s.capitalize()} {v} {o},\" she said; ({rng.randint(1, 99)}.{rng.randint(0, 99)}% of it) -- {rng.choice(_EXTRA)}."
+            line = f'"{s.capitalize()} {v} {o}," she said; ({rng.randint(1, 99)}.{rng.randint(0, 99)}% of it) -- {rng.choice(_EXTRA)}.'
         elif kind == 4:
             line = " ".join(rng.choice(_EXTRA) for _ in range(rng.randint(3, 12)))
         else:
@@ -75,22 +204,40 @@ def _corpus() -> list[str]:
 # --- tokenizers -----------------------------------------------------------------------------
 # family -> which tokenizer a model type gets
 FAMILY = {
-    "bert": "wordpiece", "distilbert": "wordpiece",
-    "roberta": "roberta_bpe", "xlm-roberta": "xlmr_unigram", "modernbert": "modernbert_bpe",
-    "llama": "causal_bpe", "mistral": "causal_bpe", "qwen2": "causal_bpe", "qwen3": "causal_bpe",
+    "bert": "wordpiece",
+    "distilbert": "wordpiece",
+    "roberta": "roberta_bpe",
+    "xlm-roberta": "xlmr_unigram",
+    "modernbert": "modernbert_bpe",
+    "llama": "causal_bpe",
+    "mistral": "causal_bpe",
+    "qwen2": "causal_bpe",
+    "qwen3": "causal_bpe",
     "gemma2": "causal_bpe",
 }
 
 # family -> special tokens by role (ids are the order of `_SPECIALS_ORDER`)
 SPECIALS: dict[str, dict[str, str]] = {
-    "wordpiece": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"},
-    "modernbert_bpe": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                       "mask_token": "[MASK]"},
-    "roberta_bpe": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-                    "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"},
-    "xlmr_unigram": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-                     "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"},
+    "wordpiece": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"},
+    "modernbert_bpe": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"},
+    "roberta_bpe": {
+        "bos_token": "<s>",
+        "pad_token": "<pad>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "mask_token": "<mask>",
+    },
+    "xlmr_unigram": {
+        "bos_token": "<s>",
+        "pad_token": "<pad>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "mask_token": "<mask>",
+    },
     "causal_bpe": {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "bos_token": "<|im_start|>"},
 }
 _SPECIALS_ORDER: dict[str, list[str]] = {
@@ -105,9 +252,7 @@ _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
 def _template(single: str, pair: str, tok: Tokenizer, specials: Sequence[str]) -> processors.TemplateProcessing:
-    return processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in specials]
-    )
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in specials])
 
 
 def _bpe_pieces(corpus: list[str], specials: list[str], normalizer: Any, pre_tokenizer: Any, size: int) -> list[str]:
@@ -115,9 +260,14 @@ def _bpe_pieces(corpus: list[str], specials: list[str], normalizer: Any, pre_tok
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizer
     bpe.pre_tokenizer = pre_tokenizer
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials,
-                                                        show_progress=False))
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, special_tokens=specials, show_progress=False))
     return [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]) if t not in specials]
+
+
+def _token_id(tok: Tokenizer, token: str) -> int:
+    found = tok.token_to_id(token)
+    assert found is not None, f"{token!r} is not in the vocabulary"
+    return found
 
 
 def _train(family: str) -> Tokenizer:
@@ -137,8 +287,7 @@ def _train(family: str) -> Tokenizer:
         tok.normalizer = normalizer
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        tok.post_processor = _template("[CLS]:0 $A:0 [SEP]:0", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", tok,
-                                       ["[CLS]", "[SEP]"])
+        tok.post_processor = _template("[CLS]:0 $A:0 [SEP]:0", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", tok, ["[CLS]", "[SEP]"])
     elif family == "xlmr_unigram":
         metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
         pieces = _bpe_pieces(corpus, specials, normalizers.NFKC(), metaspace, 500)
@@ -149,31 +298,36 @@ def _train(family: str) -> Tokenizer:
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = metaspace
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-        tok.post_processor = _template("<s>:0 $A:0 </s>:0", "<s>:0 $A:0 </s>:0 </s>:0 $B:0 </s>:0", tok,
-                                       ["<s>", "</s>"])
+        tok.post_processor = _template("<s>:0 $A:0 </s>:0", "<s>:0 $A:0 </s>:0 </s>:0 $B:0 </s>:0", tok, ["<s>", "</s>"])
     else:  # byte-level BPE
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=_VOCAB_SIZE, special_tokens=specials, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=_VOCAB_SIZE, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         tok.train_from_iterator(corpus, trainer)
         if family == "roberta_bpe":
             tok.post_processor = processors.RobertaProcessing(
-                ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")),
-                trim_offsets=True, add_prefix_space=False,
+                ("</s>", _token_id(tok, "</s>")),
+                ("<s>", _token_id(tok, "<s>")),
+                trim_offsets=True,
+                add_prefix_space=False,
             )
         elif family == "modernbert_bpe":
-            tok.post_processor = processors.Sequence([
-                processors.ByteLevel(trim_offsets=True),
-                _template("[CLS]:0 $A:0 [SEP]:0", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", tok, ["[CLS]", "[SEP]"]),
-            ])
+            tok.post_processor = processors.Sequence(
+                [
+                    processors.ByteLevel(trim_offsets=True),
+                    _template("[CLS]:0 $A:0 [SEP]:0", "[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", tok, ["[CLS]", "[SEP]"]),
+                ]
+            )
         else:  # causal: EOS appended to every text, as Qwen3-Embedding does
-            tok.post_processor = processors.Sequence([
-                processors.ByteLevel(trim_offsets=True),
-                _template("$A:0 <|endoftext|>:0", "$A:0 <|endoftext|>:0 $B:1 <|endoftext|>:1", tok,
-                          ["<|endoftext|>"]),
-            ])
+            tok.post_processor = processors.Sequence(
+                [
+                    processors.ByteLevel(trim_offsets=True),
+                    _template("$A:0 <|endoftext|>:0", "$A:0 <|endoftext|>:0 $B:1 <|endoftext|>:1", tok, ["<|endoftext|>"]),
+                ]
+            )
     return tok
 
 
@@ -191,8 +345,7 @@ def save_tokenizer(folder: Path, model_type: str, padding_side: str, model_max_l
     family = FAMILY[model_type]
     tok = trained_tokenizer(model_type)
     specials = SPECIALS[family]
-    input_names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else [
-        "input_ids", "attention_mask"]
+    input_names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         padding_side=padding_side,

@@ -107,7 +107,7 @@ def read_special_tokens(folder: Path) -> dict[str, str]:
 
 
 def message_format(template: str) -> str:
-    """"flat" or "structured", as sentence-transformers infers it from the template text."""
+    """ "flat" or "structured", as sentence-transformers infers it from the template text."""
     return "structured" if any(p in template for p in _STRUCTURED_PATTERNS) else "flat"
 
 
@@ -157,7 +157,7 @@ class ChatTemplate:
             base, *varied = [self.render(pair) for pair in PAIR_ROLE_PROBES]
         except Exception as err:  # noqa: BLE001 - any template failure is the answer
             return f"it raised {type(err).__name__}: {err}"
-        dropped = [role for role, render in zip(PAIR_ROLES, varied) if render == base]
+        dropped = [role for role, render in zip(PAIR_ROLES, varied, strict=True) if render == base]
         if dropped:
             return f"the {' and '.join(repr(r) for r in dropped)} content does not reach the rendered prompt"
         return None
@@ -173,17 +173,16 @@ class ChatTemplate:
         suffix: list[int] = []
         try:
             first, second = (
-                tokenize(self.render_messages([self._message(role, filler) for role in skeleton_roles]))
-                for filler in SUFFIX_FILLERS
+                tokenize(self.render_messages([self._message(role, filler) for role in skeleton_roles])) for filler in SUFFIX_FILLERS
             )
             count = 0
-            for left, right in zip(reversed(first), reversed(second)):
+            for left, right in zip(reversed(first), reversed(second), strict=False):
                 if left != right:
                     break
                 count += 1
             # renders that never diverge have no variable content: their common run is not a suffix
             if 0 < count < min(len(first), len(second)):
-                suffix = first[len(first) - count:]
+                suffix = first[len(first) - count :]
         except Exception:  # noqa: BLE001 - as in ST, a failed derivation only means no suffix is restored
             suffix = []
         with self._lock:
@@ -199,4 +198,4 @@ def truncate_keeping_suffix(ids: list[int], suffix: list[int], max_length: int, 
         return ids
     ids = ids[:max_length] if direction == "right" else ids[-max_length:]
     keep = min(len(suffix), max_length)
-    return ids[: max_length - keep] + suffix[len(suffix) - keep:] if keep else ids
+    return ids[: max_length - keep] + suffix[len(suffix) - keep :] if keep else ids

@@ -148,9 +148,7 @@ class TokenizerRuntime:
     def _chat_ids(self, text: str) -> list[int]:
         return list(self._plain.encode(text, add_special_tokens=False).ids)
 
-    def _encode_chat(
-        self, template: ChatTemplate, item: str | tuple[str, str], *, truncate: bool, direction: Direction
-    ) -> Encoded:
+    def _encode_chat(self, template: ChatTemplate, item: str | tuple[str, str], *, truncate: bool, direction: Direction) -> Encoded:
         """Render through the chat template, tokenize without special tokens (they are in the text), and
         truncate as sentence-transformers does: cut to the limit, then the template suffix written back."""
         try:

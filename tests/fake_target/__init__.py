@@ -60,7 +60,11 @@ def _build(ctx: BuildContext) -> BuildResult:
             agreement = compare(mean_of_rows(table, sample), TableBackend(staging / TABLE_FILE, ["input_ids"]).infer(sample))
             require_agreement(agreement, min_cosine=0.99999, max_abs_diff=1e-5, what=f"the {NAME} engine")
         return write_engine(
-            ctx, staging, agreement, graph_file=TABLE_FILE, target=TargetInfo(name=NAME, versions={"numpy": np.__version__}),
+            ctx,
+            staging,
+            agreement,
+            graph_file=TABLE_FILE,
+            target=TargetInfo(name=NAME, versions={"numpy": np.__version__}),
             reference="numpy, per token row by row",
         )
 

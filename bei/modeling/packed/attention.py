@@ -29,9 +29,7 @@ def _varlen_parameters() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def flash_keywords(
-    left: int, right: int, scale: float | None, gqa: bool, accepted: frozenset[str]
-) -> dict[str, object] | None:
+def flash_keywords(left: int, right: int, scale: float | None, gqa: bool, accepted: frozenset[str]) -> dict[str, object] | None:
     """The keywords of a `varlen_attn` whose signature has `accepted`, or None when it cannot say
     this window or scale. Older torch (2.11) has no `enable_gqa` (flash takes fewer kv heads
     natively there) and may take `is_causal` in place of `window_size`."""

@@ -101,7 +101,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
         self.out = nn.Linear(hidden, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor, packed: Packed, window: tuple[int, int], rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, packed: Packed, window: tuple[int, int], rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         if rotary is not None:
             q, k = _rotate(q, *rotary), _rotate(k, *rotary)
@@ -206,6 +208,8 @@ def rename_key(key: str, rules: Rules) -> str:
 
 # the oldest BERT checkpoints name LayerNorm parameters gamma / beta
 COMMON_RULES: Rules = ((r"\.gamma$", ".weight"), (r"\.beta$", ".bias"))
+
+
 def per_task(sequence: T, token: T, mlm: T) -> dict[Task, T]:
     """What the sequence classification (rerank, classify), token classification (ner) and MLM (sparse) heads get."""
     return {Task.RERANK: sequence, Task.CLASSIFY: sequence, Task.NER: token, Task.SPARSE: mlm}

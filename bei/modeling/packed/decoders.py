@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.packed.attention import FULL, varlen_attention
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.weights import fuse_linears, strip_prefixes
-from bei.kinds import Task
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -150,9 +150,7 @@ def rope_frequencies(config: Mapping[str, Any], head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < context / high) * ~(wavelen > context / low)
         return torch.where(medium, smoothed, scaled)
-    raise ModelError(
-        f"rope_scaling type {kind!r} is not supported by the torch target (supported: {', '.join(ROPE_TYPES)})"
-    )
+    raise ModelError(f"rope_scaling type {kind!r} is not supported by the torch target (supported: {', '.join(ROPE_TYPES)})")
 
 
 @dataclass(frozen=True)

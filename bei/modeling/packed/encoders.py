@@ -22,27 +22,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.packed.attention import FULL
 from bei.modeling.packed.blocks import (
+    COMMON_RULES,
+    MLP,
     Activation,
     Attention,
     Embeddings,
     EncoderLayer,
-    MLP,
     Rotary,
     Rules,
     TaskHead,
     Transform,
-    COMMON_RULES,
-    rename_key,
     activation,
     per_task,
+    rename_key,
     renames,
     required,
 )
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.weights import fuse_linears, strip_prefixes
-from bei.kinds import Task
 
 _LEARNED_EMBEDDINGS = {
     "embeddings.word_embeddings": "embed.tokens",
@@ -233,7 +233,9 @@ class DistilBertEncoder(Encoder):
         super().__init__(config, task, num_labels)
         hidden, eps = int(required(config, "dim")), 1e-12  # DistilBERT's LayerNorms are fixed at 1e-12
         act = activation(config, "activation", "gelu")
-        self.embed = Embeddings(int(required(config, "vocab_size")), hidden, eps, positions=int(required(config, "max_position_embeddings")))
+        self.embed = Embeddings(
+            int(required(config, "vocab_size")), hidden, eps, positions=int(required(config, "max_position_embeddings"))
+        )
         heads, inner = int(required(config, "n_heads")), int(required(config, "hidden_dim"))
         self.layers = nn.ModuleList(post_norm_layer(hidden, heads, inner, act, eps) for _ in range(int(required(config, "n_layers"))))
         self.make_head(hidden, per_task(Transform(hidden, F.relu), None, Transform(hidden, act, eps=eps)))
@@ -249,7 +251,12 @@ class ModernBertEncoder(Encoder):
         "layers",
         {"attn.Wqkv": "attn.qkv", "attn.Wo": "attn.out", "mlp.Wi": "mlp.up", "mlp.Wo": "mlp.down"},
     )
-    HEADS = per_task(*({"head.dense": "head.transform.dense", "head.norm": "head.transform.norm", out: "head.out"} for out in ("classifier", "classifier", "decoder")))
+    HEADS = per_task(
+        *(
+            {"head.dense": "head.transform.dense", "head.norm": "head.transform.norm", out: "head.out"}
+            for out in ("classifier", "classifier", "decoder")
+        )
+    )
     LAYER_TYPES: ClassVar[dict[str, str]] = {"full_attention": "global", "sliding_attention": "local"}
     DEFAULT_THETA: ClassVar[dict[str, float]] = {"global": 160_000.0, "local": 10_000.0}
 
@@ -265,10 +272,13 @@ class ModernBertEncoder(Encoder):
         self.embed = Embeddings(int(required(config, "vocab_size")), hidden, eps, norm_bias=norm_bias)
         self.layers = nn.ModuleList(
             EncoderLayer(
-                Attention(hidden, heads, bias), MLP(hidden, inner, act, mlp_bias, gated=True),
+                Attention(hidden, heads, bias),
+                MLP(hidden, inner, act, mlp_bias, gated=True),
                 nn.LayerNorm(hidden, eps=eps, bias=norm_bias) if i else nn.Identity(),
-                nn.LayerNorm(hidden, eps=eps, bias=norm_bias), pre_norm=True,
-                window=(half, half) if kind == "local" else FULL, rope=kind,
+                nn.LayerNorm(hidden, eps=eps, bias=norm_bias),
+                pre_norm=True,
+                window=(half, half) if kind == "local" else FULL,
+                rope=kind,
             )
             for i, kind in enumerate(kinds)
         )
@@ -326,4 +336,3 @@ ENCODERS: dict[str, type[Encoder]] = {
     "distilbert": DistilBertEncoder,
     "modernbert": ModernBertEncoder,
 }
-

@@ -70,9 +70,7 @@ class Fp8Linear(torch.nn.Module):
         rows = x.reshape(-1, shape[-1])
         q, scale = quantize_rows(rows, self.input_scale if self.static else None)
         out_dtype = self.bias.dtype if self.bias is not None else x.dtype
-        out = torch._scaled_mm(
-            q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1), out_dtype=out_dtype
-        )
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1), out_dtype=out_dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

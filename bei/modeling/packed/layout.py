@@ -118,7 +118,9 @@ class Packed:
         return Packed(
             input_ids=torch.cat([self.input_ids, self.input_ids.new_full((extra_tokens,), pad_id)]),
             positions=torch.cat([self.positions, self.positions.new_zeros(extra_tokens)]),
-            token_type_ids=None if self.token_type_ids is None else torch.cat([self.token_type_ids, self.token_type_ids.new_zeros(extra_tokens)]),
+            token_type_ids=None
+            if self.token_type_ids is None
+            else torch.cat([self.token_type_ids, self.token_type_ids.new_zeros(extra_tokens)]),
             cu_seqlens=cu,
             seq_index=torch.cat([self.seq_index, last_row]),
             lengths=torch.cat([self.lengths, fill_lengths]),

@@ -25,11 +25,11 @@ from typing import Any, Protocol
 import torch
 
 from bei.errors import ModelError
+from bei.kinds import Task
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
 from bei.modeling.spec import ModelSpec
-from bei.kinds import Task
 
 
 class Architecture(Protocol):

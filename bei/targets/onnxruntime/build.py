@@ -9,11 +9,11 @@ from typing import Any
 from bei.accuracy import compare, require_agreement
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.manifest import write_engine
-from bei.modeling.onnx_export import export_onnx
 from bei.buildsteps.samples import reference_outputs, sample_batch
 from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import TargetInfo
 from bei.modeling.module import build_module, input_names
+from bei.modeling.onnx_export import export_onnx
 from bei.targets.onnxruntime import fusions
 from bei.targets.onnxruntime.backend import OnnxRuntimeBackend
 

@@ -33,11 +33,10 @@ import numpy as np
 import onnxruntime
 
 from bei.accuracy import Agreement, compare
+from bei.backend import Batch
 from bei.modeling.module import input_names
 from bei.modeling.spec import ModelSpec
-from bei.backend import Batch
 from bei.targets.onnxruntime.backend import OnnxRuntimeBackend
-
 
 # model types whose graphs onnxruntime.transformers' BERT fusions understand
 _BERT_FUSIONS = {"bert", "roberta", "xlm-roberta", "distilbert"}

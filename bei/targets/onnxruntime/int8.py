@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from bei.targets.onnxruntime.fusions import run_graph
 from bei.accuracy import accuracy_of_outputs, require_accuracy
-from bei.modeling.spec import ModelSpec
 from bei.backend import Batch
+from bei.modeling.spec import ModelSpec
+from bei.targets.onnxruntime.fusions import run_graph
 
 QTYPE = "int8"
 # activations whose consumers get per-row scales in the first attempt

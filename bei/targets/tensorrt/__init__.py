@@ -15,6 +15,8 @@ from bei.hardware import Host
 from bei.targets.base import ALL_QUANTIZATIONS, GPU_QUANTIZED, PlanDetails, PlanRequest, Target, gpu_precision
 
 NAME = "tensorrt"
+
+
 def _build(ctx: BuildContext) -> BuildResult:
     from bei.targets.tensorrt.build import build
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from bei.engine.profiles import Profile, select_profile
 from bei.backend import Backend, Batch
+from bei.engine.profiles import Profile, select_profile
 
 
 class TensorRTBackend(Backend):

@@ -12,11 +12,11 @@ import torch
 from bei.accuracy import accuracy_of_outputs, compare, require_accuracy, require_agreement
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.manifest import write_engine
-from bei.modeling.onnx_export import export_onnx
 from bei.buildsteps.samples import reference_outputs, sample_batch
 from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import TargetInfo
 from bei.modeling.module import OUTPUT_NAMES, build_module, input_names
+from bei.modeling.onnx_export import export_onnx
 from bei.targets.tensorrt import compile as trt_compile
 from bei.targets.tensorrt.backend import TensorRTBackend
 
@@ -48,7 +48,11 @@ def build(ctx: BuildContext) -> BuildResult:
                 accuracy = modelopt.measure_accuracy(module, quantized, check_batch, spec.task)
                 require_accuracy(accuracy, qcfg.min_accuracy)
                 check_reference = reference_outputs(module.to("cpu"), check_batch)
-                quantization = {"type": build_config.quantization_type.value, "calibration": qcfg.model_dump(), "accuracy": accuracy.as_dict()}
+                quantization = {
+                    "type": build_config.quantization_type.value,
+                    "calibration": qcfg.model_dump(),
+                    "accuracy": accuracy.as_dict(),
+                }
                 progress.note(accuracy.summary())
             with progress.stage("export"):
                 if plan.precision != "fp8":  # TensorRT's FP4 GEMMs take fp16 activations

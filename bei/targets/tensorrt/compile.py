@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from bei.errors import ExportError
 from bei.engine.profiles import Profile, profile_shapes
+from bei.errors import ExportError
 
 TIMING_CACHE_FILE = ".tensorrt-timing.cache"  # next to the engines, shared by every build on this GPU
 

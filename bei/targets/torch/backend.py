@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bei.backend import Backend, Batch
 from bei.engine.manifest import Manifest
 from bei.errors import EngineError
+from bei.kinds import Task
 from bei.modeling.packed.fp8 import quantize_fp8
 from bei.modeling.packed.layout import Packed, bucket
 from bei.modeling.packed.model import (
@@ -33,8 +35,6 @@ from bei.modeling.packed.model import (
 )
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.spec import DenseLayer, ModelSpec
-from bei.kinds import Task
-from bei.backend import Backend, Batch
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,9 @@ class Prepared:
 def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any]) -> ModelSpec:
     """The ModelSpec a packed module needs, from the engine's manifest and its config.json."""
     pooling = (
-        PoolingConfig(tuple(PoolingMode(m) for m in manifest.pooling.modes), manifest.pooling.include_prompt)
-        if manifest.pooling
-        else None
+        PoolingConfig(tuple(PoolingMode(m) for m in manifest.pooling.modes), manifest.pooling.include_prompt) if manifest.pooling else None
     )
-    dense = tuple(
-        DenseLayer(folder, d.in_features, d.out_features, d.bias, d.activation)
-        for d in manifest.dense_layers
-    )
+    dense = tuple(DenseLayer(folder, d.in_features, d.out_features, d.bias, d.activation) for d in manifest.dense_layers)
     return ModelSpec(
         path=folder,
         architecture=manifest.architecture,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bei.accuracy import compare, require_accuracy, accuracy_of_outputs, require_agreement
+from bei.accuracy import accuracy_of_outputs, compare, require_accuracy, require_agreement
 from bei.backend import Batch
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.manifest import write_engine
@@ -79,7 +79,9 @@ def build(ctx: BuildContext) -> BuildResult:
             module = build_packed_module(spec)
             exact = compare(reference, _run(module, sample, names))
             require_agreement(exact, min_cosine=FP32_MIN_COSINE, max_abs_diff=FP32_MAX_ABS_DIFF, what="bei's packed module")
-            progress.note(f"packed {type(module.body).__name__} = transformers: cosine {exact.min_cosine:.7f}, max abs diff {exact.max_abs_diff:.1e}")
+            progress.note(
+                f"packed {type(module.body).__name__} = transformers: cosine {exact.min_cosine:.7f}, max abs diff {exact.max_abs_diff:.1e}"
+            )
         check_batch, check_reference = sample, reference
         if plan.precision == "fp8":
             with progress.stage("quantize"):
@@ -95,8 +97,10 @@ def build(ctx: BuildContext) -> BuildResult:
         with progress.stage("compile"):
             if device == "cuda":
                 saved = _compile(module, names, spec, staging)
-                progress.note(f"torch.compile warmed over {len(WARM_TOKENS)} token counts (every CUDA-graph bucket); "
-                              f"{saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}")
+                progress.note(
+                    f"torch.compile warmed over {len(WARM_TOKENS)} token counts (every CUDA-graph bucket); "
+                    f"{saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}"
+                )
             else:
                 progress.note("CPU engine: runs eagerly, nothing to compile")
         from safetensors.torch import save_model
@@ -109,8 +113,14 @@ def build(ctx: BuildContext) -> BuildResult:
             staging,
             agreement,
             graph_file=WEIGHTS_FILE,
-            target=TargetInfo(name=plan.target, versions=versions(), gpu=gpu, compute_capability=capability,
-                              device=device, dtype=str(dtype).removeprefix("torch.")),  # fmt: skip
+            target=TargetInfo(
+                name=plan.target,
+                versions=versions(),
+                gpu=gpu,
+                compute_capability=capability,
+                device=device,
+                dtype=str(dtype).removeprefix("torch."),
+            ),  # fmt: skip
             reference="transformers (torch, fp32, CPU)",
             quantization=quantization,
         )
@@ -137,7 +147,9 @@ def _quantize_fp8(
         calibrate_static_scales(module, lambda: [_run(module, b, names) for b in batches])
     accuracy = accuracy_of_outputs(reference, _run(module, heldout, names), heldout, spec.task, qtype="fp8")
     require_accuracy(accuracy, qcfg.min_accuracy)
-    ctx.progress.note(f"{len(layers)} Linear layers in FP8 ({'static' if static else 'dynamic per-row'} activation scales); {accuracy.summary()}")
+    ctx.progress.note(
+        f"{len(layers)} Linear layers in FP8 ({'static' if static else 'dynamic per-row'} activation scales); {accuracy.summary()}"
+    )
     entry = {
         "type": "fp8",
         "activation_scales": "static" if static else "dynamic",

@@ -28,7 +28,8 @@ from bei.modeling.module import build_module, input_names  # noqa: E402
 from bei.modeling.quant_layers import quantized_layer_names  # noqa: E402
 from bei.quantization import calibration, qdq  # noqa: E402
 from bei.quantization import modelopt as Q  # noqa: E402
-from bei.quantization.calibration import builtin_texts, heldout_texts, load_calibration_texts  # noqa: E402
+from bei.quantization.builtin_texts import builtin_texts, heldout_texts  # noqa: E402
+from bei.quantization.calibration import load_calibration_texts  # noqa: E402
 from bei.text.tokenizer import TokenizerRuntime  # noqa: E402
 
 MAX_LEN = 48

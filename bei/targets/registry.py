@@ -18,7 +18,10 @@ TARGETS: list[Target] = [tensorrt.TARGET, torch.TARGET, onnxruntime.TARGET]
 def register(target: Target, *, first: bool = False) -> None:
     """Add a target (or replace the one of the same name); `first`: `auto` asks it before the others."""
     unregister(target.name)
-    TARGETS.insert(0, target) if first else TARGETS.append(target)
+    if first:
+        TARGETS.insert(0, target)
+    else:
+        TARGETS.append(target)
 
 
 def unregister(name: str) -> None:

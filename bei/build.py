@@ -37,10 +37,10 @@ def plan_build(
     build = config.trt_llm.build
     repo = build.checkpoint_repository
     host = host or detect_host()
-    choice = registry.choose_target(target, host, dry_run=dry_run)
+    choice = registry.choose_target(target, host, dry_run=dry_run, cpu_precision=build.cpu_precision)
     # hardware rules before any download
     quantization = build.quantization_type.value
-    check_target_hardware(choice, build.base_model.value, quantization, host)
+    check_target_hardware(choice, build.base_model.value, quantization, host, build.cpu_precision)
     chosen = registry.get(choice.name)
     progress = progress or Progress([])
     progress.stages = chosen.stages(quantization in chosen.quantizes)
@@ -71,6 +71,7 @@ def plan_build(
             max_batch_size=build.max_batch_size,
             accelerator=config.resources.accelerator,
             host=host,
+            cpu_precision=build.cpu_precision,
         )
         for line in plan.notes:
             progress.note(line)

@@ -130,6 +130,9 @@ class BuildConfig(_Strict):
     max_batch_size: int = Field(default=256, ge=1, le=2048)
     max_seq_len: int | None = Field(default=None, gt=0)
     num_builder_gpus: int | None = Field(default=None, gt=0)
+    # bei's own, engines that run on the CPU: `bf16` runs every transformer GEMM in bf16 (fp32
+    # accumulation, the rest fp32) on CPUs with AVX512-BF16 / AMX-BF16 units, through the torch target
+    cpu_precision: Literal["fp32", "bf16"] = "fp32"
 
     _null_is_default = _null_means_default("quantization_config")
 

@@ -4,6 +4,7 @@ one table, used by the config check (`resources.accelerator`) and by the build (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 Capability = tuple[int, int]
 
@@ -48,13 +49,38 @@ def hardware_problems(base_model: str, quantization: str, capability: Capability
     return problems
 
 
+# CPU instruction sets with bf16 GEMM units (oneDNN runs bf16 matmuls on them at about twice the
+# fp32 rate); elsewhere bf16 is emulated, slower than fp32
+BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's instruction-set flags (`avx512_bf16`, `amx_bf16`, `avx2`, ...); empty where the
+    kernel does not say (not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
 @dataclass(frozen=True)
 class Host:
-    """What this machine offers: runtime versions by name, and the GPU if any."""
+    """What this machine offers: runtime versions by name, the GPU if any, the CPU's ISA features."""
 
     versions: dict[str, str]
     gpu: str | None = None
     compute_capability: str | None = None
+    cpu_features: frozenset[str] = frozenset()
+
+    @property
+    def bf16_units(self) -> list[str]:
+        """The CPU's bf16 GEMM features (best first); [] where bf16 would be emulated."""
+        return [f for f in BF16_CPU_FEATURES if f in self.cpu_features]
 
 
 def detect_host(gpu: bool = True) -> Host:
@@ -74,7 +100,7 @@ def detect_host(gpu: bool = True) -> Host:
         pass
     name = capability = None
     if not gpu:
-        return Host(versions=versions)
+        return Host(versions=versions, cpu_features=cpu_features())
     try:
         import torch
 
@@ -85,4 +111,4 @@ def detect_host(gpu: bool = True) -> Host:
             capability = f"{major}.{minor}"
     except ImportError:
         pass
-    return Host(versions=versions, gpu=name, compute_capability=capability)
+    return Host(versions=versions, gpu=name, compute_capability=capability, cpu_features=cpu_features())

@@ -32,6 +32,7 @@ class BuildPlan:
     weights_bytes: int = 0
     activation_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    cpu_features: list[str] = field(default_factory=list)  # CPU ISA features the engine will need
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -56,5 +57,7 @@ class BuildPlan:
             f"(weights {self.weights_bytes / gib:.2f} GiB for {self.parameters / 1e6:.1f}M parameters, "
             f"activations ~{self.activation_bytes / gib:.2f} GiB at the largest profile)"
         )
+        if self.cpu_features:
+            lines.append(f"cpu needs:  {', '.join(self.cpu_features)}")
         lines += [f"note:       {n}" for n in self.notes]
         return "\n".join(lines)

@@ -41,6 +41,7 @@ class TargetInfo(BaseModel):
     compute_capability: str | None = None
     device: str = "cpu"  # "cpu" | "cuda"
     dtype: str | None = None  # activation dtype of targets that choose one at build ("float32", "bfloat16", ...)
+    cpu_features: list[str] = Field(default_factory=list)  # CPU ISA features the engine needs (e.g. avx512_bf16)
 
 
 class DenseLayerInfo(BaseModel):

@@ -289,3 +289,10 @@ def calibration_inputs(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, 
 def heldout_batch(spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64) -> Batch:
     """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`."""
     return make_batches(spec, tokenizer, heldout_texts(n, calib_texts), max_seq_len, batch_size=n)[0]
+
+
+def builtin_heldout_batch(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime) -> Batch:
+    """The held-out batch of a gate that calibrates nothing (the CPU int8 and bf16 engines): held-out
+    texts that are not among the built-in calibration sample, cut to `calib_max_seq_length`."""
+    max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
+    return heldout_batch(spec, tokenizer, builtin_texts(qcfg.calib_size), max_len)

@@ -50,6 +50,8 @@ class PlanRequest:
     max_batch_size: int
     max_input_tokens: int
     gpu: str | None
+    cpu_precision: str = "fp32"  # the config's trt_llm.build.cpu_precision
+    cpu_features: frozenset[str] = frozenset()  # the build host's (Host.cpu_features)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class PlanDetails:
     profiles: list[Profile] = field(default_factory=list)
     quantized_layers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cpu_features: list[str] = field(default_factory=list)  # CPU ISA features the engine will need
 
 
 def needs_runtime(manifest: Manifest, host: Host, runtime: str) -> None:
@@ -80,10 +83,12 @@ class Target:
     check_host: Callable[[Manifest, Host], None]  # raise EngineError: why this host cannot run the engine
     # None where this host can build it, else what it lacks ("a CUDA GPU"); `--dry-run` plans anyway where `plannable`
     availability: Callable[[Host], str | None] = lambda host: None
-    # why `--target auto` picks this target on `host` (targets are asked in registry order), or None
-    auto: Callable[[Host], str | None] = lambda host: None
+    # why `--target auto` picks this target on `host` for the config's cpu_precision (targets are
+    # asked in registry order), or None
+    auto: Callable[[Host, str], str | None] = lambda host, cpu_precision: None
     aliases: tuple[str, ...] = ()
     quantizations: frozenset[str] = ALL_QUANTIZATIONS  # the config's quantization types it accepts
     quantizes: frozenset[str] = frozenset()  # those that add a `quantize` stage (the others build unquantized)
+    cpu_precisions: frozenset[str] = frozenset({"fp32"})  # the config's cpu_precision values it builds
     uses_gpu: bool = False  # engines are built for the GPU present (the plan names it; hardware rules apply)
     plannable: bool = False  # `--dry-run` plans it on a host that cannot build it

@@ -13,10 +13,18 @@ from bei.targets import registry
 from bei.targets.base import PlanRequest
 
 
-def check_target_hardware(target: TargetChoice, base_model: str, quantization: str, host: Host) -> None:
-    """The target must accept the config's quantization, and the GPU present run it (the config's own
-    accelerator was checked at load)."""
+def check_target_hardware(target: TargetChoice, base_model: str, quantization: str, host: Host, cpu_precision: str = "fp32") -> None:
+    """The target must accept the config's quantization and cpu_precision, and the hardware present
+    run them (the config's own accelerator was checked at load)."""
     chosen = registry.get(target.name)
+    if cpu_precision not in chosen.cpu_precisions:
+        able = " and ".join(other.name for other in registry.TARGETS if cpu_precision in other.cpu_precisions) or "no target"
+        raise ConfigError(f"trt_llm.build.cpu_precision: {cpu_precision!r} is built by target {able}, not by {chosen.name} (--target)")
+    if cpu_precision == "bf16" and host.gpu is None and not host.bf16_units:
+        raise ConfigError(
+            "trt_llm.build.cpu_precision: 'bf16' needs a CPU with bf16 units (avx512_bf16 or amx_bf16), which this "
+            "machine's CPU lacks (bf16 would be emulated, slower than fp32); use cpu_precision fp32 here"
+        )
     if quantization not in chosen.quantizations:
         builders = [t for t in registry.TARGETS if quantization in t.quantizes]
         by = " and ".join(t.label for t in builders) or "no target"
@@ -68,6 +76,7 @@ def make_plan(
     max_batch_size: int,
     accelerator: str | None,
     host: Host,
+    cpu_precision: str = "fp32",
 ) -> BuildPlan:
     chosen = registry.get(target.name)
     notes: list[str] = []
@@ -81,7 +90,9 @@ def make_plan(
     if max_input > max_num_tokens:
         notes.append(f"max input capped from {max_input} to max_num_tokens {max_num_tokens}: one input must fit one call")
         max_input = max_num_tokens
-    details = chosen.plan(PlanRequest(spec, base_model, quantization, max_num_tokens, max_batch_size, max_input, gpu))
+    details = chosen.plan(
+        PlanRequest(spec, base_model, quantization, max_num_tokens, max_batch_size, max_input, gpu, cpu_precision, host.cpu_features)
+    )
     size = model_size(spec)
     activation_width = 4.0 if details.precision == "fp32" else 2.0
     largest = max((p.max_tokens for p in details.profiles), default=max_num_tokens)
@@ -102,4 +113,5 @@ def make_plan(
         weights_bytes=int(size.parameters * details.precision.bytes_per_weight),
         activation_bytes=activation,
         notes=details.notes + notes,
+        cpu_features=details.cpu_features,
     )

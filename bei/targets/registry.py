@@ -41,12 +41,13 @@ def get(name: str) -> Target:
     raise ConfigError(f"--target: {name!r} is not one of {', '.join(names())}")
 
 
-def choose_target(requested: str, host: Host, *, dry_run: bool = False) -> TargetChoice:
-    """`auto` takes the first target (in `TARGETS` order) that would pick itself on `host`; a named
-    target must be able to build here, or (with `dry_run`) be one that plans anywhere."""
+def choose_target(requested: str, host: Host, *, dry_run: bool = False, cpu_precision: str = "fp32") -> TargetChoice:
+    """`auto` takes the first target (in `TARGETS` order) that would pick itself on `host` for the
+    config's `cpu_precision`; a named target must be able to build here, or (with `dry_run`) be one
+    that plans anywhere."""
     if requested == "auto":
         for target in TARGETS:
-            reason = target.auto(host)
+            reason = target.auto(host, cpu_precision)
             if reason is not None:
                 return TargetChoice(target.name, reason)
         raise EngineError(f"no target builds on this machine; known targets: {', '.join(t.name for t in TARGETS)}")

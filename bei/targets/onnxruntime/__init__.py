@@ -45,6 +45,12 @@ def _check_host(manifest: Manifest, host: Host) -> None:
     needs_runtime(manifest, host, "onnxruntime")
 
 
+def _auto(host: Host, cpu_precision: str) -> str | None:
+    if cpu_precision != "fp32":
+        return None  # bf16 CPU engines are the torch target's
+    return "auto: no CUDA GPU, so the ONNX Runtime CPU engine" if host.gpu is None else "auto: the ONNX Runtime CPU engine"
+
+
 TARGET = Target(
     name=NAME,
     label="the ONNX Runtime CPU engine",
@@ -56,6 +62,6 @@ TARGET = Target(
     stages=_stages,
     check_host=_check_host,
     availability=lambda host: None if "onnxruntime" in host.versions else "the onnxruntime package",
-    auto=lambda host: "auto: no CUDA GPU, so the ONNX Runtime CPU engine" if host.gpu is None else "auto: the ONNX Runtime CPU engine",
+    auto=_auto,
     quantizes=frozenset({"int8"}),
 )

@@ -66,13 +66,11 @@ def build(ctx: BuildContext) -> BuildResult:
 
 def _quantize_int8(ctx: BuildContext, graph: Path) -> dict[str, Any]:
     """Replace the verified fp32 `graph` by its int8 version, gated on held-out texts against it."""
-    from bei.quantization import calibration
-    from bei.quantization.builtin_texts import builtin_texts
+    from bei.quantization.calibration import builtin_heldout_batch
     from bei.targets.onnxruntime.int8 import quantize_int8
 
     qcfg = ctx.config.trt_llm.build.quantization_config
-    max_len = min(qcfg.calib_max_seq_length, ctx.spec.max_seq_len)
-    heldout = calibration.heldout_batch(ctx.spec, ctx.tokenizer, builtin_texts(qcfg.calib_size), max_len)
+    heldout = builtin_heldout_batch(qcfg, ctx.spec, ctx.tokenizer)
     int8 = graph.with_name("model.int8.onnx")
     entry = quantize_int8(ctx.spec, graph, int8, heldout, qcfg.min_accuracy, note=ctx.progress.note)
     for old in graph.parent.glob(graph.name + "*"):

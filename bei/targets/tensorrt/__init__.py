@@ -71,7 +71,7 @@ def _availability(host: Host) -> str | None:
     return " and ".join(missing) or None
 
 
-def _auto(host: Host) -> str | None:
+def _auto(host: Host, cpu_precision: str) -> str | None:
     if host.gpu is None or "tensorrt" not in host.versions:
         return None
     return f"auto: {host.gpu} and TensorRT {host.versions['tensorrt']} are present"

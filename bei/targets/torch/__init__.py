@@ -10,7 +10,7 @@ from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.engine.manifest import Manifest
 from bei.errors import EngineError
-from bei.hardware import Host
+from bei.hardware import BF16_CPU_FEATURES, Host
 from bei.kinds import Precision
 from bei.targets.base import PlanDetails, PlanRequest, Target, gpu_precision, needs_runtime
 
@@ -44,6 +44,16 @@ def _fp8_layers(request: PlanRequest) -> list[str]:
 
 def _plan(request: PlanRequest) -> PlanDetails:
     if request.gpu is None and request.quantization == "no_quant":
+        if request.cpu_precision == "bf16":
+            units = [f for f in BF16_CPU_FEATURES if f in request.cpu_features]
+            return PlanDetails(
+                Precision.BF16,
+                notes=[
+                    "bf16 on the CPU: every transformer GEMM in bf16 with fp32 accumulation; the activations between "
+                    "them, LayerNorm, attention, pooling and the heads in fp32"
+                ],  # fmt: skip
+                cpu_features=units[:1],
+            )
         return PlanDetails(Precision.FP32)
     precision = gpu_precision(request.base_model, request.quantization)
     if precision != Precision.FP8:
@@ -60,6 +70,13 @@ def _check_host(manifest: Manifest, host: Host) -> None:
     """A torch engine built on the CPU runs wherever torch does; one built on a GPU needs that GPU type
     (its compiled code and FP8 kernels are per GPU); another torch version only recompiles."""
     needs_runtime(manifest, host, "torch")
+    missing = [f for f in manifest.target.cpu_features if f not in host.cpu_features]
+    if missing:
+        raise EngineError(
+            f"engine {manifest.name!r} ({manifest.precision} on the CPU) needs a CPU with {', '.join(missing)}, which this "
+            "machine's CPU lacks; rebuild it here with `bei build <config.yaml>` (trt_llm.build.cpu_precision: fp32 where the "
+            "CPU has no bf16 units)"
+        )
     built_gpu = manifest.target.gpu
     if built_gpu is None:
         return
@@ -70,9 +87,9 @@ def _check_host(manifest: Manifest, host: Host) -> None:
         raise EngineError(f"engine {manifest.name!r} was built for {built_gpu}, not for this machine's {host.gpu}; {rebuild}")
 
 
-def _auto(host: Host) -> str | None:
+def _auto(host: Host, cpu_precision: str) -> str | None:
     if host.gpu is None:
-        return None
+        return "auto: cpu_precision bf16, built by the torch target on the CPU" if cpu_precision == "bf16" else None
     return f"auto: {host.gpu} is present and the tensorrt package is not, so the torch target"
 
 
@@ -89,5 +106,6 @@ TARGET = Target(
     auto=_auto,
     quantizations=frozenset({"no_quant", "fp8"}),
     quantizes=frozenset({"fp8"}),
+    cpu_precisions=frozenset({"fp32", "bf16"}),
     uses_gpu=True,
 )

@@ -25,6 +25,7 @@ from bei.backend import Backend, Batch
 from bei.engine.manifest import Manifest
 from bei.errors import EngineError
 from bei.kinds import Task
+from bei.modeling.packed.bf16 import to_bf16
 from bei.modeling.packed.fp8 import quantize_fp8
 from bei.modeling.packed.layout import Packed, bucket
 from bei.modeling.packed.model import (
@@ -132,6 +133,8 @@ class TorchBackend(Backend):
         fp8 = (manifest.quantization or {}).get("layers") if manifest.precision == "fp8" else None
         if fp8:
             quantize_fp8(module, fp8)
+        if manifest.precision == "bf16" and device == "cpu":  # bf16 GEMMs in an fp32 module, as built
+            to_bf16(module)
         missing, unexpected = load_model(module, folder / WEIGHTS_FILE, strict=False)
         if missing or unexpected:
             raise EngineError(f"{folder / WEIGHTS_FILE} does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")

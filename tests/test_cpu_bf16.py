@@ -103,10 +103,14 @@ def test_bf16_build_on_this_machine(tmp_path: Path, st_model: Any, capsys: pytes
     assert manifest.precision == "bf16" and manifest.target.name == "torch" and manifest.target.cpu_features == HERE.bf16_units[:1]
     assert manifest.verification.min_cosine >= 0.9999 and manifest.verification.samples >= 32
     texts = ["Hello world.", "A café in Zürich serves coffee.", "Why do rivers flow toward the sea?", "embeddings " * 40]
+    assert (engines / name / "compile-cache.bin").exists()  # compiled at build (inductor, CPU)
     with serve_engine(engines / name) as base_url:
         response = httpx.post(f"{base_url}/v1/embeddings", json={"input": texts}, timeout=60)
+        single = httpx.post(f"{base_url}/v1/embeddings", json={"input": texts[1]}, timeout=60)  # a one-row batch
     assert response.status_code == 200, response.text
+    assert single.status_code == 200, single.text
     got = np.array([row["embedding"] for row in response.json()["data"]])
+    np.testing.assert_allclose(single.json()["data"][0]["embedding"], got[1], atol=1e-4)
     want = st_model.encode(texts, normalize_embeddings=True)
     cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosines.min() >= 0.9999, cosines
@@ -119,3 +123,23 @@ def test_cpu_precision_is_a_checked_config_field() -> None:
     base["trt_llm"]["build"]["cpu_precision"] = "fp16"  # type: ignore[index]
     with pytest.raises(ConfigError, match="trt_llm.build.cpu_precision"):
         parse_config(base)
+
+
+def test_a_failed_cpu_compile_leaves_the_engine_eager(
+    tiny_checkpoint_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where inductor cannot compile (no C++ compiler, an inductor bug), the CPU engine still serves, eagerly."""
+    from bei.modeling.module import input_names
+    from bei.targets.torch.backend import TorchBackend
+
+    spec = read_model_spec(tiny_checkpoint_factory("bert", "embed"))
+    module = build_packed_module(spec)
+    to_bf16(module)
+
+    def broken(self: TorchBackend, max_seq_len: int, padding_side: str = "right") -> list[int]:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(TorchBackend, "warm_up", broken)
+    backend = TorchBackend.compiled_and_warm(module, input_names(spec), 0, spec.max_seq_len, "right")
+    assert not backend.compiled and backend.forward is module
+    assert "torch.compile failed on the CPU" in caplog.text

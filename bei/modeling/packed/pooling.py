@@ -18,6 +18,14 @@ def _segment_sum(x: torch.Tensor, packed: Packed) -> torch.Tensor:
     return out.index_add_(0, packed.seq_index, x.float())
 
 
+def _segment_count(w: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Per-row sums of the token weights [rows, 1], in fp32, from a running sum: exact for the
+    integer weights pooling uses, and no scatter (inductor's CPU code for a scatter-add into a
+    single row fails in torch 2.13, and a one-text request is a single row)."""
+    running = torch.cumsum(w.float(), dim=0)
+    return (running[packed.ends] - running[packed.starts] + w.float()[packed.starts]).unsqueeze(-1)
+
+
 def pool_packed(config: PoolingConfig, hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
     weight = torch.ones(packed.tokens, dtype=hidden.dtype, device=hidden.device)
     first = packed.starts
@@ -40,6 +48,6 @@ def pool_packed(config: PoolingConfig, hidden: torch.Tensor, packed: Packed) -> 
         elif mode in (PoolingMode.MEAN, PoolingMode.MEAN_SQRT_LEN, PoolingMode.WEIGHTED_MEAN):
             w = weight * (packed.positions + 1).to(hidden.dtype) if mode is PoolingMode.WEIGHTED_MEAN else weight
             total = _segment_sum(hidden * w.unsqueeze(-1), packed)
-            count = torch.clamp(_segment_sum(w, packed), min=1e-9).unsqueeze(-1)
+            count = torch.clamp(_segment_count(w, packed), min=1e-9)
             outputs.append((total / (torch.sqrt(count) if mode is PoolingMode.MEAN_SQRT_LEN else count)).to(hidden.dtype))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)

@@ -33,7 +33,14 @@ from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
 from bei.modeling.packed.model import PackedEngineModule, build_packed_module, pad_token_id, read_config
 from bei.modeling.spec import ModelSpec
 from bei.quantization.calibration import builtin_heldout_batch
-from bei.targets.torch.backend import COMPILE_CACHE_FILE, WARM_TOKENS, WEIGHTS_FILE, TorchBackend, save_compile_cache
+from bei.targets.torch.backend import (
+    COMPILE_CACHE_FILE,
+    WARM_TOKENS,
+    WEIGHTS_FILE,
+    TorchBackend,
+    runs_compiled,
+    save_compile_cache,
+)
 
 # the packed fp32 module must equal transformers as the ONNX Runtime engine must
 FP32_MIN_COSINE = 0.99999
@@ -107,14 +114,15 @@ def build(ctx: BuildContext) -> BuildResult:
                                   what=f"the torch {plan.precision} engine on {device}")  # fmt: skip
             progress.note(f"{plan.precision} on {device}: cosine {agreement.min_cosine:.6f}, max abs diff {agreement.max_abs_diff:.1e}")
         with progress.stage("compile"):
-            if device == "cuda":
+            if runs_compiled(device, plan.precision):
                 saved = _compile(module, names, spec, staging)
+                buckets = " (every CUDA-graph bucket)" if device == "cuda" else ""
                 progress.note(
-                    f"torch.compile warmed over {len(WARM_TOKENS)} token counts (every CUDA-graph bucket); "
+                    f"torch.compile warmed over {len(WARM_TOKENS)} token counts{buckets}; "
                     f"{saved / 1e6:.1f} MB of compiled code in {COMPILE_CACHE_FILE}"
                 )
             else:
-                progress.note("CPU engine: runs eagerly, nothing to compile")
+                progress.note("fp32 CPU engine: runs eagerly, nothing to compile")
         from safetensors.torch import save_model
 
         save_model(module, str(staging / WEIGHTS_FILE))  # tied weights (MLM decoders) stored once
@@ -174,7 +182,6 @@ def _quantize_fp8(
 
 
 def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, folder: Path) -> int:
-    """Compile the module for this GPU over every token bucket served; keep torch.compile's artifacts."""
-    backend = TorchBackend(module, names, compiled=True, pad_id=pad_token_id(read_config(spec.path)))
-    backend.warm_up(spec.max_seq_len, spec.padding_side)
+    """Compile the module for this GPU (or CPU) over every token bucket served; keep torch.compile's artifacts."""
+    TorchBackend.compiled_and_warm(module, names, pad_token_id(read_config(spec.path)), spec.max_seq_len, spec.padding_side)
     return save_compile_cache(folder)

@@ -110,7 +110,9 @@ def test_bf16_build_on_this_machine(tmp_path: Path, st_model: Any, capsys: pytes
     assert response.status_code == 200, response.text
     assert single.status_code == 200, single.text
     got = np.array([row["embedding"] for row in response.json()["data"]])
-    np.testing.assert_allclose(single.json()["data"][0]["embedding"], got[1], atol=1e-4)
+    # alone or in a batch, the same text's vector (bf16 GEMM outputs may round differently by batch shape)
+    alone = np.array(single.json()["data"][0]["embedding"])
+    assert float(alone @ got[1] / np.linalg.norm(alone) / np.linalg.norm(got[1])) >= 0.9999
     want = st_model.encode(texts, normalize_embeddings=True)
     cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosines.min() >= 0.9999, cosines

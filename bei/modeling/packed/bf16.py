@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from bei.modeling.packed.replace import replace_linears
 from bei.modeling.quant_layers import quantized_layer_names
 
 
@@ -47,9 +48,4 @@ def bf16_layers(module: torch.nn.Module) -> list[str]:
 
 def to_bf16(module: torch.nn.Module, layers: Iterable[str] | None = None) -> list[str]:
     """Replace `layers` (default `bf16_layers(module)`) by Bf16Linear, in place; returns their names."""
-    names = list(layers) if layers is not None else bf16_layers(module)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Bf16Linear.from_linear(getattr(parent, child)))
-    return names
+    return replace_linears(module, layers if layers is not None else bf16_layers(module), Bf16Linear.from_linear)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from bei.modeling.packed.replace import replace_linears
 from bei.modeling.quant_layers import quantized_layer_names
 
 E4M3 = torch.float8_e4m3fn
@@ -88,12 +89,7 @@ def fp8_layers(module: torch.nn.Module) -> list[str]:
 
 def quantize_fp8(module: torch.nn.Module, layers: Iterable[str] | None = None) -> list[str]:
     """Replace `layers` (default `fp8_layers(module)`) by Fp8Linear, in place; returns their names."""
-    names = list(layers) if layers is not None else fp8_layers(module)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
-    return names
+    return replace_linears(module, layers if layers is not None else fp8_layers(module), Fp8Linear.from_linear)
 
 
 def calibrate_static_scales(module: torch.nn.Module, run_calibration: Callable[[], object]) -> int:

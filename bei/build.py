@@ -5,14 +5,16 @@ planning) is here; the heavy work is the chosen target's `build` (bei/targets/<n
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.plan import BuildPlan
 from bei.checkpoint import Checkpoint, check_required_files, resolve_checkpoint
-from bei.config import BeiConfig
+from bei.config import BeiConfig, QuantizationType
 from bei.hardware import Host, detect_host
 from bei.modeling.detect import read_model_spec
 from bei.modeling.spec import ModelSpec
@@ -37,10 +39,11 @@ def plan_build(
     build = config.trt_llm.build
     repo = build.checkpoint_repository
     host = host or detect_host()
-    choice = registry.choose_target(target, host, dry_run=dry_run, cpu_precision=build.cpu_precision)
+    cpu_precision = "fp32" if build.cpu_precision == "auto" else build.cpu_precision  # auto: see build_engine
+    choice = registry.choose_target(target, host, dry_run=dry_run, cpu_precision=cpu_precision)
     # hardware rules before any download
     quantization = build.quantization_type.value
-    check_target_hardware(choice, build.base_model.value, quantization, host, build.cpu_precision)
+    check_target_hardware(choice, build.base_model.value, quantization, host, cpu_precision)
     chosen = registry.get(choice.name)
     progress = progress or Progress([])
     progress.stages = chosen.stages(quantization in chosen.quantizes)
@@ -71,7 +74,7 @@ def plan_build(
             max_batch_size=build.max_batch_size,
             accelerator=config.resources.accelerator,
             host=host,
-            cpu_precision=build.cpu_precision,
+            cpu_precision=cpu_precision,
         )
         for line in plan.notes:
             progress.note(line)
@@ -90,9 +93,127 @@ def build_engine(
     """Build `engines_root/<config.name>` atomically with the chosen target; on any failure nothing
     is left to load."""
     progress = progress or Progress([])
+    host = host or detect_host()
+    if target == "auto" and host.gpu is None and config.trt_llm.build.cpu_precision == "auto":
+        return build_fastest_cpu_engine(config, config_dir=config_dir, engines_root=engines_root, progress=progress, host=host)
     started = time.perf_counter()
     checkpoint, spec, plan = plan_build(config, config_dir=config_dir, target=target, progress=progress, host=host)
     if plan.max_input_tokens != spec.max_seq_len:
         spec = replace(spec, max_seq_len=plan.max_input_tokens)
     ctx = BuildContext(config, checkpoint, spec, plan, engines_root, config_dir, progress, started=started)
     return registry.get(plan.target).build(ctx)
+
+
+# --- cpu_precision: auto --------------------------------------------------------------------
+TIMING_SECONDS = 3.0  # per candidate, after one warm-up call
+TIMING_BATCH = 32  # rows per call, as a client batch of the benchmark's size
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str  # "fp32" | "bf16" | "int8"
+    cpu_precision: str
+    quantization: str
+
+
+def cpu_candidates(config: BeiConfig, host: Host) -> list[Candidate]:
+    """The CPU engines `cpu_precision: auto` builds on `host`: fp32; bf16 where the CPU has bf16
+    units; int8 when the config asks for int8 quantization."""
+    candidates = [Candidate("fp32", "fp32", "no_quant")]
+    if host.bf16_units:
+        candidates.append(Candidate("bf16", "bf16", "no_quant"))
+    if config.trt_llm.build.quantization_type.value == "int8":
+        candidates.append(Candidate("int8", "fp32", "int8"))
+    return candidates
+
+
+def time_engine(engine_dir: Path, texts: list[str], seconds: float = TIMING_SECONDS) -> float:
+    """Texts per second of the engine's backend on `texts` (batches of TIMING_BATCH, as served), over
+    about `seconds` after one warm-up call."""
+    from bei.backend import Batch
+    from bei.targets.loading import load_engine
+
+    engine = load_engine(engine_dir)
+    try:
+        encoded = [engine.tokenizer.encode(text, truncate=True) for text in texts]
+        batches = [
+            Batch.pad(encoded[i : i + TIMING_BATCH], engine.tokenizer.pad_id, engine.manifest.padding_side)
+            for i in range(0, len(encoded), TIMING_BATCH)
+        ]
+        engine.backend.infer(batches[0])
+        done, started = 0, time.perf_counter()
+        while True:
+            for batch in batches:
+                engine.backend.infer(batch)
+                done += len(batch.lengths)
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                return done / elapsed
+    finally:
+        engine.backend.close()
+
+
+def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_root: Path, progress: Progress, host: Host) -> BuildResult:
+    """Build each of `cpu_candidates` (quietly, in a scratch folder), time each on held-out texts of
+    about 100 tokens, keep the fastest that passed its accuracy gate, and write it as
+    `engines_root/<config.name>` with every candidate's figures in its manifest (`selection`). The
+    manifest keeps the config as given."""
+    from bei.engine.layout import staged_engine_dir
+    from bei.engine.manifest import CandidateInfo, read_manifest
+    from bei.errors import BeiError, ExportError
+    from bei.quantization.builtin_texts import heldout_texts
+
+    started = time.perf_counter()
+    candidates = cpu_candidates(config, host)
+    progress.stages = ["build candidates", "time candidates", "write"]
+    progress.note("cpu_precision auto: " + ", ".join(c.precision for c in candidates) + " (the fastest verified one is kept)")
+    engines_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=engines_root, prefix=".candidates-") as scratch:
+        built: dict[str, Path] = {}
+        infos: dict[str, CandidateInfo] = {}
+        with progress.stage("build candidates"):
+            for candidate in candidates:
+                fixed_build = config.trt_llm.build.model_copy(
+                    update={"cpu_precision": candidate.cpu_precision, "quantization_type": QuantizationType(candidate.quantization)}
+                )
+                fixed = config.model_copy(update={"trt_llm": config.trt_llm.model_copy(update={"build": fixed_build})})
+                try:
+                    result = build_engine(fixed, config_dir=config_dir, engines_root=Path(scratch) / candidate.precision,
+                                          progress=Progress([], enabled=False), host=host)  # fmt: skip
+                except BeiError as err:
+                    infos[candidate.precision] = CandidateInfo(target="?", precision=candidate.precision, error=err.message)
+                    progress.note(f"{candidate.precision}: dropped: {err.message}")
+                    continue
+                built[candidate.precision] = result.engine_dir
+                manifest = result.manifest
+                accuracy = (manifest.quantization or {}).get("accuracy", {}).get("min_cosine")
+                infos[candidate.precision] = CandidateInfo(
+                    target=manifest.target.name, precision=candidate.precision,
+                    min_cosine=accuracy if accuracy is not None else manifest.verification.min_cosine,
+                )  # fmt: skip
+                progress.note(f"{candidate.precision}: {manifest.target.name}, cosine {infos[candidate.precision].min_cosine:.5f}")
+        if not built:
+            raise ExportError(
+                "cpu_precision auto: no candidate engine passed its checks: " + "; ".join(i.error or "" for i in infos.values())
+            )
+        with progress.stage("time candidates"):
+            sentences = heldout_texts(320)  # five to a text: ~100-token inputs, as embedding requests often are
+            texts = [" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5)]
+            for precision, folder in built.items():
+                infos[precision] = infos[precision].model_copy(update={"texts_per_s": round(time_engine(folder, texts), 1)})
+                progress.note(f"{precision}: {infos[precision].texts_per_s} texts/s")
+        fastest = max(built, key=lambda p: infos[p].texts_per_s or 0.0)
+        infos[fastest] = infos[fastest].model_copy(update={"chosen": True})
+        with progress.stage("write"), staged_engine_dir(engines_root / config.name) as staging:
+            shutil.copytree(built[fastest], staging, dirs_exist_ok=True)
+            manifest = read_manifest(staging).model_copy(
+                update={
+                    "config": config.model_dump(mode="json"),
+                    "config_fingerprint": config.fingerprint(),
+                    "selection": [infos[c.precision] for c in candidates],
+                    "build_seconds": round(time.perf_counter() - started, 2),
+                }
+            )
+            manifest.write(staging)
+            progress.note(f"kept {fastest} ({infos[fastest].texts_per_s} texts/s)")
+    return BuildResult(engine_dir=(engines_root / config.name).resolve(), manifest=manifest)

@@ -145,3 +145,40 @@ def test_a_failed_cpu_compile_leaves_the_engine_eager(
     backend = TorchBackend.compiled_and_warm(module, input_names(spec), 0, spec.max_seq_len, "right")
     assert not backend.compiled and backend.forward is module
     assert "torch.compile failed on the CPU" in caplog.text
+
+
+def test_auto_candidates_follow_the_cpu_and_the_config() -> None:
+    from bei.build import cpu_candidates
+
+    base = {"model_name": "m", "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": "x"}, "cpu_precision": "auto"}}}
+    plain = parse_config(base)
+    assert [c.precision for c in cpu_candidates(plain, WITH_BF16)] == ["fp32", "bf16"]
+    assert [c.precision for c in cpu_candidates(plain, AVX2_ONLY)] == ["fp32"]
+    base["trt_llm"]["build"]["quantization_type"] = "int8"  # type: ignore[index]
+    assert [c.precision for c in cpu_candidates(parse_config(base), WITH_BF16)] == ["fp32", "bf16", "int8"]
+    assert [c.precision for c in cpu_candidates(parse_config(base), AVX2_ONLY)] == ["fp32", "int8"]
+
+
+def test_auto_keeps_the_fastest_verified_engine(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
+    """`cpu_precision: auto` builds what this machine supports, times each, keeps the fastest, and
+    records every candidate; the engine is up to date for its own config and serves."""
+    from bei.cli import _up_to_date_engine
+    from bei.targets.loading import load_engine
+
+    config = tmp_path / "auto.yaml"
+    config.write_text(
+        yaml.safe_dump(config_for("tiny-auto", tiny_checkpoint_factory("bert", "embed"), "encoder_bert", cpu_precision="auto"))
+    )
+    assert cli.main(["build", str(config), "--engines-dir", str(tmp_path / "engines"), "--quiet"]) == 0
+    manifest = read_manifest(tmp_path / "engines" / "tiny-auto")
+    wanted = ["fp32", "bf16"] if HERE.bf16_units else ["fp32"]
+    assert [c.precision for c in manifest.selection] == wanted
+    assert all(c.error is None and c.texts_per_s and c.min_cosine and c.min_cosine >= 0.9999 for c in manifest.selection)
+    chosen = [c for c in manifest.selection if c.chosen]
+    assert len(chosen) == 1 and chosen[0].texts_per_s == max(c.texts_per_s or 0 for c in manifest.selection)
+    assert manifest.precision == chosen[0].precision and manifest.target.name == chosen[0].target
+    assert manifest.config["trt_llm"]["build"]["cpu_precision"] == "auto"
+    assert _up_to_date_engine(config, tmp_path / "engines") == tmp_path / "engines" / "tiny-auto"
+    assert not list((tmp_path / "engines").glob(".candidates-*"))  # the scratch builds are gone
+    engine = load_engine(tmp_path / "engines" / "tiny-auto")
+    assert engine.manifest.selection == manifest.selection

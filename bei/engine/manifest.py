@@ -54,6 +54,18 @@ class DenseLayerInfo(BaseModel):
     activation: str
 
 
+class CandidateInfo(BaseModel):
+    """One engine `cpu_precision: auto` built and timed on the build host."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str
+    precision: str
+    chosen: bool = False
+    texts_per_s: float | None = None  # on the model's own shapes (held-out texts, batches of 32)
+    min_cosine: float | None = None  # its verification against the fp32 reference
+    error: str | None = None  # why it was dropped (its accuracy gate, ...)
+
+
 class VerificationInfo(BaseModel):
     reference: str
     samples: int
@@ -98,6 +110,7 @@ class Manifest(BaseModel):
     # sentence-transformers Dense layers: the torch target rebuilds its module from them
     dense_layers: list[DenseLayerInfo] = Field(default_factory=list)
     quantization: dict[str, Any] | None = None  # quantized engines: type, calibration, accuracy figures
+    selection: list[CandidateInfo] = Field(default_factory=list)  # cpu_precision auto: every candidate's figures
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")

@@ -193,9 +193,8 @@ def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_roo
                 )  # fmt: skip
                 progress.note(f"{candidate.precision}: {manifest.target.name}, cosine {infos[candidate.precision].min_cosine:.5f}")
         if not built:
-            raise ExportError(
-                "cpu_precision auto: no candidate engine passed its checks: " + "; ".join(i.error or "" for i in infos.values())
-            )
+            reasons = "; ".join(f"{info.precision}: {info.error}" for info in infos.values())
+            raise ExportError(f"cpu_precision auto: no candidate engine passed its checks: {reasons}")
         with progress.stage("time candidates"):
             sentences = heldout_texts(320)  # five to a text: ~100-token inputs, as embedding requests often are
             texts = [" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5)]

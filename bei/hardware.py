@@ -3,6 +3,7 @@ one table, used by the config check (`resources.accelerator`) and by the build (
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def bf16_units(features: Iterable[str]) -> list[str]:
+    """Which of `features` are bf16 GEMM units (best first); [] where bf16 would be emulated."""
+    present = set(features)
+    return [f for f in BF16_CPU_FEATURES if f in present]
+
+
 @dataclass(frozen=True)
 class Host:
     """What this machine offers: runtime versions by name, the GPU if any, the CPU's ISA features."""
@@ -79,8 +86,7 @@ class Host:
 
     @property
     def bf16_units(self) -> list[str]:
-        """The CPU's bf16 GEMM features (best first); [] where bf16 would be emulated."""
-        return [f for f in BF16_CPU_FEATURES if f in self.cpu_features]
+        return bf16_units(self.cpu_features)
 
 
 def detect_host(gpu: bool = True) -> Host:

@@ -10,7 +10,7 @@ from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.engine.manifest import Manifest
 from bei.errors import EngineError
-from bei.hardware import BF16_CPU_FEATURES, Host
+from bei.hardware import Host, bf16_units
 from bei.kinds import Precision
 from bei.targets.base import PlanDetails, PlanRequest, Target, gpu_precision, needs_runtime
 
@@ -45,14 +45,13 @@ def _fp8_layers(request: PlanRequest) -> list[str]:
 def _plan(request: PlanRequest) -> PlanDetails:
     if request.gpu is None and request.quantization == "no_quant":
         if request.cpu_precision == "bf16":
-            units = [f for f in BF16_CPU_FEATURES if f in request.cpu_features]
             return PlanDetails(
                 Precision.BF16,
                 notes=[
                     "bf16 on the CPU: every transformer GEMM in bf16 with fp32 accumulation; the activations between "
                     "them, LayerNorm, attention, pooling and the heads in fp32"
                 ],  # fmt: skip
-                cpu_features=units[:1],
+                cpu_features=bf16_units(request.cpu_features)[:1],
             )
         return PlanDetails(Precision.FP32)
     precision = gpu_precision(request.base_model, request.quantization)

@@ -64,9 +64,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # bei from this checkout, installed or not (the GPU machine has no install)
+ROOT = Path(__file__).resolve().parent.parent  # bei: installed, or this checkout on PYTHONPATH (scripts/gpu-check sets it)
 
 COMMAND = shlex.join(["python", "scripts/bench_gpu.py", *sys.argv[1:]])
 
@@ -222,6 +220,9 @@ def environment(device: str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gib=round(props.total_memory / 2**30, 1))  # fmt: skip
+    if os.environ.get("BEI_COMMIT"):  # the GPU machine's copy of the tree has no .git: the caller passes it
+        env["bei_commit"] = os.environ["BEI_COMMIT"]
+        return env
     try:
         env["bei_commit"] = (
             subprocess.run(
@@ -514,9 +515,17 @@ def hf_pooled(model: Any, mode: str, feed: tuple[Any, Any]) -> Any:
 
 
 def throughput_row(
-    ctx: Context, work: Workload, what: str, fn: Callable[[], Any], precision: str, compiled: bool, extra: dict[str, Any]
+    ctx: Context,
+    work: Workload,
+    what: str,
+    fn: Callable[[], Any],
+    precision: str,
+    compiled: bool,
+    extra: dict[str, Any],
+    check: Callable[[], dict[str, Any]] | None = None,
 ) -> Row:
-    """tokens/s of `fn`, median of timed calls after warm-up; compiled: the first call is timed apart."""
+    """tokens/s of `fn`, median of timed calls after warm-up; compiled: the first call is timed apart;
+    `check` (the cosine against transformers) runs after the timing and adds to the row's extra."""
     extra = dict(extra)
     before = graphs_compiled()
     if compiled:
@@ -524,6 +533,8 @@ def throughput_row(
     seconds = ctx.clock.median(fn, ctx.shapes.warmup, ctx.shapes.iters)
     if compiled:
         extra["graphs"] = graphs_compiled() - before  # > 1: graph breaks or recompiles
+    if check is not None:
+        extra.update(check())
     flops = work.flops.of(work.lengths)
     ctx.report.environment.setdefault("linear_params", {})[work.section] = work.flops.linear_params
     peak = ctx.peaks.get(precision)
@@ -536,14 +547,16 @@ def throughput_row(
 
 
 def throughput(ctx: Context, work: Workload, what: str, fn: Callable[[], Any], precision: str, *, compiled: bool = False,
-               extra: dict[str, Any] | None = None) -> Row:  # fmt: skip
+               extra: dict[str, Any] | None = None, check: Callable[[], dict[str, Any]] | None = None) -> Row:  # fmt: skip
     return guarded(ctx.report, work.section, what, work.label)(
-        partial(throughput_row, ctx, work, what, fn, precision, compiled, extra or {})
+        partial(throughput_row, ctx, work, what, fn, precision, compiled, extra or {}, check)
     )
 
 
 def measure_peaks(ctx: Context) -> None:
     import torch
+
+    from bei.modeling.packed.fp8 import cpu_rowwise_scaled_mm
 
     n, dev = ctx.shapes.peak_n, ctx.device
     flops = 2.0 * n**3
@@ -556,19 +569,22 @@ def measure_peaks(ctx: Context) -> None:
         b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
         seconds = ctx.clock.median(partial(torch.matmul, a, b), 3, iters)
         ctx.peaks[name] = flops / seconds
-        return Row("peak", f"torch.matmul {name}", f"{n}^3", flops / seconds / 1e12, "TFLOP/s", ms=seconds * 1e3)
+        return Row("peak", f"torch.matmul {name}", f"{n}^3", flops / seconds / 1e12, "TFLOP/s", ms=seconds * 1e3, extra={"precision": name})
 
     def scaled_mm() -> Row:
         e4m3 = torch.float8_e4m3fn
         a = torch.randn(n, n, device=dev, generator=gen).to(e4m3)
         b = torch.randn(n, n, device=dev, generator=gen).to(e4m3)  # [N, K] row-major: b.t() is column-major
-        scale_a = torch.rand(n, 1, device=dev, generator=gen) + 0.5
-        scale_b = torch.rand(1, n, device=dev, generator=gen) + 0.5
+        rowwise = dev == "cuda" or cpu_rowwise_scaled_mm()  # some CPU kernels take per-tensor scales only (2.11)
+        scale_a = torch.rand(n if rowwise else 1, 1, device=dev, generator=gen) + 0.5
+        scale_b = torch.rand(1, n if rowwise else 1, device=dev, generator=gen) + 0.5
         seconds = ctx.clock.median(
             partial(torch._scaled_mm, a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16), 3, iters
         )
         ctx.peaks["fp8"] = flops / seconds
-        return Row("peak", "torch._scaled_mm fp8 e4m3, row-wise scales", f"{n}^3", flops / seconds / 1e12, "TFLOP/s", ms=seconds * 1e3)
+        what = f"torch._scaled_mm fp8 e4m3, {'row-wise' if rowwise else 'per-tensor'} scales"
+        return Row("peak", what, f"{n}^3", flops / seconds / 1e12, "TFLOP/s", ms=seconds * 1e3,
+                   extra={"precision": "fp8"})  # fmt: skip
 
     for dtype in (torch.bfloat16, torch.float16):
         guarded(ctx.report, "peak", f"torch.matmul {dtype}", f"{n}^3")(partial(matmul, dtype))
@@ -580,11 +596,14 @@ def bei_rows(ctx: Context, work: Workload, module: Any, backend: Any, feeds: lis
     """bei's packed module on `feeds`: eager, and compiled as `backend` (a TorchBackend) compiles it."""
     import torch
 
-    extra = {"cosine": min_cosine(torch.cat(run_all(module, feeds)), reference), "batches": len(feeds)}
+    def check(fn: Callable[[], list[Any]]) -> Callable[[], dict[str, Any]]:  # after the timing, inside the row's guard
+        return lambda: {"cosine": min_cosine(torch.cat(fn()), reference), "batches": len(feeds)}
+
+    eager_fn, compiled_fn = partial(run_all, module, feeds), partial(run_all, backend.forward, feeds)
     if eager:
-        throughput(ctx, work, f"bei packed eager {label}", partial(run_all, module, feeds), precision, extra=extra)
-    throughput(ctx, work, f"bei packed compiled {label}", partial(run_all, backend.forward, feeds), precision, compiled=True,
-               extra={**extra, "note": "TorchBackend.forward: torch.compile(dynamic=True)"})  # fmt: skip
+        throughput(ctx, work, f"bei packed eager {label}", eager_fn, precision, check=check(eager_fn))
+    throughput(ctx, work, f"bei packed compiled {label}", compiled_fn, precision, compiled=True, check=check(compiled_fn),
+               extra={"note": "TorchBackend.forward: torch.compile(dynamic=True)"})  # fmt: skip
 
 
 def bench_mistral(ctx: Context) -> None:
@@ -959,6 +978,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--device cpu --tiny: aot_eager, since inductor's C++ compiles take minutes on a small CPU)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON file of the rows (rewritten after each)")
+    p.add_argument("--peaks-from", type=Path, default=None, help="the matmul peaks of an earlier run's JSON (its `peak` rows), "
+                   "for the limit fractions of a run without the peak section")  # fmt: skip
     p.add_argument(
         "--http",
         metavar="ENGINE_DIR",
@@ -1009,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     varlen_compat(env)
     report = Report(args.out, env)
     print(json.dumps({k: v for k, v in env.items() if k != "shapes"}, default=str), flush=True)
-    ctx = Context(args, shapes, Clock(device), report, {}, device)
+    ctx = Context(args, shapes, Clock(device), report, peaks_from(args.peaks_from), device)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -1032,6 +1053,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"of limit = FLOPs / time / measured matmul peak of the row's precision (fp8 rows: the fp8 peak); FLOPs of an input of "
           f"n tokens = 2 x P x n + 4 x n^2 x hidden x layers, P = Linear weights ({params})", flush=True)  # fmt: skip
     return 0 if not any(r.error for r in report.rows) else 1
+
+
+def peaks_from(path: Path | None) -> dict[str, float]:
+    """precision -> FLOP/s from the `peak` rows of an earlier run's JSON (none: {})."""
+    if path is None or not path.exists():
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {
+        r["extra"]["precision"]: r["value"] * 1e12
+        for r in rows
+        if r.get("section") == "peak" and r.get("value") and "precision" in r.get("extra", {})
+    }
 
 
 def section_guard(report: Report, section: str, run: Callable[[], None]) -> None:

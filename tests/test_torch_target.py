@@ -94,6 +94,43 @@ def test_fp8_linear_is_close_to_the_linear_and_round_trips() -> None:
     assert torch.equal(again(x), got) and not again.static
 
 
+@pytest.mark.parametrize("scales_after", [False, True])
+def test_fp8_linear_is_the_dequantized_product_with_either_scaling(scales_after: bool) -> None:
+    """Row-wise scales in `_scaled_mm`, or (a CPU kernel with per-tensor scales only, torch 2.11) unit
+    scales and the row and channel scales on its fp32 result: both are the product of the
+    dequantized operands."""
+    from bei.modeling.packed.fp8 import cpu_rowwise_scaled_mm, quantize_rows
+
+    if not scales_after and not cpu_rowwise_scaled_mm():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
+    torch.manual_seed(0)
+    fp8 = Fp8Linear.from_linear(torch.nn.Linear(64, 48))
+    fp8.cpu_scales_after = scales_after
+    x = torch.randn(20, 64) * torch.linspace(0.1, 10, 20)[:, None]  # rows of very different ranges
+    q, scale = quantize_rows(x)
+    want = (q.float() * scale) @ (fp8.weight.float() * fp8.weight_scale[:, None]).t() + fp8.bias
+    torch.testing.assert_close(fp8(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_covers_a_single_row_longer_than_the_graphs(tiny_checkpoint_factory: Any) -> None:
+    """Dynamo specializes a batch of one row: where one row can pass GRAPH_MAX_TOKENS, the warm-up
+    runs such a row, so the first long single request compiles nothing."""
+    from bei.modeling.module import input_names
+    from bei.targets.torch.backend import GRAPH_MAX_TOKENS, TorchBackend
+
+    spec = read_model_spec(tiny_checkpoint_factory("bert", "embed", pooling="mean"))
+    backend = TorchBackend(build_packed_module(spec), input_names(spec))
+    shapes: list[tuple[int, int]] = []
+    backend.run = lambda prepared: shapes.append((prepared.packed.rows, prepared.packed.tokens))  # type: ignore[method-assign]
+    backend.warm_up(4 * GRAPH_MAX_TOKENS)
+    assert (1, 2 * GRAPH_MAX_TOKENS) in shapes and all(
+        rows > 1 for rows, tokens in shapes if tokens > GRAPH_MAX_TOKENS and (rows, tokens) != (1, 2 * GRAPH_MAX_TOKENS)
+    )
+    shapes.clear()
+    backend.warm_up(GRAPH_MAX_TOKENS)  # a row fits a graph bucket: no single long row
+    assert all(tokens <= GRAPH_MAX_TOKENS or rows > 1 for rows, tokens in shapes)
+
+
 def test_fp8_quantizes_the_body_not_the_heads(tiny_checkpoint_factory: Any) -> None:
     spec = read_model_spec(tiny_checkpoint_factory("llama", "classify"))
     module = build_packed_module(spec)

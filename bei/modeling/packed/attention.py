@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from bei.modeling.packed.layout import Packed
+
+log = logging.getLogger(__name__)
 
 FULL: tuple[int, int] = (-1, -1)
 
@@ -66,12 +69,26 @@ def varlen_attention(
         right = 0
     flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
     options = flash_keywords(left, right, scale, k.shape[1] != q.shape[1], _varlen_parameters()) if flash else None
+    if q.is_cuda and options is None and not torch.compiler.is_compiling():
+        _warn_fallback(q.dtype, softcap is not None, (left, right), scale is not None)
     if options is not None:
         from torch.nn.attention.varlen import varlen_attn
 
         out = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_len, packed.max_len, **options)  # type: ignore[arg-type]
         return out  # type: ignore[return-value]
     return _masked_attention(q, k, v, packed, left=left, right=right, scale=scale, softcap=softcap)
+
+
+@functools.cache
+def _warn_fallback(dtype: torch.dtype, softcap: bool, window: tuple[int, int], scale: bool) -> None:
+    """Once per kind of layer (eager calls only: the CUDA backend runs one eager batch at load)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        why = f"{dtype} (flash takes fp16 / bf16)"
+    elif softcap:
+        why = "logit soft-capping"
+    else:
+        why = f"window {window}{' with a scale' if scale else ''}, which this torch's varlen_attn cannot take"
+    log.warning("attention falls back from flash varlen_attn to padded masked attention on CUDA: %s; slower, same result", why)
 
 
 def attention_mask(packed: Packed, left: int, right: int) -> torch.Tensor:

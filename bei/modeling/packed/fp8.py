@@ -4,11 +4,15 @@ quantized per row (dynamic) or with one calibrated scale (static), multiplied by
 On Hopper `_scaled_mm` is the FP8 tensor-core GEMM; under torch.compile the activation's
 amax / divide / cast fuse into the op that produces it, which is what makes FP8 faster than BF16
 (unfused, the extra pass over the activations costs more than the GEMM saves). On the CPU the same
-op runs (slowly), which is how the accuracy gate measures the very arithmetic the GPU will do.
+op runs (slowly), which is how the accuracy gate measures the very arithmetic the GPU will do. Some
+torch builds' CPU kernel takes only per-tensor scales (2.11: "only supports per-tensor scaling for
+CPU backend"); there the E4M3 product runs with unit scales and the row and channel scales multiply
+its fp32 result, the same arithmetic (the kernel also scales after accumulating).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -20,6 +24,17 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 # _scaled_mm needs both GEMM dimensions to be multiples of 16
 ALIGN = 16
+
+
+@functools.cache
+def cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise ([M, 1] x [1, N]) scales."""
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _scales(amax: torch.Tensor) -> torch.Tensor:
@@ -49,6 +64,7 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32))  # 0: dynamic per row
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=out_dtype), requires_grad=False) if bias else None
         self.static = False  # input_scale > 0, as a Python flag: the forward never syncs on the buffer
+        self.cpu_scales_after = not cpu_rowwise_scaled_mm()  # a Python flag too: no probe under torch.compile
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> Fp8Linear:
@@ -71,7 +87,12 @@ class Fp8Linear(torch.nn.Module):
         rows = x.reshape(-1, shape[-1])
         q, scale = quantize_rows(rows, self.input_scale if self.static else None)
         out_dtype = self.bias.dtype if self.bias is not None else x.dtype
-        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1), out_dtype=out_dtype)
+        if self.cpu_scales_after and not x.is_cuda:
+            one = torch.ones((), dtype=torch.float32)
+            out = torch._scaled_mm(q, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            out = (out * scale * self.weight_scale.view(1, -1)).to(out_dtype)
+        else:
+            out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1), out_dtype=out_dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)

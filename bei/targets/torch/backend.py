@@ -204,16 +204,24 @@ class TorchBackend(Backend):
 
     def warm_up(self, max_seq_len: int, padding_side: str = "right") -> list[int]:
         """Run a batch of each of WARM_TOKENS tokens (rows of at most 128 tokens, of pad ids): every
-        CUDA-graph bucket, then the dynamic-shape graph, so that compiling and graph capture happen
-        here. Returns the buckets the graphed batches ran in."""
+        CUDA-graph bucket, then the dynamic-shape graph, and, where one row can be longer than the
+        graphs take, a single such row, so that compiling and graph capture happen here. Returns the
+        buckets the graphed batches ran in."""
         from bei.text.tokenizer import Encoded
 
-        ran = []
-        for tokens in WARM_TOKENS:
-            rows = max(1, tokens // min(max_seq_len, 128))
-            width = max(1, tokens // rows)
+        def batch(rows: int, width: int) -> Batch:
             row = Encoded(ids=[self.pad_id] * width, type_ids=[0] * width, offsets=[(0, 0)] * width, special=[0] * width)
-            prepared = self.prepare(Batch.pad([row] * rows, self.pad_id, padding_side))
+            return Batch.pad([row] * rows, self.pad_id, padding_side)
+
+        if self.device.type == "cuda":  # one eager batch: what attention takes is logged once (not under torch.compile)
+            with torch.inference_mode():
+                self.module(self.prepare(batch(2, 8)).packed)
+        shapes = [(max(1, tokens // min(max_seq_len, 128)), tokens) for tokens in WARM_TOKENS]
+        if max_seq_len > GRAPH_MAX_TOKENS:  # one row past the graphs: dynamo specializes a batch of 1 apart
+            shapes.append((1, min(max_seq_len, 2 * GRAPH_MAX_TOKENS)))
+        ran = []
+        for rows, tokens in shapes:
+            prepared = self.prepare(batch(rows, max(1, tokens // rows)))
             self.run(prepared)
             if prepared.graphed:
                 ran.append(prepared.feed.tokens)

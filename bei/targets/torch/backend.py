@@ -44,6 +44,7 @@ COMPILE_CACHE_FILE = "compile-cache.bin"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # batches of fewer tokens replay the CUDA graph of their token bucket (`bucket`; CUDA only)
 GRAPH_MAX_TOKENS = 1024
+GRAPH_CALLS_TO_RECORD = 3
 # token counts that land in each graph bucket (16, 32, ... 1024: `bucket` pads t to the power of two
 # above t), then one that takes the dynamic-shape graph: `warm_up` runs them all
 WARM_TOKENS = (8, *(1 << n for n in range(4, GRAPH_MAX_TOKENS.bit_length() - 1)), 2 * GRAPH_MAX_TOKENS)
@@ -222,7 +223,11 @@ class TorchBackend(Backend):
         ran = []
         for rows, tokens in shapes:
             prepared = self.prepare(batch(rows, max(1, tokens // rows)))
-            self.run(prepared)
+            # CUDA-graph trees run a new shape eagerly once, record it on the next call, replay after:
+            # three calls, so the recording happens here, alone, and not while the batcher's other
+            # thread copies the next batch in (that invalidates a capture)
+            for _ in range(GRAPH_CALLS_TO_RECORD if prepared.graphed and self.compiled else 1):
+                self.run(prepared)
             if prepared.graphed:
                 ran.append(prepared.feed.tokens)
         return ran

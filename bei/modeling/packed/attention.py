@@ -25,11 +25,16 @@ log = logging.getLogger(__name__)
 FULL: tuple[int, int] = (-1, -1)
 
 
-@functools.cache
 def _varlen_parameters() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
     return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# read once at import: a cached function called in the traced forward makes dynamo warn and retrace it
+VARLEN_PARAMETERS = _varlen_parameters()
 
 
 def flash_keywords(left: int, right: int, scale: float | None, gqa: bool, accepted: frozenset[str]) -> dict[str, object] | None:
@@ -67,8 +72,8 @@ def varlen_attention(
     left, right = window
     if causal:
         right = 0
-    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
-    options = flash_keywords(left, right, scale, k.shape[1] != q.shape[1], _varlen_parameters()) if flash else None
+    flash = bool(VARLEN_PARAMETERS) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and softcap is None
+    options = flash_keywords(left, right, scale, k.shape[1] != q.shape[1], VARLEN_PARAMETERS) if flash else None
     if q.is_cuda and options is None and not torch.compiler.is_compiling():
         _warn_fallback(q.dtype, softcap is not None, (left, right), scale is not None)
     if options is not None:

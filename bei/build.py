@@ -5,6 +5,7 @@ planning) is here; the heavy work is the chosen target's `build` (bei/targets/<n
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -153,6 +154,27 @@ def time_engine(engine_dir: Path, texts: list[str], seconds: float = TIMING_SECO
         engine.backend.close()
 
 
+SCRATCH_PREFIX = ".candidates-"
+
+
+def remove_abandoned_scratch(engines_root: Path) -> None:
+    """Scratch folders of candidate builds whose process is gone (killed mid-build)."""
+    for folder in engines_root.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_root: Path, progress: Progress, host: Host) -> BuildResult:
     """Build each of `cpu_candidates` (quietly, in a scratch folder), time each on held-out texts of
     about 100 tokens, keep the fastest that passed its accuracy gate, and write it as
@@ -165,10 +187,13 @@ def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_roo
 
     started = time.perf_counter()
     candidates = cpu_candidates(config, host)
-    progress.stages = ["build candidates", "time candidates", "write"]
-    progress.note("cpu_precision auto: " + ", ".join(c.precision for c in candidates) + " (the fastest verified one is kept)")
+    timed = len(candidates) > 1  # one candidate (a CPU without bf16 units): nothing to choose between
+    progress.stages = ["build candidates", *(["time candidates"] if timed else []), "write"]
+    kept = " (the fastest verified one is kept)" if timed else ""
+    progress.note("cpu_precision auto: " + ", ".join(c.precision for c in candidates) + kept)
     engines_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=engines_root, prefix=".candidates-") as scratch:
+    remove_abandoned_scratch(engines_root)
+    with tempfile.TemporaryDirectory(dir=engines_root, prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         built: dict[str, Path] = {}
         infos: dict[str, CandidateInfo] = {}
         with progress.stage("build candidates"):
@@ -195,12 +220,13 @@ def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_roo
         if not built:
             reasons = "; ".join(f"{info.precision}: {info.error}" for info in infos.values())
             raise ExportError(f"cpu_precision auto: no candidate engine passed its checks: {reasons}")
-        with progress.stage("time candidates"):
-            sentences = heldout_texts(320)  # five to a text: ~100-token inputs, as embedding requests often are
-            texts = [" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5)]
-            for precision, folder in built.items():
-                infos[precision] = infos[precision].model_copy(update={"texts_per_s": round(time_engine(folder, texts), 1)})
-                progress.note(f"{precision}: {infos[precision].texts_per_s} texts/s")
+        if timed:
+            with progress.stage("time candidates"):
+                sentences = heldout_texts(320)  # five to a text: ~100-token inputs, as embedding requests often are
+                texts = [" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5)]
+                for precision, folder in built.items():
+                    infos[precision] = infos[precision].model_copy(update={"texts_per_s": round(time_engine(folder, texts), 1)})
+                    progress.note(f"{precision}: {infos[precision].texts_per_s} texts/s")
         fastest = max(built, key=lambda p: infos[p].texts_per_s or 0.0)
         infos[fastest] = infos[fastest].model_copy(update={"chosen": True})
         with progress.stage("write"), staged_engine_dir(engines_root / config.name) as staging:

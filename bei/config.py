@@ -132,10 +132,11 @@ class BuildConfig(_Strict):
     num_builder_gpus: int | None = Field(default=None, gt=0)
     # bei's own, engines that run on the CPU: `bf16` runs every transformer GEMM in bf16 (fp32
     # accumulation, the rest fp32) on CPUs with AVX512-BF16 / AMX-BF16 units, through the torch target;
-    # `auto` (with --target auto, on a machine without a GPU) builds every engine the host supports
-    # (fp32; bf16 where the CPU has the units; int8 when quantization_type is int8), times each on
-    # the model's own shapes and keeps the fastest that passed its accuracy gate
-    cpu_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # `auto` (the default; with --target auto, on a machine without a GPU) builds every engine the
+    # host supports (fp32; bf16 where the CPU has the units; int8 when quantization_type is int8),
+    # times each on the model's own shapes and keeps the fastest that passed its accuracy gate;
+    # `fp32` pins the fp32 engine
+    cpu_precision: Literal["fp32", "bf16", "auto"] = "auto"
 
     _null_is_default = _null_means_default("quantization_config")
 

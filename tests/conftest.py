@@ -78,10 +78,12 @@ def minilm_session_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def minilm_build(minilm_session_dir: Path) -> BuiltEngine:
-    """The MiniLM engine, built by a real `bei build configs/all-minilm-l6-v2.yaml --engines-dir <tmp>`."""
+    """The MiniLM engine, built by a real `bei build configs/all-minilm-l6-v2.yaml --target onnxruntime
+    --engines-dir <tmp>`: the fp32 engine that the parity tests compare with sentence-transformers
+    (the config's default `cpu_precision: auto` would keep the fastest engine, bf16 on some CPUs)."""
     engines_dir = minilm_session_dir / "engines"
     started = time.monotonic()
-    done = run_bei("build", MINILM_CONFIG, "--engines-dir", engines_dir)
+    done = run_bei("build", MINILM_CONFIG, "--target", "onnxruntime", "--engines-dir", engines_dir)
     seconds = time.monotonic() - started
     if done.returncode != 0:
         pytest.fail(f"bei build exited with {done.returncode}:\n{done.stderr}")

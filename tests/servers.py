@@ -139,6 +139,18 @@ def _clean_up() -> None:
         server.stop()
 
 
+def minilm_fp32_config(folder: Path) -> Path:
+    """MINILM_CONFIG pinned to the fp32 engine (`cpu_precision: fp32`), written into `folder`: the
+    engine the parity tests compare with sentence-transformers, built through its six stages."""
+    import yaml
+
+    data = yaml.safe_load(MINILM_CONFIG.read_text())
+    data["trt_llm"]["build"]["cpu_precision"] = "fp32"
+    path = folder / "all-minilm-l6-v2-fp32.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 # --- the session's engine ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class BuiltEngine:

@@ -20,13 +20,13 @@ from bei.engine.manifest import read_manifest
 from bei.errors import EngineError
 from tests.servers import (
     BUILD_TIMEOUT_S,
-    MINILM_CONFIG,
     MINILM_NAME,
     BuiltEngine,
     Server,
     bei_command,
     bei_env,
     cosine,
+    minilm_fp32_config,
     run_bei,
 )
 
@@ -35,9 +35,9 @@ EXPORT_DONE = "[3/6] export done"
 
 
 def kill_build_during_export(engines_dir: Path) -> str:
-    """Start `bei build` of the MiniLM config, SIGKILL it once export has begun; its stderr so far."""
+    """Start `bei build` of the MiniLM config (fp32), SIGKILL it once export has begun; its stderr so far."""
     process = subprocess.Popen(
-        bei_command("build", MINILM_CONFIG, "--engines-dir", engines_dir),
+        bei_command("build", minilm_fp32_config(engines_dir.parent), "--engines-dir", engines_dir),
         env=bei_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -107,7 +107,8 @@ def test_killed_build_leaves_no_loadable_engine(tmp_path: Path, st_model: Any) -
 
     # A killed build's staging folder does not stop the next build, which cleans it up. The next build
     # here is the one `bei serve --config` runs when no up-to-date engine exists (a user flow of its own).
-    server = Server(args=["--config", str(MINILM_CONFIG), "--engines-dir", str(engines_dir)], log_path=tmp_path / "serve.log")
+    config = minilm_fp32_config(tmp_path)
+    server = Server(args=["--config", str(config), "--engines-dir", str(engines_dir)], log_path=tmp_path / "serve.log")
     server.start(timeout=BUILD_TIMEOUT_S)
     try:
         with httpx.Client(base_url=server.base_url, timeout=30) as client:

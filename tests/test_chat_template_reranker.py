@@ -117,6 +117,7 @@ def _build(checkpoint: Path, root: Path, name: str) -> Path:
                 "base_model": "encoder",
                 "max_seq_len": MAX_LEN,
                 "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
+                "cpu_precision": "fp32",  # the fp32 engine its reference is compared with
             }
         },
     }

@@ -26,6 +26,7 @@ from bei.kinds import Precision
 from bei.modeling.detect import read_model_spec
 from bei.modeling.packed.bf16 import Bf16Linear, bf16_layers, to_bf16
 from bei.modeling.packed.model import build_packed_module
+from bei.progress import Progress
 from bei.targets.plan import check_target_hardware, make_plan
 from bei.targets.registry import check_compatible, choose_target
 from bei.testing.inproc_server import config_for, serve_engine
@@ -121,7 +122,7 @@ def test_bf16_build_on_this_machine(tmp_path: Path, st_model: Any, capsys: pytes
 
 def test_cpu_precision_is_a_checked_config_field() -> None:
     base = {"model_name": "m", "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": "x"}}}}
-    assert parse_config(base).trt_llm.build.cpu_precision == "fp32"
+    assert parse_config(base).trt_llm.build.cpu_precision == "auto"  # the fastest verified engine of the host
     base["trt_llm"]["build"]["cpu_precision"] = "fp16"  # type: ignore[index]
     with pytest.raises(ConfigError, match="trt_llm.build.cpu_precision"):
         parse_config(base)
@@ -173,12 +174,42 @@ def test_auto_keeps_the_fastest_verified_engine(tiny_checkpoint_factory: Callabl
     manifest = read_manifest(tmp_path / "engines" / "tiny-auto")
     wanted = ["fp32", "bf16"] if HERE.bf16_units else ["fp32"]
     assert [c.precision for c in manifest.selection] == wanted
-    assert all(c.error is None and c.texts_per_s and c.min_cosine and c.min_cosine >= 0.9999 for c in manifest.selection)
+    timed = len(wanted) > 1  # a CPU without bf16 units has one candidate: nothing is timed
+    assert all(c.error is None and bool(c.texts_per_s) == timed and c.min_cosine and c.min_cosine >= 0.9999 for c in manifest.selection)
     chosen = [c for c in manifest.selection if c.chosen]
-    assert len(chosen) == 1 and chosen[0].texts_per_s == max(c.texts_per_s or 0 for c in manifest.selection)
+    assert len(chosen) == 1 and chosen[0].texts_per_s == max((c.texts_per_s for c in manifest.selection), key=lambda t: t or 0)
     assert manifest.precision == chosen[0].precision and manifest.target.name == chosen[0].target
     assert manifest.config["trt_llm"]["build"]["cpu_precision"] == "auto"
     assert _up_to_date_engine(config, tmp_path / "engines") == tmp_path / "engines" / "tiny-auto"
     assert not list((tmp_path / "engines").glob(".candidates-*"))  # the scratch builds are gone
     engine = load_engine(tmp_path / "engines" / "tiny-auto")
     assert engine.manifest.selection == manifest.selection
+
+
+def test_auto_on_a_cpu_without_bf16_builds_fp32_untimed(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
+    """The fall-back of `cpu_precision: auto` (the default) where the CPU has no bf16 units (faked):
+    the fp32 engine, no timing stage, the config kept as given."""
+    from bei.build import build_engine
+
+    config = parse_config(config_for("tiny-avx2", tiny_checkpoint_factory("bert", "embed"), "encoder_bert", cpu_precision="auto"))
+    progress = Progress([], enabled=False)
+    result = build_engine(config, config_dir=tmp_path, engines_root=tmp_path / "engines", progress=progress, host=AVX2_ONLY)
+    assert progress.stages == ["build candidates", "write"]
+    assert [(c.precision, c.chosen, c.texts_per_s) for c in result.manifest.selection] == [("fp32", True, None)]
+    assert result.manifest.precision == "fp32" and result.manifest.config["trt_llm"]["build"]["cpu_precision"] == "auto"
+
+
+def test_abandoned_candidate_scratch_is_removed(tmp_path: Path) -> None:
+    """A build killed mid-way leaves `.candidates-<pid>-*`; the next auto build removes those of dead processes only."""
+    import os
+    import subprocess
+    import sys
+
+    from bei.build import remove_abandoned_scratch
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (tmp_path / f".candidates-{dead.stdout.strip()}-abc" / "fp32").mkdir(parents=True)
+    (tmp_path / f".candidates-{os.getpid()}-def").mkdir()
+    (tmp_path / "engine").mkdir()
+    remove_abandoned_scratch(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".candidates-{os.getpid()}-def", "engine"])

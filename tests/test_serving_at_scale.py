@@ -115,6 +115,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
                 "build": {
                     "base_model": ARCHITECTURES["bert"],
                     "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
+                    "cpu_precision": "fp32",  # the fp32 engine its reference is compared with
                 }
             },
         }

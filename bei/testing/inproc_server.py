@@ -108,11 +108,13 @@ def _wait_healthy(base_url: str, thread: threading.Thread, failure: list[BaseExc
 
 # --- building tiny engines, in worker processes ----------------------------------------------
 def config_for(name: str, checkpoint: Path, base_model: str, default_route: str | None = None, **build: Any) -> dict[str, Any]:
-    """A config.yaml mapping that builds the LOCAL checkpoint folder `checkpoint` as engine `name`."""
+    """A config.yaml mapping that builds the LOCAL checkpoint folder `checkpoint` as engine `name`;
+    `cpu_precision` is fp32 unless given (the parity tests compare the fp32 engine with its reference)."""
     trt_llm: dict[str, Any] = {
         "build": {
             "base_model": base_model,
             "checkpoint_repository": {"source": "LOCAL", "repo": str(checkpoint)},
+            "cpu_precision": "fp32",
             **build,
         }
     }

@@ -10,13 +10,15 @@ the fp32 engine. bei quantizes the inputs of chosen MatMuls per row (per token) 
 row's max |x| / 127, uint8 around a zero point of 128 (VNNI's u8 x s8 kernels; ORT's MatMulInteger
 takes one zero point for A, the scales are per row), then MatMulInteger and the two scales applied to
 its int32 output. Attempts, fastest first, until one passes the gate against the fp32 graph on
-held-out inputs:
+held-out inputs: the fastest at or above cosine AIM (0.995, or the config's `min_accuracy` if higher),
+else the fastest that passes `min_accuracy`:
 
 1. per-row inputs for the MatMuls fed by a GELU (the MLP down-projections, the most skewed
    activations), per-tensor for the rest;
 2. per-row inputs for every MatMul.
 
-On all-MiniLM-L6-v2: 1.9x and 1.7x the fp32 engine, min cosine 0.992 and 0.996 (docs/benchmarks.md).
+On all-MiniLM-L6-v2: 1.9x and 1.7x the fp32 engine, min cosine 0.992 and 0.996 (docs/benchmarks.md),
+so the second is kept.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bei.accuracy import accuracy_of_outputs, require_accuracy
+from bei.accuracy import Accuracy, accuracy_of_outputs, require_accuracy
 from bei.backend import Batch
 from bei.modeling.spec import ModelSpec
 from bei.targets.onnxruntime.fusions import run_graph
@@ -44,6 +46,9 @@ _QUANTIZED_OPS = ["MatMul", "Attention"]
 # what the quantizer writes for them (recorded in the manifest)
 _INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")
 _ZERO_POINT = 128  # uint8 activations, symmetric around it
+# the accuracy the attempts aim for (the fastest attempt at or above it is kept); below it, the fastest
+# that passes the config's min_accuracy
+AIM = 0.995
 
 log = logging.getLogger("bei.export")
 
@@ -63,24 +68,35 @@ def quantize_int8(
     note = note or log.info
     reference = run_graph(fp32_graph, spec, held_out)
     attempts = _attempts(fp32_graph)
-    for number, (what, per_row) in enumerate(attempts, 1):
+    aim = max(min_accuracy, AIM)
+    tried: list[tuple[str, list[str], Accuracy]] = []
+    for what, per_row in attempts:
         _quantize(fp32_graph, target, per_row)
         accuracy = accuracy_of_outputs(reference, run_graph(target, spec, held_out), held_out, spec.task, qtype=QTYPE)
         note(f"int8 ({what}): {accuracy.summary()}")
-        if accuracy.min_cosine >= min_accuracy or number == len(attempts):
-            require_accuracy(accuracy, min_accuracy)  # raises when the last attempt misses the gate too
-            ops = _op_counts(target)
-            return {
-                "type": QTYPE,
-                "method": "int8 weights per output channel; activations quantized per call, per row (token) "
-                "for the MatMuls in per_row_nodes, per tensor elsewhere (onnxruntime dynamic quantization)",
-                "per_row_nodes": per_row,
-                "int8_nodes": {op: ops[op] for op in _INT8_OPS if ops.get(op)},
-                "reference": "the fp32 engine",
-                "min_accuracy": min_accuracy,
-                "accuracy": accuracy.as_dict(),
-            }
-    raise AssertionError("no attempts")  # attempts is never empty
+        tried.append((what, per_row, accuracy))
+        if accuracy.min_cosine >= aim:
+            break
+    else:  # none reached the aim: the fastest that passes the gate (the last, failing, if none does)
+        kept = next((t for t in tried if t[2].min_cosine >= min_accuracy), tried[-1])
+        if kept is not tried[-1]:
+            _quantize(fp32_graph, target, kept[1])
+            note(f"int8 ({kept[0]}): kept, the fastest attempt that passes min_accuracy {min_accuracy}")
+        tried.append(kept)
+    _, per_row, accuracy = tried[-1]
+    require_accuracy(accuracy, min_accuracy)  # raises when no attempt passes the gate
+    ops = _op_counts(target)
+    return {
+        "type": QTYPE,
+        "method": "int8 weights per output channel; activations quantized per call, per row (token) "
+        "for the MatMuls in per_row_nodes, per tensor elsewhere (onnxruntime dynamic quantization)",
+        "per_row_nodes": per_row,
+        "int8_nodes": {op: ops[op] for op in _INT8_OPS if ops.get(op)},
+        "reference": "the fp32 engine",
+        "min_accuracy": min_accuracy,
+        "aim": aim,
+        "accuracy": accuracy.as_dict(),
+    }
 
 
 def _attempts(graph: Path) -> list[tuple[str, list[str]]]:

@@ -112,6 +112,40 @@ def test_fp8_linear_is_the_dequantized_product_with_either_scaling(scales_after:
     torch.testing.assert_close(fp8(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_length_groups_split_only_where_padding_shrinks() -> None:
+    from bei.targets.torch.backend import length_groups
+
+    assert [g.tolist() for g in length_groups(np.full(32, 100))] == [list(range(32))]  # equal lengths: nothing to save
+    assert len(length_groups(np.arange(7) + 10)) == 1  # too few rows
+    mixed = np.random.default_rng(0).integers(20, 200, 32)
+    groups = length_groups(mixed)
+    assert 2 <= len(groups) <= 4 and all(len(g) >= 8 for g in groups)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(32))
+    assert all(mixed[a].max() <= mixed[b].min() for a, b in zip(groups, groups[1:], strict=False))  # shortest first
+
+
+@pytest.mark.parametrize("task", ["embed", "classify"])
+def test_cpu_length_groups_change_no_output(tiny_checkpoint_factory: Any, task: str, monkeypatch: Any) -> None:
+    """A CPU batch of mixed lengths runs as length groups; the rows come back in order, equal to one call."""
+    from bei.backend import Batch
+    from bei.modeling.module import input_names
+    from bei.targets.torch import backend as torch_backend
+    from bei.text.tokenizer import Encoded
+
+    folder = tiny_checkpoint_factory("bert", task, **({"pooling": "mean"} if task == "embed" else {}))
+    spec = read_model_spec(folder)
+    backend = torch_backend.TorchBackend(build_packed_module(spec), input_names(spec))
+    rng = np.random.default_rng(1)
+    rows = [Encoded(ids=rng.integers(5, 90, n).tolist(), type_ids=[0] * n, offsets=[(0, 0)] * n, special=[0] * n)
+            for n in rng.integers(3, 60, 24)]  # fmt: skip
+    batch = Batch.pad(rows, 0)
+    prepared = backend.prepare(batch)
+    assert len(prepared.parts) >= 2  # type: ignore[attr-defined]
+    grouped = backend.run(prepared)
+    monkeypatch.setattr(torch_backend, "length_groups", lambda lengths: [np.arange(len(lengths))])
+    np.testing.assert_allclose(grouped, backend.infer(batch), rtol=1e-5, atol=1e-6)
+
+
 def test_warm_up_covers_a_single_row_longer_than_the_graphs(tiny_checkpoint_factory: Any) -> None:
     """Dynamo specializes a batch of one row: where one row can pass GRAPH_MAX_TOKENS, the warm-up
     runs such a row, so the first long single request compiles nothing."""

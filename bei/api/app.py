@@ -110,12 +110,12 @@ def choose(routes: list[TaskRoute], data: Any) -> tuple[TaskRoute, Any]:
     raise first
 
 
-def _task_work(routes: list[TaskRoute]) -> RouteWork:
+def _task_work(path: str, routes: list[TaskRoute]) -> RouteWork:
     async def work(state: AppState, request: Request, data: Any, timing: Timing) -> tuple[Any, dict[str, str]]:
         data = with_parameters(data)
         route, body = choose(routes, data)
         requested = data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str) else None
-        service = state.ready(state.pick(route, requested, request.path_params.get("model_name")))
+        service = state.ready(state.pick(route, requested, request.path_params.get("model_name"), path))
         try:
             return await route.handler(service, body, timing), {}
         except InputTooLongError as error:  # the tokenizer says how long; the route says what the client can do
@@ -169,8 +169,8 @@ def create_app(state: AppState) -> Starlette:
 
         return endpoint
 
-    def post(path: str, routes: list[TaskRoute], errors: ErrorStyle) -> Route:
-        return Route(path, _endpoint(state, path, _task_work(routes), errors), methods=["POST"])
+    def post(path: str, routes: list[TaskRoute], errors: ErrorStyle, prefix: str = "") -> Route:
+        return Route(prefix + path, _endpoint(state, path, _task_work(path, routes), errors), methods=["POST"])
 
     routes = [post(path, variants(path), variants(path)[0].errors) for path in served_paths()]
     routes.append(Route("/v1/search", _endpoint(state, "/v1/search", _search_work, "openai"), methods=["POST"]))
@@ -189,7 +189,7 @@ def create_app(state: AppState) -> Starlette:
         Route("/docs", docs, methods=["GET"]),
     ]
     # /<model>/<route>: after the exact routes, so /v1/rerank is never read as model "v1"
-    routes += [post("/{model_name}" + path, variants(path), variants(path)[0].errors) for path in served_paths()]
+    routes += [post(path, variants(path), variants(path)[0].errors, prefix="/{model_name}") for path in served_paths()]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

@@ -151,6 +151,12 @@ def create_app(state: AppState) -> Starlette:
             return error_response(error, "openai")
         return JSONResponse(info.model_card(state.models[name]))
 
+    async def model_info(request: Request) -> Response:
+        name = request.path_params["model_name"]
+        if name not in state.models:
+            return error_response(ModelNotFoundError(f"model {name!r} is not served here; served: {', '.join(state.models)}"), "tei")
+        return JSONResponse(info.info(state, state.models[name]))
+
     async def metrics(_: Request) -> Response:
         body, content_type = exposition(state.registry)
         return Response(body, headers={"content-type": content_type})
@@ -189,6 +195,7 @@ def create_app(state: AppState) -> Starlette:
         Route("/docs", docs, methods=["GET"]),
     ]
     # /<model>/<route>: after the exact routes, so /v1/rerank is never read as model "v1"
+    routes.append(Route("/{model_name}/info", model_info, methods=["GET"]))
     routes += [post(path, variants(path), variants(path)[0].errors, prefix="/{model_name}") for path in served_paths()]
 
     @contextlib.asynccontextmanager

@@ -106,6 +106,16 @@ def openapi_schema(state: AppState) -> dict[str, Any]:
             },
         }
     }
+    paths["/{model_name}/info"] = {
+        "get": {
+            "summary": "TEI's info of one served model",
+            "parameters": [{"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "OK", "content": content(schemas.ModelInfo)},
+                "404": {"description": "not served here", "content": content(schemas.ErrorBody)},
+            },
+        }
+    }
     paths["/health"]["get"]["responses"]["503"] = {
         "description": "loading, failed to load, or shutting down",
         "headers": {"Retry-After": {"schema": {"type": "string"}}},

@@ -300,6 +300,9 @@ def test_infinity_routes(urls: dict[str, str], base: str, st_model: Any, cross_e
     np.testing.assert_allclose([r["relevance_score"] for r in reranked["results"]], want[order], atol=MAX_ABS_DIFF)
     if not base:  # Infinity's own: the document as a string (Cohere's /v1/rerank: {"text": ...})
         assert [r["document"] for r in reranked["results"]] == [SHORT[i] for i in order]
+        # /rerank is TEI's with `texts`, Infinity's with `documents`: a 422 speaks of the body that was meant
+        wrong = httpx.post(f"{urls['rerank']}/rerank", json={**body, "top_n": 0})
+        assert wrong.status_code == 422 and wrong.json()["error"].startswith("top_n:"), wrong.text
 
     # ClassifyInput.to_dict(); ClassifyResult needs data [[{score, label}]], model, usage, `object` "classify"
     classified = ok(

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -17,7 +18,16 @@ from starlette.routing import Route
 
 from bei import __version__
 from bei.api import info
-from bei.api.http import ErrorStyle, JSONResponse, Timing, error_response, json_response, read_json, validate
+from bei.api.http import (
+    ErrorStyle,
+    JSONResponse,
+    Timing,
+    describe_validation_error,
+    error_response,
+    json_response,
+    read_json,
+    validate,
+)
 from bei.api.metrics import exposition
 from bei.api.openapi import openapi_schema
 from bei.api.routes import DEFAULT_ROUTE, TaskRoute, root_variants, served_paths, variants
@@ -99,15 +109,19 @@ def with_parameters(data: Any) -> Any:
 
 
 def choose(routes: list[TaskRoute], data: Any) -> tuple[TaskRoute, Any]:
-    """The first route whose request model validates the body; else the first route's 422."""
-    first: ValidationError | None = None
+    """The first route whose request model validates the body; else the 422 of the route the body comes
+    closest to (fewest missing fields; the first of those): `{"documents": ..., "top_n": 0}` on /rerank
+    hears about `top_n`, not about TEI's `texts`."""
+    closest: tuple[int, PydanticValidationError] | None = None
     for route in routes:
         try:
-            return route, validate(route.request, data)
-        except ValidationError as error:
-            first = first or error
-    assert first is not None
-    raise first
+            return route, route.request.model_validate(data)
+        except PydanticValidationError as error:
+            missing = sum(e["type"] == "missing" for e in error.errors())
+            if closest is None or missing < closest[0]:
+                closest = (missing, error)
+    assert closest is not None
+    raise ValidationError(describe_validation_error(closest[1]))
 
 
 def _task_work(path: str, routes: list[TaskRoute]) -> RouteWork:

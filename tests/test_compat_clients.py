@@ -181,6 +181,18 @@ def test_cohere_v2_embed_types(urls: dict[str, str], st_model: Any) -> None:
     plain = client.embed(texts=SHORT[:2], model="any", input_type="clustering", embedding_types=["float"])
     np.testing.assert_allclose(plain.embeddings.float_, st_encode(st_model, SHORT[:2]), atol=MAX_ABS_DIFF)
     assert answer.meta is not None and answer.meta.billed_units is not None and answer.meta.billed_units.input_tokens
+    # v2's `inputs` (one text component each) embed as `texts` do; an image component, or a max_tokens under
+    # the model's limit (bei truncates at the limit), is refused rather than ignored
+    inputs = [cohere.EmbedInput(content=[cohere.TextEmbedContent(text=t)]) for t in SHORT[:2]]
+    by_inputs = client.embed(inputs=inputs, model="any", input_type="search_query", embedding_types=["float"])
+    np.testing.assert_allclose(by_inputs.embeddings.float_, query.embeddings.float_, atol=1e-6)
+    assert by_inputs.texts == SHORT[:2]
+    image = [cohere.EmbedInput(content=[cohere.ImageUrlEmbedContent(image_url={"url": "data:image/png;base64,AAAA"})])]
+    with pytest.raises(cohere.errors.UnprocessableEntityError, match="bei embeds text"):
+        client.embed(inputs=image, model="any", input_type="search_query", embedding_types=["float"])
+    with pytest.raises(cohere.errors.UnprocessableEntityError, match=f"max_tokens: 5 is under the model's limit of {LIMIT}"):
+        client.embed(texts=SHORT[:1], model="any", input_type="search_query", embedding_types=["float"], max_tokens=5)
+    assert client.embed(texts=SHORT[:1], model="any", input_type="search_query", embedding_types=["float"], max_tokens=LIMIT).embeddings
 
 
 def test_cohere_v1_embed_and_truncate(urls: dict[str, str], st_model: Any) -> None:

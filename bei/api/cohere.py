@@ -14,11 +14,12 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from bei.api.embeddings import as_inputs, embed, finish, prompt_text
 from bei.api.http import Timing
 from bei.api.schemas import _Request
+from bei.errors import ValidationError
 from bei.inference import InferenceService
 
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
@@ -33,14 +34,46 @@ PROMPTS_OF_INPUT_TYPE: dict[str, tuple[str, ...]] = {
 }
 
 
-class EmbedRequest(_Request):
-    """Cohere's embed request (v1 and v2)."""
+class Content(BaseModel):
+    type: str
+    text: str | None = None
 
-    texts: list[str]
+
+class Input(BaseModel):
+    """v2's `inputs` entry: `{"content": [{"type": "text", "text": ...}]}`: one text component (bei serves text models)."""
+
+    content: list[Content] = Field(min_length=1, max_length=1)
+
+    @field_validator("content")
+    @classmethod
+    def _one_text(cls, value: list[Content]) -> list[Content]:
+        if value[0].type != "text" or value[0].text is None:
+            raise ValueError(f"a content component of type {value[0].type!r}: bei embeds text ({{'type': 'text', 'text': ...}})")
+        return value
+
+
+class EmbedRequest(_Request):
+    """Cohere's embed request (v1 and v2): `texts`, or v2's `inputs`."""
+
+    texts: list[str] | None = None
+    inputs: list[Input] | None = None
     input_type: InputType | None = None
     embedding_types: list[EmbeddingType] | None = None
     truncate: Literal["NONE", "START", "END"] = "END"
     output_dimension: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _texts_or_inputs(self) -> EmbedRequest:
+        if (self.texts is None) == (self.inputs is None):
+            raise ValueError("send `texts` or `inputs` (one of them)")
+        return self
+
+    @property
+    def all_texts(self) -> list[str]:
+        if self.texts is not None:
+            return self.texts
+        return [str(entry.content[0].text) for entry in self.inputs or []]
 
     @field_validator("truncate", mode="before")
     @classmethod
@@ -73,7 +106,12 @@ def quantize(vectors: np.ndarray, kind: str) -> Any:
 
 
 async def _vectors(service: InferenceService, request: EmbedRequest, timing: Timing) -> np.ndarray:
-    items = as_inputs(request.texts, service)
+    limit = service.tokenizer.max_length
+    if request.max_tokens is not None and request.max_tokens < limit:
+        raise ValidationError(
+            f"max_tokens: {request.max_tokens} is under the model's limit of {limit} tokens, where bei truncates; leave it out"
+        )
+    items = as_inputs(request.all_texts, service)
     vectors = await embed(
         service,
         items,
@@ -90,7 +128,7 @@ def _answer(request: EmbedRequest, embeddings: Any, response_type: str, version:
         "id": uuid.uuid4().hex,
         "response_type": response_type,
         "embeddings": embeddings,
-        "texts": request.texts,
+        "texts": request.all_texts,
         "meta": {"api_version": {"version": version}, "billed_units": {"input_tokens": timing.compute_tokens}},
     }
 

@@ -64,3 +64,15 @@ def test_infinity_embeddings(minilm_server: Server, st_model: Any) -> None:
     assert_close_rows([d["embedding"] for d in answer.json()["data"]], st_vectors(st_model, TEXTS[:4]), what="/embeddings")
     models = httpx.get(f"{minilm_server.base_url}/models", timeout=60).json()
     assert [(m["id"], m["stats"], "owned_by" in m) for m in models["data"]] == [(MINILM_NAME, {}, False)]
+
+
+def test_openapi_lists_the_compat_routes(minilm_server: Server) -> None:
+    schema = httpx.get(f"{minilm_server.base_url}/openapi.json", timeout=60).json()
+    for path in ("/similarity", "/v1/embed", "/v2/embed", "/v2/rerank", "/embeddings", "/classify", "/v1/classify"):
+        assert "post" in schema["paths"][path], path
+    for path in ("/info/models", "/models", "/v1/models/{model_id}", "/{model_name}/info"):
+        assert "get" in schema["paths"][path], path
+    # /rerank takes TEI's body or Infinity's; Cohere's routes answer errors in Cohere's body
+    assert len(schema["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"]) == 2
+    error = schema["paths"]["/v2/embed"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/CohereErrorBody"}

@@ -22,9 +22,14 @@ class ServeSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     max_batch_tokens: int | None = Field(None, gt=0, description="token budget of one engine call (default: the engine's max_num_tokens)")
     max_batch_requests: int | None = Field(None, gt=0, description="inputs in one engine call (default: the engine's max_batch_size)")
-    max_client_batch_size: int = Field(128, gt=0, description="inputs allowed in one request")
+    max_client_batch_size: int = Field(2048, gt=0, description="inputs allowed in one request (OpenAI's limit)")
     max_concurrent_requests: int = Field(2048, gt=0, description="requests in flight before 429")
     payload_limit: int = Field(2_000_000, gt=0, description="request body limit in bytes (413 over it)")
+    strict_token_ids: bool = Field(
+        True,
+        description="refuse token-id inputs that do not begin and end with the special tokens the model's tokenizer adds "
+        "(ids of another tokenizer, e.g. tiktoken's from langchain's OpenAIEmbeddings, give wrong vectors)",
+    )
     auto_truncate: bool = Field(False, description="truncate inputs over the model's limit instead of answering 422")
     tokenization_workers: int = Field(1, gt=0, description="threads that tokenize requests")
     engine_threads: int | None = Field(None, gt=0, description="threads of one engine call (default: all cores)")

@@ -290,8 +290,8 @@ def test_openai_client_surfaces_errors(client: openai.OpenAI) -> None:
         client.embeddings.create(model=MINILM_NAME, input=[""])
     assert empty.value.status_code == 400 and "empty" in str(empty.value)
     with pytest.raises(openai.UnprocessableEntityError) as too_many:
-        client.embeddings.create(model=MINILM_NAME, input=["x"] * 129)
-    assert "128" in str(too_many.value)
+        client.embeddings.create(model=MINILM_NAME, input=["x"] * 2049)
+    assert "2048" in str(too_many.value)
 
 
 @pytest.mark.parametrize("path", ["/embed", "/v1/embeddings"])
@@ -332,7 +332,7 @@ def test_missing_field_is_422(http: httpx.Client) -> None:
 def test_too_many_inputs_is_422(http: httpx.Client) -> None:
     info = http.get("/info").json()
     limit = info["max_client_batch_size"]
-    assert limit == 128
+    assert limit == 2048  # OpenAI's limit
     at_limit = http.post("/embed", json={"inputs": ["x"] * limit})
     assert at_limit.status_code == 200, at_limit.text
     assert len(at_limit.json()) == limit
@@ -359,14 +359,18 @@ def test_body_over_the_payload_limit_is_413(http: httpx.Client) -> None:
 OTHER_TASK_BODIES: dict[str, dict[str, Any]] = {
     "/rerank": {"query": "q", "texts": ["a", "b"]},
     "/v1/rerank": {"query": "q", "documents": ["a", "b"]},
+    "/v2/rerank": {"query": "q", "documents": ["a", "b"]},
     "/predict": {"inputs": "a"},
+    "/classify": {"input": ["a"]},
+    "/v1/classify": {"input": ["a"]},
     "/predict_tokens": {"inputs": "a"},
     "/embed_sparse": {"inputs": "a"},
 }
 
 
 def test_other_task_routes_are_listed() -> None:
-    assert set(OTHER_TASK_BODIES) == {r.path for r in TASK_ROUTES if Task.EMBED not in r.tasks and r.path != "/tokenize"}
+    other = {path for r in TASK_ROUTES if Task.EMBED not in r.tasks and r.path != "/tokenize" for path in r.paths}
+    assert set(OTHER_TASK_BODIES) == other
 
 
 @pytest.mark.parametrize("path", list(OTHER_TASK_BODIES))
@@ -376,9 +380,12 @@ def test_wrong_route_for_an_embedding_engine(http: httpx.Client, path: str) -> N
     response = http.post(path, json=OTHER_TASK_BODIES[path])
     assert response.status_code == 400, response.text
     body = response.json()
-    if path.startswith("/v1/"):  # the OpenAI-style routes answer errors in OpenAI's shape
+    if path in ("/classify", "/v1/classify"):  # Infinity's routes answer errors in OpenAI's shape
         assert set(body["error"]) == OPENAI_ERROR_KEYS
         message, error_type = body["error"]["message"], body["error"]["type"]
+    elif path.startswith(("/v1/", "/v2/")):  # Cohere's rerank, in Cohere's
+        assert set(body) == {"message", "error_type"}
+        message, error_type = body["message"], body["error_type"]
     else:
         message, error_type = body["error"], body["error_type"]
     assert "/v1/embeddings" in message and "/embed" in message

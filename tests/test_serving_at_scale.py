@@ -198,9 +198,13 @@ def test_routing_between_two_models(servers: dict[str, Server], st: Any, cross_e
         listed = ok_json(http.get("/v1/models"))
         assert {(m["id"], m["task"]) for m in listed["data"]} == {(EMBED, "embed"), (RERANK, "rerank")}
 
-        info = ok_json(http.get("/info"))
+        info = ok_json(http.get("/info/models"))
         assert {(m["model_id"], m["task"]) for m in info["models"]} == {(EMBED, "embed"), (RERANK, "rerank")}
         assert all("routes" in m for m in info["models"])
+        # /info: TEI's shape, of the model POST / serves (the first)
+        assert ok_json(http.get("/info"))["model_id"] == info["models"][0]["model_id"]
+        assert [ok_json(http.get(f"/{m['model_id']}/info")) for m in info["models"]] == info["models"]
+        assert http.get("/no-such-model/info").status_code == 404
 
         expected = st.encode(texts, convert_to_numpy=True)
         # no `model`: the only model whose task fits the route

@@ -77,6 +77,8 @@ def ok(response: httpx.Response) -> Any:
 
 def error_message(response: httpx.Response) -> str:
     body = response.json()
+    if "error" not in body:  # Cohere's shape
+        return str(body["message"])
     return body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
 
 
@@ -88,6 +90,8 @@ WRONG_ROUTES = [
     ("rerank", "/predict_tokens", {"inputs": ["a"]}, ["/rerank", "/v1/rerank", "/predict"]),
     ("classify", "/rerank", {"query": QUERY, "texts": ["a"]}, ["/predict"]),
     ("classify", "/v1/rerank", {"query": QUERY, "documents": ["a"]}, ["/predict"]),
+    ("classify", "/v2/rerank", {"query": QUERY, "documents": ["a"]}, ["/predict"]),
+    ("rerank", "/v2/embed", {"texts": ["a"]}, ["/rerank", "/v1/rerank", "/predict"]),
     ("ner", "/predict", {"inputs": ["a"]}, ["/predict_tokens"]),
     ("ner", "/embed_sparse", {"inputs": ["a"]}, ["/predict_tokens"]),
 ]
@@ -103,10 +107,12 @@ def test_wrong_route_names_the_routes_that_fit(
     for route in fits:
         assert route in message, f"{path} on {engine}: {message!r} does not name {route}"
     assert path in message
-    if path.startswith("/v1/"):
-        # OpenAI's error shape on /v1/ routes
+    if path in ("/v1/embeddings", "/embeddings", "/classify"):
+        # OpenAI's error shape on OpenAI's and Infinity's routes
         error = response.json()["error"]
         assert set(error) >= {"message", "type", "code"} and error["code"] == 400 and error["type"] == "wrong_route"
+    elif path.startswith(("/v1/", "/v2/")):  # Cohere's
+        assert response.json() == {"message": message, "error_type": "wrong_route"}
     else:
         assert response.json() == {"error": message, "error_type": "wrong_route"}
 
@@ -130,19 +136,26 @@ def test_default_route_from_the_config(servers: dict[str, httpx.Client]) -> None
 
 def test_info_reports_the_task(servers: dict[str, httpx.Client]) -> None:
     routes = {
-        "rerank": ["/rerank", "/v1/rerank", "/predict", "/tokenize"],
-        "classify": ["/predict", "/tokenize"],
+        "rerank": ["/rerank", "/v1/rerank", "/v2/rerank", "/predict", "/tokenize"],
+        "classify": ["/predict", "/classify", "/v1/classify", "/tokenize"],
         "ner": ["/predict_tokens", "/tokenize"],
-        "embed": ["/v1/embeddings", "/embed", "/tokenize"],
+        "embed": ["/v1/embeddings", "/embeddings", "/embed", "/similarity", "/v1/embed", "/v2/embed", "/tokenize"],
     }
+    tei_model_type = {"rerank": "reranker", "classify": "classifier", "ner": "classifier", "embed": "embedding"}
     for name, client in servers.items():
         info = ok(client.get("/info"))
         assert info["task"] == name
-        assert name in info["model_type"]
+        assert list(info["model_type"]) == [tei_model_type[name]]  # TEI's key
         assert info["routes"] == routes[name]
+        assert ok(client.get("/info/models"))["models"] == [info]
         # max_seq_len of the config; else sentence_bert_config.json's max_seq_length (64); else positions
         assert info["max_input_length"] == {"rerank": LIMIT, "classify": LIMIT, "embed": 64, "ner": 128}[name]
-    assert ok(servers["classify"].get("/info"))["model_type"]["classify"]["labels"] == ["LABEL_A", "LABEL_B", "LABEL_C"]
+    classifier = ok(servers["classify"].get("/info"))["model_type"]["classifier"]
+    assert classifier == {
+        "id2label": {"0": "LABEL_A", "1": "LABEL_B", "2": "LABEL_C"},
+        "label2id": {"LABEL_A": 0, "LABEL_B": 1, "LABEL_C": 2},
+    }
+    assert ok(servers["embed"].get("/info"))["model_type"] == {"embedding": {"pooling": "mean"}}
     assert ok(servers["embed"].get("/info"))["embedding_dim"] == 32
 
 

@@ -10,20 +10,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
-from bei.api import schemas
-from bei.api.http import OPENAI_STYLE_PREFIX, JSONResponse, Timing, error_response, json_response, read_json, validate
+from bei.api import info
+from bei.api.http import (
+    ErrorStyle,
+    JSONResponse,
+    Timing,
+    describe_validation_error,
+    error_response,
+    json_response,
+    read_json,
+    validate,
+)
 from bei.api.metrics import exposition
-from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
+from bei.api.openapi import openapi_schema
+from bei.api.routes import DEFAULT_ROUTE, TaskRoute, root_variants, served_paths, variants
 from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
-from bei.errors import BeiError, NotReadyError, OverloadedError
+from bei.errors import BeiError, InputTooLongError, ModelNotFoundError, NotReadyError, OverloadedError, ValidationError
 from bei.inference import InferenceService
 from bei.settings import ServeSettings
 from bei.targets.loading import load_engine
@@ -59,7 +69,7 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 RouteWork = Callable[[AppState, Request, Any, Timing], Awaitable[tuple[Any, dict[str, str]]]]
 
 
-def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(state: AppState, path: str, work: RouteWork, errors: ErrorStyle) -> Callable[[Request], Awaitable[Response]]:
     """The one request path of every POST route: limits, JSON, the work, errors, headers, metrics."""
 
     async def endpoint(request: Request) -> Response:
@@ -77,7 +87,7 @@ def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request]
         except ClientDisconnected:
             response = Response(status_code=CLIENT_CLOSED)
         except BeiError as error:
-            response = error_response(error, path)
+            response = error_response(error, errors)
             response.headers.update(timing.headers())
         finally:
             state.in_flight -= 1
@@ -89,137 +99,50 @@ def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request]
     return endpoint
 
 
-def _task_work(route: TaskRoute) -> RouteWork:
+def with_parameters(data: Any) -> Any:
+    """huggingface_hub's InferenceClient sends `{"inputs": ..., "parameters": {...}}`: the options in
+    `parameters` are read as top-level fields (a top-level field wins); `parameters` stays, so that a
+    route can answer in the HF Inference API's shape."""
+    if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
+        return {**data["parameters"], **data}
+    return data
+
+
+def choose(routes: list[TaskRoute], data: Any) -> tuple[TaskRoute, Any]:
+    """The first route whose request model validates the body; else the 422 of the route the body comes
+    closest to (fewest missing fields; the first of those): `{"documents": ..., "top_n": 0}` on /rerank
+    hears about `top_n`, not about TEI's `texts`."""
+    closest: tuple[int, PydanticValidationError] | None = None
+    for route in routes:
+        try:
+            return route, route.request.model_validate(data)
+        except PydanticValidationError as error:
+            missing = sum(e["type"] == "missing" for e in error.errors())
+            if closest is None or missing < closest[0]:
+                closest = (missing, error)
+    assert closest is not None
+    raise ValidationError(describe_validation_error(closest[1]))
+
+
+def _task_work(path: str, routes: list[TaskRoute]) -> RouteWork:
     async def work(state: AppState, request: Request, data: Any, timing: Timing) -> tuple[Any, dict[str, str]]:
+        data = with_parameters(data)
+        route, body = choose(routes, data)
         requested = data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str) else None
-        model = state.pick(route, requested, request.path_params.get("model_name"))
-        service = state.ready(model)
-        return await route.handler(service, validate(route.request, data), timing), {}
+        service = state.ready(state.pick(route, requested, request.path_params.get("model_name"), path))
+        try:
+            return await route.handler(service, body, timing), {}
+        except InputTooLongError as error:  # the tokenizer says how long; the route says what the client can do
+            raise InputTooLongError(f"{error.message}; {route.too_long}") from None
 
     return work
 
 
-_SEARCH_ROUTES = {r.path: r for r in TASK_ROUTES}
-
-
 async def _search_work(state: AppState, request: Request, data: Any, timing: Timing) -> tuple[Any, dict[str, str]]:
     body = validate(SearchRequest, data)
-    embedder = state.ready(state.pick(_SEARCH_ROUTES["/v1/embeddings"], body.embed_model))
-    reranker = state.ready(state.pick(_SEARCH_ROUTES["/rerank"], body.rerank_model)) if body.rerank else None
+    embedder = state.ready(state.pick(variants("/v1/embeddings")[0], body.embed_model))
+    reranker = state.ready(state.pick(variants("/rerank")[0], body.rerank_model)) if body.rerank else None
     return await search(embedder, reranker, body, timing)
-
-
-def _info(state: AppState, model: ServedModel) -> dict[str, Any]:
-    m = model.manifest
-    service = model.service
-    return {
-        "model_id": model.name,
-        "model_sha": m.source.revision,
-        "model_dtype": m.precision.value,
-        "model_type": {m.task.value: {"pooling": m.pooling.modes if m.pooling else None, "labels": m.labels or None}},
-        "task": m.task.value,
-        "architecture": m.architecture,
-        "backend": m.target.name,
-        "target": {"name": m.target.name, "gpu": m.target.gpu, "device": m.target.device},
-        "embedding_dim": m.embedding_dim,
-        "normalize": m.normalize,
-        "max_input_length": m.max_input_tokens,
-        "max_batch_tokens": service.max_batch_tokens if service else state.settings.max_batch_tokens or m.max_num_tokens,
-        "max_batch_requests": service.max_batch_requests if service else state.settings.max_batch_requests or m.max_batch_size,
-        "max_client_batch_size": state.settings.max_client_batch_size,
-        "max_concurrent_requests": state.settings.max_concurrent_requests,
-        "auto_truncate": state.settings.auto_truncate,
-        "tokenization_workers": state.settings.tokenization_workers,
-        "routes": routes_for(model.task),
-        "version": __version__,
-    }
-
-
-# the 200 body of each route, for /openapi.json (bei/api/schemas.py; the prose is docs/api.md)
-_RESPONSES: dict[str, type[BaseModel]] = {
-    "/v1/embeddings": schemas.OpenAIEmbeddingsResponse,
-    "/embed": schemas.EmbedResponse,
-    "/rerank": schemas.RerankResponse,
-    "/v1/rerank": schemas.CohereRerankResponse,
-    "/predict": schemas.PredictResponse,
-    "/predict_tokens": schemas.PredictTokensResponse,
-    "/embed_sparse": schemas.SparseResponse,
-    "/tokenize": schemas.TokenizeResponse,
-    "/v1/search": schemas.SearchResponse,
-    "/health": schemas.HealthResponse,
-    "/info": schemas.InfoResponse,
-    "/v1/models": schemas.ModelsResponse,
-}
-_ERRORS = {
-    "400": "empty input, or a route the chosen model cannot serve",
-    "404": "the named model is not served here",
-    "413": "request body over --payload-limit",
-    "422": "invalid JSON or fields, input too long, too many inputs",
-    "424": "the engine failed on this request's batch",
-    "429": "more than --max-concurrent-requests in flight",
-    "503": "loading, failed to load, or shutting down",
-}
-_MS = {"schema": {"type": "string"}, "description": "milliseconds, 3 decimals"}
-_TIMING_HEADERS = {
-    "x-compute-tokens": {"schema": {"type": "string"}, "description": "tokens the engine ran for this request"},
-    "x-queue-time": _MS,
-    "x-inference-time": _MS,
-    "x-total-time": _MS,
-}
-
-
-def openapi_schema(state: AppState) -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    components: dict[str, Any] = {}
-
-    def ref(model: type[BaseModel]) -> dict[str, Any]:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(schema.pop("$defs", {}))
-        components[model.__name__] = schema
-        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-
-    def post(path: str, summary: str, request: type[BaseModel], headers: dict[str, Any]) -> dict[str, Any]:
-        error = ref(schemas.OpenAIErrorBody if path.startswith(OPENAI_STYLE_PREFIX) else schemas.ErrorBody)
-        responses: dict[str, Any] = {"200": {"description": "OK", "headers": headers, "content": ref(_RESPONSES[path])}}
-        for status, description in _ERRORS.items():
-            responses[status] = {"description": description, "headers": _TIMING_HEADERS, "content": error}
-            if status in ("429", "503"):
-                responses[status]["headers"] = {**_TIMING_HEADERS, "Retry-After": {"schema": {"type": "string"}}}
-        return {"post": {"summary": summary, "requestBody": {"required": True, "content": ref(request)}, "responses": responses}}
-
-    for route in TASK_ROUTES:
-        paths[route.path] = post(route.path, route.summary, route.request, _TIMING_HEADERS)
-    search_headers = {**_TIMING_HEADERS, "x-embed-time": _MS, "x-rerank-time": _MS}
-    paths["/v1/search"] = post("/v1/search", "embed, keep the top_k by cosine, rerank: one round trip", SearchRequest, search_headers)
-    for path, summary in (("/health", "200 once loaded and warmed"), ("/info", "what is served"), ("/v1/models", "OpenAI model list")):
-        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": ref(_RESPONSES[path])}}}}
-    paths["/health"]["get"]["responses"]["503"] = {
-        "description": "loading, failed to load, or shutting down",
-        "headers": {"Retry-After": {"schema": {"type": "string"}}},
-        "content": ref(schemas.ErrorBody),
-    }
-    paths["/metrics"] = {
-        "get": {
-            "summary": "Prometheus metrics",
-            "responses": {"200": {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}},
-        }
-    }
-    paths["/openapi.json"] = {
-        "get": {
-            "summary": "this schema",
-            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
-        }
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "bei",
-            "version": __version__,
-            "description": "serving " + ", ".join(f"{m.name} ({m.task.value})" for m in state.models.values()),
-        },
-        "paths": paths,
-        "components": {"schemas": components},
-    }
 
 
 def create_app(state: AppState) -> Starlette:
@@ -230,51 +153,64 @@ def create_app(state: AppState) -> Starlette:
             return JSONResponse({"status": "ok"})
         failed = [m.load_error for m in state.models.values() if m.load_error]
         reason = "the server is shutting down" if state.draining else (failed[0] if failed else "the model is loading")
-        response = error_response(NotReadyError(reason), "/health")
+        response = error_response(NotReadyError(reason), "tei")
         if state.draining:
             response.headers["connection"] = "close"
         return response
 
-    async def info(_: Request) -> Response:
-        if len(state.models) == 1:
-            return JSONResponse(_info(state, first))
-        return JSONResponse({"models": [_info(state, m) for m in state.models.values()], "version": __version__})
+    async def model(request: Request) -> Response:
+        name = request.path_params["model_id"]
+        if name not in state.models:
+            error = ModelNotFoundError(f"model {name!r} is not served here; served: {', '.join(state.models)}")
+            return error_response(error, "openai")
+        return JSONResponse(info.model_card(state.models[name]))
 
-    async def models(_: Request) -> Response:
-        data = [{"id": m.name, "object": "model", "owned_by": "bei", "created": 0, "task": m.task.value} for m in state.models.values()]
-        return JSONResponse({"object": "list", "data": data})
+    async def model_info(request: Request) -> Response:
+        name = request.path_params["model_name"]
+        if name not in state.models:
+            return error_response(ModelNotFoundError(f"model {name!r} is not served here; served: {', '.join(state.models)}"), "tei")
+        return JSONResponse(info.info(state, state.models[name]))
 
     async def metrics(_: Request) -> Response:
         body, content_type = exposition(state.registry)
         return Response(body, headers={"content-type": content_type})
 
-    async def openapi(_: Request) -> Response:
-        return JSONResponse(openapi_schema(state))
-
     async def docs(_: Request) -> Response:
-        items = "".join(f"<li><code>POST {r.path}</code>: {r.summary}</li>" for r in TASK_ROUTES)
+        items = "".join(f"<li><code>POST {path}</code>: {variants(path)[0].summary}</li>" for path in served_paths())
         served = ", ".join(state.models)
         return HTMLResponse(
             f"<html><body><h1>bei {__version__}</h1><p>{served}</p><ul>{items}</ul>"
             '<p>Schema: <a href="/openapi.json">/openapi.json</a></p></body></html>'
         )
 
-    routes = [Route(r.path, _endpoint(state, r.path, _task_work(r)), methods=["POST"]) for r in TASK_ROUTES]
-    routes.append(Route("/v1/search", _endpoint(state, "/v1/search", _search_work), methods=["POST"]))
-    default_path = first.manifest.default_route or DEFAULT_ROUTE[first.task]
-    default = next((r for r in TASK_ROUTES if r.path == default_path), None)
-    if default is not None:
-        routes.append(Route("/", _endpoint(state, "/", _task_work(default)), methods=["POST"]))
+    def get(body: Callable[[], Any]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(_: Request) -> Response:
+            return JSONResponse(body())
+
+        return endpoint
+
+    def post(path: str, routes: list[TaskRoute], errors: ErrorStyle, prefix: str = "") -> Route:
+        return Route(prefix + path, _endpoint(state, path, _task_work(path, routes), errors), methods=["POST"])
+
+    routes = [post(path, variants(path), variants(path)[0].errors) for path in served_paths()]
+    routes.append(Route("/v1/search", _endpoint(state, "/v1/search", _search_work, "openai"), methods=["POST"]))
+    root = root_variants(first.task, first.manifest.default_route or DEFAULT_ROUTE[first.task])
+    if root:
+        routes.append(post("/", root, "tei"))
     routes += [
         Route("/health", health, methods=["GET"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
+        Route("/info", get(lambda: info.info(state, first)), methods=["GET"]),
+        Route("/info/models", get(lambda: info.every_model(state)), methods=["GET"]),
+        Route("/v1/models", get(lambda: info.model_list(state)), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+        Route("/models", get(lambda: info.model_list(state, owned_by=False)), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/openapi.json", get(lambda: openapi_schema(state)), methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
     ]
     # /<model>/<route>: after the exact routes, so /v1/rerank is never read as model "v1"
-    routes += [Route("/{model_name}" + r.path, _endpoint(state, r.path, _task_work(r)), methods=["POST"]) for r in TASK_ROUTES]
+    routes.append(Route("/{model_name}/info", model_info, methods=["GET"]))
+    routes += [post(path, variants(path), variants(path)[0].errors, prefix="/{model_name}") for path in served_paths()]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

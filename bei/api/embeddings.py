@@ -1,4 +1,4 @@
-"""/v1/embeddings (OpenAI) and /embed (TEI): dense embedding engines."""
+"""/v1/embeddings (OpenAI, Infinity), /embed and /similarity (TEI): dense embedding engines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from bei.api.http import Timing
-from bei.api.schemas import EmbeddingInput, EmbedRequest, OpenAIEmbeddingsRequest
+from bei.api.schemas import EmbeddingInput, EmbedRequest, OpenAIEmbeddingsRequest, SimilarityRequest
 from bei.api.scoring import check_count
 from bei.errors import ValidationError
 from bei.inference import InferenceService
@@ -24,7 +24,30 @@ def as_inputs(raw: EmbeddingInput, service: InferenceService) -> list[TextInput]
     else:
         items = list(raw)  # type: ignore[arg-type]
     check_count(len(items), service)
+    if service.settings.strict_token_ids:
+        for position, item in enumerate(items):
+            if isinstance(item, list):
+                check_framed(item, position, service)
     return items
+
+
+def check_framed(ids: list[int], position: int, service: InferenceService) -> None:
+    """Token ids must be the model's own tokenization, special tokens included (as /tokenize returns them):
+    ids of another tokenizer are valid ids of this vocabulary often enough to give wrong vectors silently."""
+    head, tail = service.tokenizer.frame
+    if ids[: len(head)] == head and (not tail or ids[-len(tail) :] == tail) and len(ids) >= len(head) + len(tail):
+        return
+
+    def names(ids: list[int]) -> str:
+        return " ".join(f"{service.tokenizer.id_to_token(i)} ({i})" for i in ids)
+
+    raise ValidationError(
+        f"input.{position}: these token ids are not the model's tokenization: the model's tokenizer begins an input with "
+        f"{names(head) or 'nothing'} and ends it with {names(tail) or 'nothing'}, these begin with {ids[: max(len(head), 1)]} and end "
+        f"with {ids[-max(len(tail), 1) :]}. Ids of another tokenizer give wrong vectors (langchain's OpenAIEmbeddings sends "
+        "tiktoken ids unless check_embedding_ctx_length=False): send the texts, or ids from POST /tokenize "
+        "(a server started with --no-strict-token-ids takes any ids of the vocabulary)"
+    )
 
 
 def prompt_text(service: InferenceService, prompt_name: str | None) -> str | None:
@@ -41,7 +64,7 @@ def prompt_text(service: InferenceService, prompt_name: str | None) -> str | Non
 
 def finish(vectors: np.ndarray, *, normalize: bool, dimensions: int | None, full_dim: int) -> np.ndarray:
     """Matryoshka truncation to `dimensions`, then L2 normalization when asked."""
-    if dimensions is not None:
+    if dimensions:  # 0 (Infinity's client default) and null: every dimension
         if dimensions > full_dim:
             raise ValidationError(f"dimensions: {dimensions} is over the model's embedding size of {full_dim}")
         vectors = vectors[:, :dimensions]
@@ -95,3 +118,19 @@ async def tei_embed(service: InferenceService, request: EmbedRequest, timing: Ti
         timing=timing,
     )
     return finish(vectors, normalize=request.normalize, dimensions=request.dimensions, full_dim=vectors.shape[1]).tolist()
+
+
+async def similarity(service: InferenceService, request: SimilarityRequest, timing: Timing) -> Any:
+    """The cosine of `source_sentence` with each of `sentences`, in their order (TEI, sentence-transformers)."""
+    items: list[TextInput] = [request.inputs.source_sentence, *request.inputs.sentences]
+    check_count(len(request.inputs.sentences), service)
+    vectors = await embed(
+        service,
+        items,
+        truncate=bool(request.truncate),
+        direction=request.truncation_direction,
+        prompt=prompt_text(service, request.prompt_name),
+        timing=timing,
+    )
+    vectors = finish(vectors, normalize=True, dimensions=None, full_dim=vectors.shape[1])
+    return [float(x) for x in vectors[1:] @ vectors[0]]

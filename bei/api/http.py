@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -22,7 +22,9 @@ from bei.inference import Outcome
 
 M = TypeVar("M", bound=BaseModel)
 
-OPENAI_STYLE_PREFIX = "/v1/"
+# the error body a route answers with: TEI's `{"error", "error_type"}`, OpenAI's `{"error": {...}}`,
+# Cohere's `{"message"}`
+ErrorStyle = Literal["tei", "openai", "cohere"]
 
 
 async def read_json(request: Request, payload_limit: int) -> Any:
@@ -72,14 +74,18 @@ def describe_validation_error(err: PydanticValidationError) -> str:
     return "; ".join(dict.fromkeys(problems))
 
 
-def error_response(error: BeiError, path: str) -> JSONResponse:
-    """TEI/BEI body `{"error", "error_type"}`; OpenAI's `{"error": {...}}` on /v1/ routes."""
+def error_body(error: BeiError, style: ErrorStyle) -> dict[str, Any]:
+    """The error in the shape the route's clients parse (docs/api.md, "Errors")."""
+    if style == "openai":
+        return {"error": {"message": error.message, "type": error.error_type, "code": http_status(error)}}
+    if style == "cohere":
+        return {"message": error.message, "error_type": error.error_type}
+    return {"error": error.message, "error_type": error.error_type}
+
+
+def error_response(error: BeiError, style: ErrorStyle) -> JSONResponse:
     status = http_status(error)
-    body: dict[str, Any]
-    if path.startswith(OPENAI_STYLE_PREFIX):
-        body = {"error": {"message": error.message, "type": error.error_type, "code": status}}
-    else:
-        body = {"error": error.message, "error_type": error.error_type}
+    body = error_body(error, style)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -6,7 +6,7 @@ the response models below only describe them in the OpenAPI schema (docs/api.md 
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired
+from typing import Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, field_validator
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
@@ -41,9 +41,11 @@ class TruncationMixin(BaseModel):
 
 
 class OpenAIEmbeddingsRequest(_Request):
+    """/v1/embeddings (OpenAI) and /embeddings (Infinity, whose client sends `dimensions: 0` for "all")."""
+
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, gt=0)
+    dimensions: int | None = Field(None, ge=0)
     user: str | None = None
 
 
@@ -53,6 +55,18 @@ class EmbedRequest(_Request, TruncationMixin):
     inputs: EmbeddingInput
     normalize: bool = True
     dimensions: int | None = Field(None, gt=0)
+    prompt_name: str | None = None
+
+
+class SimilarityInputs(BaseModel):
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityRequest(_Request, TruncationMixin):
+    """TEI's /similarity (huggingface_hub's `sentence_similarity`): the cosine of the source with each sentence."""
+
+    inputs: SimilarityInputs
     prompt_name: str | None = None
 
 
@@ -82,15 +96,27 @@ class CohereRerankRequest(_Request):
 PredictInput = str | list[str] | list[list[str]]
 
 
+# huggingface_hub's InferenceClient sends options in `parameters`; they are read as top-level fields
+# (bei/api/app.py), and a body with `parameters` is answered in the HF Inference API's shape
+HFParameters = dict[str, Any] | None
+
+
 class PredictRequest(_Request, TruncationMixin):
     inputs: PredictInput
     raw_scores: bool = False
+    top_k: int | None = Field(None, gt=0, description="keep the top_k labels of each input (all when null)")
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
+        None, description="null: softmax over the labels (sigmoid for one label); none: the logits"
+    )
+    parameters: HFParameters = None
 
 
 class PredictTokensRequest(_Request, TruncationMixin):
     inputs: PredictInput
     raw_scores: bool = False
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "none"
+    ignore_labels: list[str] | None = Field(None, description='labels left out of entities (default ["O"])')
+    parameters: HFParameters = None
 
 
 class SparseRequest(_Request, TruncationMixin):
@@ -147,10 +173,41 @@ class CohereRerankResult(TypedDict):
 
 
 class CohereRerankResponse(BaseModel):
-    object: Literal["list"]
+    id: str
+    object: Literal["rerank"]
     model: str
     results: list[CohereRerankResult]
     usage: Usage
+    meta: dict[str, Any]
+
+
+class SimilarityResponse(RootModel[list[float]]):
+    """The cosine of the source sentence with each sentence, in their order."""
+
+
+class CohereEmbedResponse(BaseModel):
+    """/v1/embed and /v2/embed: `embeddings` is `[[float]]` (v1 without embedding_types) or `{type: [[number]] | [str]}`."""
+
+    id: str
+    response_type: Literal["embeddings_floats", "embeddings_by_type"]
+    embeddings: list[list[float]] | dict[str, list[list[float]] | list[str]]
+    texts: list[str]
+    meta: dict[str, Any]
+
+
+class InfinityRerankResult(TypedDict):
+    relevance_score: float
+    index: int
+    document: str | None
+
+
+class InfinityRerankResponse(BaseModel):
+    object: Literal["rerank"]
+    results: list[InfinityRerankResult]
+    model: str
+    usage: Usage
+    id: str
+    created: int
 
 
 class LabelScore(TypedDict):
@@ -176,6 +233,15 @@ class Entity(TypedDict):
     word: str
     start: int
     end: int
+
+
+class InfinityClassifyResponse(BaseModel):
+    object: Literal["classify"]
+    data: list[list[LabelScore]]
+    model: str
+    usage: Usage
+    id: str
+    created: int
 
 
 class PredictTokensResponse(RootModel[list[TokenScores] | list[list[TokenScores]] | list[Entity] | list[list[Entity]]]):
@@ -217,9 +283,13 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
 
 
-class ModelTypeInfo(TypedDict):
-    pooling: list[str] | None
-    labels: list[str] | None
+class EmbeddingType(TypedDict):
+    pooling: str | None
+
+
+class ClassifierType(TypedDict):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
 
 
 class TargetSummary(TypedDict):
@@ -232,8 +302,11 @@ class ModelInfo(BaseModel):
     model_id: str
     model_sha: str | None
     model_dtype: str
-    model_type: dict[str, ModelTypeInfo]
+    model_type: dict[Literal["embedding"], EmbeddingType] | dict[Literal["reranker", "classifier"], ClassifierType]
     task: str
+    pooling: list[str] | None
+    labels: list[str] | None
+    prompts: dict[str, str] | None
     architecture: str
     backend: str
     target: TargetSummary
@@ -251,22 +324,25 @@ class ModelInfo(BaseModel):
 
 
 class ModelsInfo(BaseModel):
-    """/info when several engines are served."""
+    """/info/models: every served model."""
 
     models: list[ModelInfo]
     version: str
 
 
-class InfoResponse(RootModel[ModelInfo | ModelsInfo]):
-    """One model's info, or every model's when several are served."""
-
-
 class ModelCard(TypedDict):
     id: str
     object: Literal["model"]
-    owned_by: str
+    owned_by: NotRequired[str]  # not on Infinity's /models
     created: int
     task: str
+    backend: str
+    capabilities: list[str]
+    stats: dict[str, Any]
+
+
+class ModelResponse(RootModel[ModelCard]):
+    """GET /v1/models/{id}."""
 
 
 class ModelsResponse(BaseModel):
@@ -275,7 +351,7 @@ class ModelsResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """TEI/BEI error body: every route outside /v1/."""
+    """TEI/BEI error body: TEI's and bei's routes, and `POST /`."""
 
     error: str
     error_type: str
@@ -288,6 +364,13 @@ class OpenAIErrorDetail(TypedDict):
 
 
 class OpenAIErrorBody(BaseModel):
-    """OpenAI-style error body: routes under /v1/."""
+    """OpenAI-style error body: /v1/embeddings, /embeddings, /classify, /v1/search, /v1/models/{id}."""
 
     error: OpenAIErrorDetail
+
+
+class CohereErrorBody(BaseModel):
+    """Cohere's error body: /v1/embed, /v2/embed, /v1/rerank, /v2/rerank."""
+
+    message: str
+    error_type: str

@@ -66,10 +66,11 @@ class AppState:
     def all_ready(self) -> bool:
         return not self.draining and all(m.service is not None for m in self.models.values())
 
-    def pick(self, route: TaskRoute, requested: str | None, prefix: str | None = None) -> ServedModel:
+    def pick(self, route: TaskRoute, requested: str | None, prefix: str | None = None, path: str | None = None) -> ServedModel:
         """The model a request means: its path prefix, else its `model` field when served, else the
-        only model, else the only model whose task fits the route."""
+        only model, else the only model whose task fits the route (posted to `path`, else `route.path`)."""
         names = ", ".join(self.models)
+        where = path or route.path
         if prefix is not None:
             if prefix not in self.models:
                 raise ModelNotFoundError(f"model {prefix!r} is not served here; served: {names}")
@@ -85,15 +86,14 @@ class AppState:
             elif requested is not None:
                 raise ModelNotFoundError(f"model {requested!r} is not served here; served: {names}")
             elif not fitting:
-                raise WrongRouteError(f"{route.path}: none of the served models ({names}) can serve it")
+                raise WrongRouteError(f"{where}: none of the served models ({names}) can serve it")
             else:
                 raise ValidationError(
-                    f"model: several served models fit {route.path} ({', '.join(m.name for m in fitting)}); "
-                    f"name one in `model` or post to /<model>{route.path}"
+                    f"model: several served models fit {where} ({', '.join(m.name for m in fitting)}); "
+                    f"name one in `model` or post to /<model>{where}"
                 )
         if chosen.task not in route.tasks:
             raise WrongRouteError(
-                f"{route.path} cannot serve the {chosen.task.value} model {chosen.name!r}; its routes are: "
-                + ", ".join(routes_for(chosen.task))
+                f"{where} cannot serve the {chosen.task.value} model {chosen.name!r}; its routes are: " + ", ".join(routes_for(chosen.task))
             )
         return chosen

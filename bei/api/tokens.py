@@ -98,7 +98,13 @@ def _group(entities: list[dict[str, Any]], tokenizer: TokenizerRuntime) -> list[
 
 
 def aggregate(
-    text: str, enc: Encoded, probs: np.ndarray, strategy: str, labels: list[str], tokenizer: TokenizerRuntime
+    text: str,
+    enc: Encoded,
+    probs: np.ndarray,
+    strategy: str,
+    labels: list[str],
+    tokenizer: TokenizerRuntime,
+    ignored: tuple[str, ...] = IGNORED_LABELS,
 ) -> list[dict[str, Any]]:
     tokens = _tokens(text, enc, probs, tokenizer)
     if strategy == "simple":
@@ -114,7 +120,29 @@ def aggregate(
             else:
                 words.append([t])
         entities = [_aggregate_word(w, strategy, labels, tokenizer) for w in words]
-    return [g for g in _group(entities, tokenizer) if g["entity_group"] not in IGNORED_LABELS]
+    return [g for g in _group(entities, tokenizer) if g["entity_group"] not in ignored]
+
+
+def pipeline_tokens(
+    text: str, enc: Encoded, probs: np.ndarray, labels: list[str], tokenizer: TokenizerRuntime, ignored: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """`aggregation_strategy: none` as transformers' pipeline (and the HF Inference API) answers it: each token's best label."""
+    positions = [idx for idx in range(len(enc.ids)) if not enc.special[idx]]
+    out = []
+    for idx, token in zip(positions, _tokens(text, enc, probs, tokenizer), strict=True):
+        best = int(token.scores.argmax())
+        if labels[best] not in ignored:
+            out.append(
+                {
+                    "entity": labels[best],
+                    "score": float(token.scores[best]),
+                    "index": idx,
+                    "word": token.word,
+                    "start": token.start,
+                    "end": token.end,
+                }
+            )
+    return out
 
 
 def per_token(enc: Encoded, scores: np.ndarray, labels: list[str], tokenizer: TokenizerRuntime) -> list[dict[str, Any]]:
@@ -144,9 +172,12 @@ async def predict_tokens(service: InferenceService, request: PredictTokensReques
     labels = service.engine.manifest.labels
     tokenizer = service.tokenizer
     answers = []
+    ignored = IGNORED_LABELS if request.ignore_labels is None else tuple(request.ignore_labels)
     for text, enc, logits in zip(texts, outcome.encoded, outcome.rows, strict=True):
-        if request.aggregation_strategy == "none":
-            answers.append(per_token(enc, activate(logits, request.raw_scores), labels, tokenizer))
+        if request.aggregation_strategy != "none":
+            answers.append(aggregate(text, enc, activate(logits, raw=False), request.aggregation_strategy, labels, tokenizer, ignored))
+        elif request.parameters is not None:  # the HF Inference API's shape
+            answers.append(pipeline_tokens(text, enc, activate(logits, raw=False), labels, tokenizer, ignored))
         else:
-            answers.append(aggregate(text, enc, activate(logits, raw=False), request.aggregation_strategy, labels, tokenizer))
+            answers.append(per_token(enc, activate(logits, request.raw_scores), labels, tokenizer))
     return answers[0] if single else answers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -87,6 +88,15 @@ class TokenizerRuntime:
         decoder = self._plain.decoder
         return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
 
+    @functools.cached_property
+    def frame(self) -> tuple[list[int], list[int]]:
+        """The special token ids the tokenizer puts before and after a text ([CLS] and [SEP], <s> and </s>)."""
+        enc = self._plain.encode("a", add_special_tokens=True)
+        special = list(enc.special_tokens_mask)
+        first = special.index(0) if 0 in special else len(special)
+        last = len(special) - special[::-1].index(0) if 0 in special else len(special)
+        return list(enc.ids[:first]), list(enc.ids[last:])
+
     @property
     def continuing_subword_prefix(self) -> str | None:
         return getattr(self._plain.model, "continuing_subword_prefix", None)
@@ -132,10 +142,7 @@ class TokenizerRuntime:
         enc = self._encode(self._plain, item)
         if len(enc.ids) > self.max_length:
             if not truncate:
-                raise InputTooLongError(
-                    f"input of {len(enc.ids)} tokens is longer than the model's limit of {self.max_length} tokens; "
-                    "shorten it or set truncate: true"
-                )
+                raise InputTooLongError(f"input of {len(enc.ids)} tokens is longer than the model's limit of {self.max_length} tokens")
             enc = self._encode(self._truncating[direction], item)
         return Encoded(
             ids=list(enc.ids),
@@ -159,8 +166,7 @@ class TokenizerRuntime:
         ids = list(enc.ids)
         if len(ids) > self.max_length and not truncate:
             raise InputTooLongError(
-                f"input of {len(ids)} tokens (with the model's chat template) is longer than the model's limit of "
-                f"{self.max_length} tokens; shorten it or set truncate: true"
+                f"input of {len(ids)} tokens (with the model's chat template) is longer than the model's limit of {self.max_length} tokens"
             )
         if len(ids) >= self.max_length:
             ids = truncate_keeping_suffix(ids, template.suffix_ids(item, self._chat_ids), self.max_length, direction)
@@ -187,9 +193,6 @@ class TokenizerRuntime:
             raise ValidationError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if len(ids) > self.max_length:
             if not truncate:
-                raise InputTooLongError(
-                    f"input of {len(ids)} tokens is longer than the model's limit of {self.max_length} tokens; "
-                    "shorten it or set truncate: true"
-                )
+                raise InputTooLongError(f"input of {len(ids)} tokens is longer than the model's limit of {self.max_length} tokens")
             ids = ids[: self.max_length] if direction == "right" else ids[-self.max_length :]
         return Encoded(ids=list(ids), type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids), special=[0] * len(ids))

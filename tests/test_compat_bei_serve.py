@@ -1,0 +1,78 @@
+"""The clients of tests/test_compat_clients.py against the session's real `bei serve` subprocess
+(all-MiniLM-L6-v2, tests/conftest.py), as their READMEs call them, with sentence-transformers' numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from bei.testing.tiny_models import TEXTS
+from tests.servers import MINILM_NAME, Server, assert_close_rows
+
+ATOL = 1e-4
+
+
+def st_vectors(st: Any, texts: list[str]) -> np.ndarray:
+    return np.asarray(st.encode(texts, convert_to_numpy=True, batch_size=64), dtype=np.float64)  # MiniLM normalizes
+
+
+def test_huggingface_hub(minilm_server: Server, st_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite's offline mode would refuse 127.0.0.1 too
+    client = InferenceClient(base_url=minilm_server.base_url)
+    want = st_vectors(st_model, TEXTS[:8])
+    assert_close_rows(client.feature_extraction(TEXTS[:8]), want, what="feature_extraction")
+    similarities = client.sentence_similarity(TEXTS[0], TEXTS[1:8])
+    np.testing.assert_allclose(similarities, want[1:] @ want[0], atol=ATOL)
+
+
+def test_cohere(minilm_server: Server, st_model: Any) -> None:
+    import cohere
+    from sentence_transformers.quantization import quantize_embeddings
+
+    v2 = cohere.ClientV2(base_url=minilm_server.base_url, api_key="unused")
+    answer = v2.embed(texts=TEXTS[:8], model=MINILM_NAME, input_type="search_query", embedding_types=["float", "int8", "ubinary"])
+    vectors = np.array(answer.embeddings.float_, dtype=np.float32)
+    assert_close_rows(vectors, st_vectors(st_model, TEXTS[:8]), what="cohere v2 float")
+    ranges = np.vstack([-np.ones(384), np.ones(384)])
+    np.testing.assert_array_equal(answer.embeddings.int8, quantize_embeddings(vectors, precision="int8", ranges=ranges))
+    np.testing.assert_array_equal(answer.embeddings.ubinary, quantize_embeddings(vectors, precision="ubinary"))
+    assert np.array(answer.embeddings.ubinary).shape == (8, 384 // 8)
+    many = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(100)]
+    v1 = cohere.Client(base_url=minilm_server.base_url, api_key="unused").embed(texts=many, model=MINILM_NAME)
+    assert_close_rows(v1.embeddings, st_vectors(st_model, many), what="cohere v1 (the SDK sends 96 a request)")
+
+
+def test_openai_300_inputs_and_retrieve(minilm_server: Server, st_model: Any) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{minilm_server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert client.models.retrieve(MINILM_NAME).id == MINILM_NAME
+    texts = [TEXTS[i % len(TEXTS)] + f" ({i})" for i in range(300)]  # langchain's chunk of 300 was a 422 at a 128 cap
+    answer = client.embeddings.create(input=texts, model=MINILM_NAME)
+    assert_close_rows([d.embedding for d in answer.data], st_vectors(st_model, texts), what="300 inputs")
+
+
+def test_infinity_embeddings(minilm_server: Server, st_model: Any) -> None:
+    body = {"input": TEXTS[:4], "model": "default/not-specified", "dimensions": 0, "modality": "text"}  # infinity_client's body
+    answer = httpx.post(f"{minilm_server.base_url}/embeddings", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert_close_rows([d["embedding"] for d in answer.json()["data"]], st_vectors(st_model, TEXTS[:4]), what="/embeddings")
+    models = httpx.get(f"{minilm_server.base_url}/models", timeout=60).json()
+    assert [(m["id"], m["stats"], "owned_by" in m) for m in models["data"]] == [(MINILM_NAME, {}, False)]
+
+
+def test_openapi_lists_the_compat_routes(minilm_server: Server) -> None:
+    schema = httpx.get(f"{minilm_server.base_url}/openapi.json", timeout=60).json()
+    for path in ("/similarity", "/v1/embed", "/v2/embed", "/v2/rerank", "/embeddings", "/classify", "/v1/classify"):
+        assert "post" in schema["paths"][path], path
+    for path in ("/info/models", "/models", "/v1/models/{model_id}", "/{model_name}/info"):
+        assert "get" in schema["paths"][path], path
+    # /rerank takes TEI's body or Infinity's; Cohere's routes answer errors in Cohere's body
+    assert len(schema["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"]) == 2
+    error = schema["paths"]["/v2/embed"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/CohereErrorBody"}

@@ -22,12 +22,18 @@ ARCHITECTURES: dict[str, str] = {
     "xlm-roberta": "encoder_bert",
     "modernbert": "encoder_bert",
     "distilbert": "encoder_bert",
+    "mpnet": "encoder_bert",
+    "electra": "encoder_bert",
+    "deberta-v2": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",
     "qwen3": "encoder",
     "gemma2": "encoder",
 }
+
+# model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
+_TOKEN_TYPES = ("bert", "electra", "deberta-v2")
 
 _ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
@@ -122,7 +128,7 @@ def _labels(config: dict[str, Any], task: Task, config_path: Path) -> tuple[str,
 def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> int:
     model_type = config.get("model_type", "")
     positions = int(config.get("max_position_embeddings") or 512)
-    if model_type in ("roberta", "xlm-roberta", "camembert"):
+    if model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):
         positions -= int(config.get("pad_token_id", 1)) + 1  # position ids start after the pad index
     limit = positions
     st_config = path / "sentence_bert_config.json"
@@ -225,7 +231,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         normalize=normalize,
         dense=tuple(dense),
         labels=_labels(config, task, config_path),
-        uses_token_type_ids=model_type == "bert" and int(config.get("type_vocab_size", 0)) > 1,
+        uses_token_type_ids=model_type in _TOKEN_TYPES and int(config.get("type_vocab_size", 0)) > 1,
         padding_side=_padding_side(path, family),
         prompts=prompts,
         default_prompt_name=default_prompt_name,

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -35,6 +35,9 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "xlm-roberta": ("embed", "rerank", "classify", "ner"),
     "modernbert": ("embed", "rerank", "classify", "ner", "sparse"),
     "distilbert": ("embed", "rerank", "classify", "ner", "sparse"),
+    "mpnet": ("embed", "rerank", "classify", "ner"),
+    "electra": ("embed", "rerank", "classify", "ner"),
+    "deberta-v2": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -85,6 +88,24 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
     if model_type == "distilbert":
         return transformers.DistilBertConfig(
             **common_enc, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128, pad_token_id=ids["pad_token"]
+        )
+    if model_type == "mpnet":  # relative position buckets as all-mpnet-base-v2 (32), positions from pad + 1
+        return transformers.MPNetConfig(
+            **common_enc, **enc, max_position_embeddings=130, pad_token_id=ids["pad_token"],
+            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+        )  # fmt: skip
+    if model_type == "electra":  # a discriminator whose embeddings (16) are projected to the hidden size (32)
+        return transformers.ElectraConfig(
+            **common_enc, **enc, embedding_size=16, max_position_embeddings=128, type_vocab_size=2, pad_token_id=ids["pad_token"]
+        )
+    if model_type == "deberta-v2":  # DeBERTa-v3's settings: shared keys, log buckets, c2p + p2c, no absolute positions
+        relative: dict[str, Any] = {  # read by DebertaV2Config, not all in its signature
+            "relative_attention": True, "position_buckets": 16, "max_relative_positions": -1, "norm_rel_ebd": "layer_norm",
+            "share_att_key": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "layer_norm_eps": 1e-7,
+            "pooler_hidden_size": 32, "pooler_hidden_act": "gelu", "pooler_dropout": 0,
+        }  # fmt: skip
+        return transformers.DebertaV2Config(
+            **common_enc, **enc, max_position_embeddings=128, type_vocab_size=0, pad_token_id=ids["pad_token"], **relative
         )
     if model_type == "modernbert":
         return transformers.ModernBertConfig(

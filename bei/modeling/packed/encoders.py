@@ -1,4 +1,5 @@
-"""Bidirectional encoders, packed: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ModernBERT.
+"""Bidirectional encoders, packed: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, ModernBERT
+(MPNet and DeBERTa-v2, whose attention adds relative position scores, are in relative.py).
 
 One layer class serves every family: BERT, RoBERTa, XLM-R and DistilBERT are the same post-norm
 layer (only their checkpoint names differ), ModernBERT is the pre-norm variant with a gated (GeGLU)
@@ -198,11 +199,49 @@ class RobertaEncoder(BertEncoder):
         return per_task(Transform(hidden, torch.tanh), None, Transform(hidden, F.gelu, eps=eps))
 
     def positions(self, packed: Packed) -> torch.Tensor:
-        """fairseq's positions: padding_idx + 1 + the count of non-pad tokens so far in the row (pads: padding_idx)."""
-        real = (packed.input_ids != self.padding_idx).to(torch.int64)
-        count = torch.cumsum(real, dim=0)
-        before_row = (count[packed.starts] - real[packed.starts])[packed.seq_index]
-        return (count - before_row) * real + self.padding_idx
+        return fairseq_positions(packed, self.padding_idx)
+
+
+def fairseq_positions(packed: Packed, padding_idx: int) -> torch.Tensor:
+    """fairseq's positions: padding_idx + 1 + the count of non-pad tokens so far in the row (pads: padding_idx)."""
+    real = (packed.input_ids != padding_idx).to(torch.int64)
+    count = torch.cumsum(real, dim=0)
+    before_row = (count[packed.starts] - real[packed.starts])[packed.seq_index]
+    return (count - before_row) * real + padding_idx
+
+
+class ElectraEncoder(Encoder):
+    """ELECTRA's discriminator: BERT's layers under embeddings of `embedding_size`, projected to the
+    hidden size (`embeddings_project`) where the two differ; no pooler; its sequence classifier is
+    dense -> GELU -> out_proj on [CLS]."""
+
+    PREFIXES = ("electra.",)
+    RULES: ClassVar[Rules] = renames({"embeddings_project": "project"}) + BertEncoder.RULES
+    HEADS = per_task({"classifier.dense": "head.transform.dense", "classifier.out_proj": "head.out"}, {"classifier": "head.out"}, {})
+
+    def __init__(self, config: dict[str, Any], task: Task, num_labels: int) -> None:
+        super().__init__(config, task, num_labels)
+        if task is Task.SPARSE:
+            raise ModelError("the torch target has no ELECTRA masked-LM (sparse) head; ELECTRA serves embed, rerank, classify and ner")
+        hidden, eps = int(required(config, "hidden_size")), float(config.get("layer_norm_eps", 1e-12))
+        width = int(config.get("embedding_size") or hidden)
+        self.embed = Embeddings(
+            int(required(config, "vocab_size")), width, eps,
+            positions=int(required(config, "max_position_embeddings")), types=int(config.get("type_vocab_size", 2)),
+        )  # fmt: skip
+        self.project = nn.Linear(width, hidden) if width != hidden else nn.Identity()
+        heads, inner = int(required(config, "num_attention_heads")), int(required(config, "intermediate_size"))
+        act = activation(config, "hidden_act", "gelu")
+        self.layers = nn.ModuleList(
+            post_norm_layer(hidden, heads, inner, act, eps) for _ in range(int(required(config, "num_hidden_layers")))
+        )
+        self.make_head(hidden, per_task(Transform(hidden, F.gelu), None, None))
+
+    def forward(self, packed: Packed) -> torch.Tensor:
+        x = self.project(self.embed(packed, packed.positions))
+        for layer in self.layers:
+            x = layer(x, packed, None)
+        return x if self.head is None else self.head(x, packed)
 
 
 class DistilBertEncoder(Encoder):
@@ -334,5 +373,6 @@ ENCODERS: dict[str, type[Encoder]] = {
     "roberta": RobertaEncoder,
     "xlm-roberta": RobertaEncoder,
     "distilbert": DistilBertEncoder,
+    "electra": ElectraEncoder,
     "modernbert": ModernBertEncoder,
 }

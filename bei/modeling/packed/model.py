@@ -1,6 +1,6 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
+Each architecture (`encoders.py`, `relative.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
 config.json (a plain dict: serving never imports transformers) and the task, whose `forward(packed)`
 returns, packed, what the transformers model of that task returns:
 
@@ -49,8 +49,9 @@ def architectures() -> dict[str, ArchitectureFactory]:
     """model_type -> the class of its packed module."""
     from bei.modeling.packed.decoders import DECODERS
     from bei.modeling.packed.encoders import ENCODERS
+    from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, **DECODERS}
 
 
 def num_labels(spec: ModelSpec) -> int:

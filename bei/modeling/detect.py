@@ -35,6 +35,10 @@ ARCHITECTURES: dict[str, str] = {
 # model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
 _TOKEN_TYPES = ("bert", "electra", "deberta-v2")
 
+# model types whose public checkpoints carry an auto_map to their authors' code, which bei builds
+# with its own implementation of the same architecture (weights under the checkpoints' key names)
+REMOTE_CODE_NATIVE: frozenset[str] = frozenset()
+
 _ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
     "torch.nn.modules.linear.Identity": "identity",
@@ -172,6 +176,22 @@ def _chat_template(path: Path, family: str, task: Task) -> str | None:
     return template
 
 
+def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, architecture: str) -> None:
+    """A config.json whose `auto_map` names custom code (`trust_remote_code`) is refused: bei runs no
+    remote code, and the code's model need not be the model_type's (jina-embeddings-v2 is a
+    `bert` with ALiBi in its own modeling file). Model types in `REMOTE_CODE_NATIVE` are the
+    exception: bei builds their public checkpoints with its own implementation, names and all."""
+    auto_map = config.get("auto_map")
+    if not auto_map or model_type in REMOTE_CODE_NATIVE:
+        return
+    classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    raise ModelError(
+        f"{config_path}: auto_map names custom code ({', '.join(sorted(str(c) for c in classes))[:300]}) for {architecture or model_type}; "
+        "bei runs no remote code and builds only the architectures it implements: "
+        f"{', '.join(ARCHITECTURES)} (remove auto_map if the checkpoint is a plain {model_type})"
+    )
+
+
 def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
     """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
     config_path = path / "config.json"
@@ -183,6 +203,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
             f"{config_path}: model_type {model_type!r} ({architecture or 'no architectures'}) is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
+    _check_auto_map(config, config_path, model_type, architecture)
     family = ARCHITECTURES[model_type]
     if base_model is not None and base_model != family:
         raise ModelError(

@@ -158,14 +158,15 @@ class DisentangledAttention(RelativeAttention):
     """DeBERTa-v2's attention: q . k plus content->position (q . key projection of the relative
     embedding at the query-key distance) and position->content (k . query projection of it), all
     divided by sqrt(head_dim x the number of terms). With `share_att_key` the positions go through
-    the content projections, else through their own `pos_key` / `pos_query`."""
+    the content projections, else through their own `pos_key` / `pos_query`. Without
+    `relative_attention` there are no position terms, but pos_att_type still sets the scale."""
 
-    def __init__(self, hidden: int, heads: int, kinds: tuple[str, ...], shared: bool, span: int) -> None:
+    def __init__(self, hidden: int, heads: int, kinds: tuple[str, ...], relative: bool, shared: bool, span: int) -> None:
         super().__init__(hidden, heads)
-        self.kinds, self.shared, self.span = kinds, shared, span
-        self.pos_key = nn.Linear(hidden, hidden) if "c2p" in kinds and not shared else None
-        self.pos_query = nn.Linear(hidden, hidden) if "p2c" in kinds and not shared else None
         self.scale = (self.head_dim * (1 + len(kinds))) ** -0.5
+        self.kinds, self.shared, self.span = (kinds if relative else ()), shared, span
+        self.pos_key = nn.Linear(hidden, hidden) if "c2p" in self.kinds and not shared else None
+        self.pos_query = nn.Linear(hidden, hidden) if "p2c" in self.kinds and not shared else None
 
     def _project(self, table: torch.Tensor, which: int, own: nn.Linear | None) -> torch.Tensor:
         """The relative embeddings [2 span, hidden] through query (0) or key (1) projection -> [heads, 2 span, dim]."""
@@ -283,11 +284,10 @@ class DebertaV2Encoder(Encoder):
         self.max_relative = max_relative if max_relative >= 1 else int(required(config, "max_position_embeddings"))
         self.buckets = int(config.get("position_buckets", -1))
         span = self.buckets if self.buckets > 0 else self.max_relative
-        kinds = tuple(kinds) if self.relative else ()
         self.embed = DebertaEmbeddings(config, hidden, eps)  # type: ignore[assignment]
         shared = bool(config.get("share_att_key", False))
         self.layers = nn.ModuleList(
-            RelativeLayer(DisentangledAttention(hidden, heads, kinds, shared, span), hidden, inner, act, eps)
+            RelativeLayer(DisentangledAttention(hidden, heads, tuple(kinds), self.relative, shared, span), hidden, inner, act, eps)
             for _ in range(int(required(config, "num_hidden_layers")))
         )
         self.relative_table = nn.Embedding(2 * span, hidden) if self.relative else None

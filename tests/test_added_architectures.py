@@ -1,0 +1,124 @@
+"""MPNet, ELECTRA and DeBERTa-v2 beyond the parity matrix: what detection reads from their configs, the
+GPU targets' plans (the tensorrt dry run, the torch target's FP8 layers), the packed modules' refusals,
+and checkpoints whose `auto_map` names custom code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bei.buildsteps.plan import TargetChoice
+from bei.errors import ModelError
+from bei.hardware import Host
+from bei.kinds import Task
+from bei.modeling.detect import read_model_spec
+from bei.modeling.packed.model import make_body, read_config
+from bei.modeling.packed.relative import RELATIVE_ENCODERS
+from bei.targets.plan import make_plan
+from bei.testing.inproc_server import config_for
+from bei.testing.tiny_models import edit_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = Host(versions={"onnxruntime": "1.32.0"})
+ADDED = ("mpnet", "electra", "deberta-v2")
+
+
+@pytest.mark.parametrize("model_type", ADDED)
+def test_detection(model_type: str, tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    reranker = read_model_spec(tiny_checkpoint_factory(model_type, "rerank"))
+    assert (reranker.base_model, reranker.task, len(reranker.labels)) == ("encoder_bert", Task.RERANK, 1)
+    # ELECTRA's pairs carry token types (ms-marco-electra-base); MPNet has none, DeBERTa-v3's type_vocab_size is 0
+    assert reranker.uses_token_type_ids is (model_type == "electra")
+    ner = read_model_spec(tiny_checkpoint_factory(model_type, "ner"))
+    assert ner.task is Task.NER and len(ner.labels) == 9
+    # MPNet counts positions from pad + 1, as RoBERTa: two of its 130 position embeddings are unusable
+    assert read_model_spec(tiny_checkpoint_factory(model_type, "embed")).max_seq_len == 64
+
+
+@pytest.mark.parametrize("model_type", ADDED)
+@pytest.mark.parametrize(
+    ("target", "quantization", "precision"), [("tensorrt", "fp8", "fp8"), ("torch", "fp8", "fp8"), ("tensorrt", "no_quant", "fp16")]
+)
+def test_gpu_targets_plan_them(
+    model_type: str, target: str, quantization: str, precision: str, tiny_checkpoint_factory: Callable[..., Path]
+) -> None:
+    spec = read_model_spec(tiny_checkpoint_factory(model_type, "classify"))
+    plan = make_plan(
+        spec,
+        target=TargetChoice(target, "test"),
+        base_model="encoder_bert",
+        quantization=quantization,
+        max_num_tokens=16384,
+        max_batch_size=256,
+        accelerator="H100",
+        host=NO_GPU,
+    )
+    assert plan.precision == precision and plan.parameters > 0
+    if quantization == "fp8":  # 2 layers x (q, k, v or fused qkv, attention out, intermediate, output) at least
+        assert len(plan.quantized_layers) >= 8, plan.quantized_layers
+
+
+def test_tensorrt_dry_run_of_a_deberta_reranker(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(config_for("deberta", tiny_checkpoint_factory("deberta-v2", "rerank"), "encoder_bert")))
+    engines = tmp_path / "engines"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bei.cli",
+            "build",
+            str(config),
+            "--dry-run",
+            "--target",
+            "tensorrt",
+            "--json",
+            "--engines-dir",
+            str(engines),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["target"] == "tensorrt" and plan["precision"] == "fp16" and plan["profiles"]
+    assert not engines.exists() or list(engines.iterdir()) == []
+
+
+def test_packed_modules_refuse_what_they_do_not_implement(tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    deberta = read_config(tiny_checkpoint_factory("deberta-v2", "classify"))
+    bad = [
+        ({**deberta, "conv_kernel_size": 3}, "conv_kernel_size"),
+        ({**deberta, "pos_att_type": ["c2p", "p2p"]}, "pos_att_type"),
+        ({**deberta, "pooler_hidden_size": 16}, "pooler_hidden_size"),
+        ({**deberta, "hidden_act": "no_such_act"}, "hidden_act"),
+    ]
+    for config, field_name in bad:
+        with pytest.raises(ModelError, match=field_name):
+            RELATIVE_ENCODERS["deberta-v2"](config, Task.CLASSIFY, 2)
+    for model_type in ADDED:  # no masked-LM head (ELECTRA's is its generator's)
+        spec = read_model_spec(tiny_checkpoint_factory(model_type, "embed"))
+        with pytest.raises(ModelError, match="sparse"):
+            make_body(spec.__class__(**{**spec.__dict__, "task": Task.SPARSE}), read_config(spec.path))
+
+
+def test_custom_code_is_refused_naming_what_bei_supports(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_checkpoint_factory("bert", "embed"), tmp_path / "jina"))
+    # jina-embeddings-v2: model_type bert, ALiBi in its own modeling file
+    edit_config(folder, {"auto_map": {"AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel"}})
+    with pytest.raises(ModelError, match=r"auto_map names custom code .*JinaBertModel.*no remote code.*mpnet, electra, deberta-v2"):
+        read_model_spec(folder)
+    edit_config(folder, {"auto_map": None, "model_type": "nomic_bert_custom"})
+    with pytest.raises(ModelError, match="model_type 'nomic_bert_custom' .* is not supported; supported: bert, .*deberta-v2"):
+        read_model_spec(folder)

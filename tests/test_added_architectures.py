@@ -1,4 +1,4 @@
-"""MPNet, ELECTRA and DeBERTa-v2 beyond the parity matrix: what detection reads from their configs, the
+"""MPNet, ELECTRA, DeBERTa-v2 and NomicBERT beyond the parity matrix: what detection reads from their configs, the
 GPU targets' plans (the tensorrt dry run, the torch target's FP8 layers), the packed modules' refusals,
 and checkpoints whose `auto_map` names custom code."""
 
@@ -18,7 +18,8 @@ from bei.errors import ModelError
 from bei.hardware import Host
 from bei.kinds import Task
 from bei.modeling.detect import read_model_spec
-from bei.modeling.packed.model import make_body, read_config
+from bei.modeling.module import build_module, input_names
+from bei.modeling.packed.model import build_packed_module, make_body, read_config
 from bei.modeling.packed.relative import RELATIVE_ENCODERS
 from bei.targets.plan import make_plan
 from bei.testing.inproc_server import config_for
@@ -26,15 +27,15 @@ from bei.testing.tiny_models import edit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = Host(versions={"onnxruntime": "1.32.0"})
-ADDED = ("mpnet", "electra", "deberta-v2")
+ADDED = ("mpnet", "electra", "deberta-v2", "nomic_bert")
 
 
 @pytest.mark.parametrize("model_type", ADDED)
 def test_detection(model_type: str, tiny_checkpoint_factory: Callable[..., Path]) -> None:
     reranker = read_model_spec(tiny_checkpoint_factory(model_type, "rerank"))
     assert (reranker.base_model, reranker.task, len(reranker.labels)) == ("encoder_bert", Task.RERANK, 1)
-    # ELECTRA's pairs carry token types (ms-marco-electra-base); MPNet has none, DeBERTa-v3's type_vocab_size is 0
-    assert reranker.uses_token_type_ids is (model_type == "electra")
+    # ELECTRA's pairs carry token types (ms-marco-electra-base), NomicBERT's too; MPNet has none, DeBERTa-v3's type_vocab_size is 0
+    assert reranker.uses_token_type_ids is (model_type in ("electra", "nomic_bert"))
     ner = read_model_spec(tiny_checkpoint_factory(model_type, "ner"))
     assert ner.task is Task.NER and len(ner.labels) == 9
     # MPNet counts positions from pad + 1, as RoBERTa: two of its 130 position embeddings are unusable
@@ -121,4 +122,56 @@ def test_custom_code_is_refused_naming_what_bei_supports(tiny_checkpoint_factory
         read_model_spec(folder)
     edit_config(folder, {"auto_map": None, "model_type": "nomic_bert_custom"})
     with pytest.raises(ModelError, match="model_type 'nomic_bert_custom' .* is not supported; supported: bert, .*deberta-v2"):
+        read_model_spec(folder)
+
+
+NATIVE_NOMIC_KEYS = {
+    key: None
+    for key in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+        "layer_norm_eps", "rope_parameters", "hidden_act", "head_dim",
+    )
+}  # fmt: skip
+
+
+def test_nomic_bert_read_in_its_public_spelling(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
+    """A config.json with only the authors' spelling (n_embd, n_layer, ..., rotary_emb_base), as
+    nomic-embed-text-v1.5's: both implementations read its sizes (transformers alone would load
+    its defaults), and both equal the checkpoint read in the native spelling."""
+    import shutil
+
+    import torch
+
+    from bei.backend import Batch
+    from bei.testing.tiny_models import TEXTS
+    from bei.text.tokenizer import TokenizerRuntime
+
+    both = tiny_checkpoint_factory("nomic_bert", "embed")
+    public = Path(shutil.copytree(both, tmp_path / "public"))
+    edit_config(public, NATIVE_NOMIC_KEYS)
+    assert "hidden_size" not in json.loads((public / "config.json").read_text())
+    spec = read_model_spec(public)
+    assert (spec.hidden_size, spec.num_heads, spec.max_seq_len) == (32, 4, 64)
+    tokenizer = TokenizerRuntime(public / "tokenizer.json", spec.max_seq_len)
+    batch = Batch.pad([tokenizer.encode(t, truncate=True) for t in TEXTS], tokenizer.pad_id, spec.padding_side)
+    feeds = {k: torch.from_numpy(v) for k, v in batch.feeds(input_names(spec)).items()}
+    with torch.no_grad():
+        want = build_module(read_model_spec(both))(**feeds)
+        for module in (build_module(spec), build_packed_module(spec).forward_padded):
+            assert float((module(**feeds) - want).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("edit", "field_name"),
+    [({"prenorm": True}, "prenorm"), ({"rotary_scaling_factor": 2.0}, "rotary_scaling_factor"), ({"num_experts": 8}, "num_experts"),
+     ({"qkv_proj_bias": True}, "qkv_proj_bias"), ({"activation_function": "gelu"}, "activation_function")],
+)  # fmt: skip
+def test_nomic_bert_settings_neither_implementation_has_are_refused(
+    edit: dict[str, object], field_name: str, tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_checkpoint_factory("nomic_bert", "embed"), tmp_path / "nomic"))
+    edit_config(folder, edit)
+    with pytest.raises(ModelError, match=field_name):
         read_model_spec(folder)

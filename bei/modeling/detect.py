@@ -10,6 +10,7 @@ from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.files import read_json
 from bei.modeling.pooling import PoolingConfig, PoolingMode
+from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
 from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
 
@@ -25,6 +26,7 @@ ARCHITECTURES: dict[str, str] = {
     "mpnet": "encoder_bert",
     "electra": "encoder_bert",
     "deberta-v2": "encoder_bert",
+    "nomic_bert": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",
@@ -33,11 +35,7 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 # model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
-_TOKEN_TYPES = ("bert", "electra", "deberta-v2")
-
-# model types whose public checkpoints carry an auto_map to their authors' code, which bei builds
-# with its own implementation of the same architecture (weights under the checkpoints' key names)
-REMOTE_CODE_NATIVE: frozenset[str] = frozenset()
+_TOKEN_TYPES = ("bert", "electra", "deberta-v2", "nomic_bert")
 
 _ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
@@ -195,7 +193,7 @@ def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, 
 def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
     """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
     config_path = path / "config.json"
-    config = _read_json(config_path)
+    config = native_config(_read_json(config_path))
     model_type = str(config.get("model_type", ""))
     architecture = (config.get("architectures") or [""])[0]
     if model_type not in ARCHITECTURES:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -38,6 +38,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "mpnet": ("embed", "rerank", "classify", "ner"),
     "electra": ("embed", "rerank", "classify", "ner"),
     "deberta-v2": ("embed", "rerank", "classify", "ner"),
+    "nomic_bert": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -107,6 +108,9 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
         return transformers.DebertaV2Config(
             **common_enc, **enc, max_position_embeddings=128, type_vocab_size=0, pad_token_id=ids["pad_token"], **relative
         )
+    if model_type == "nomic_bert":
+        nomic: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 2, "pad_token_id": ids["pad_token"]}
+        return transformers.NomicBertConfig(**common_enc, **enc, **nomic)
     if model_type == "modernbert":
         return transformers.ModernBertConfig(
             **common_enc,
@@ -199,6 +203,30 @@ def _n_modes(pooling: str | Sequence[str]) -> int:
     return len(set(pooling))
 
 
+def _nomic_public_config(folder: Path, config: Any) -> None:
+    """config.json as nomic-embed-text-v1.5 writes it (its code's spelling and auto_map), keeping the
+    native keys that transformers' NomicBertConfig reads (it ignores n_embd, ...: the references
+    would otherwise load the default sizes)."""
+    code = "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert."
+    edit_config(
+        folder,
+        {
+            "auto_map": {
+                "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+                "AutoModel": code + "NomicBertModel",
+                "AutoModelForMaskedLM": code + "NomicBertForPreTraining",
+                "AutoModelForSequenceClassification": code + "NomicBertForSequenceClassification",
+                "AutoModelForTokenClassification": code + "NomicBertForTokenClassification",
+            },
+            "n_embd": config.hidden_size, "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
+            "n_inner": config.intermediate_size, "n_positions": config.max_position_embeddings, "layer_norm_epsilon": config.layer_norm_eps,
+            "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False, "rotary_scaling_factor": None,
+            "activation_function": "swiglu", "prenorm": False, "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
+            "causal": False, "max_trained_positions": 2048, "use_rms_norm": False,
+        },
+    )  # fmt: skip
+
+
 def edit_config(folder: Path, edits: dict[str, Any]) -> None:
     """Set keys of `folder/config.json` (a None value removes the key)."""
     path = folder / "config.json"
@@ -262,7 +290,9 @@ def make_checkpoint(
     if task in ("rerank", "classify", "ner"):
         _rescale_heads(model, config.num_labels)
     model.eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True)  # (NomicBERT: under the public checkpoints' key names)
+    if model_type == "nomic_bert":
+        _nomic_public_config(folder, config)
 
     st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":

@@ -61,6 +61,8 @@ class Encoder(nn.Module):
     # per task, the checkpoint names of its head; other heads' weights in the checkpoint are dropped
     # (BertForPreTraining holds both the pooler and the MLM transform, RoBERTa classifiers a stale pooler)
     HEADS: ClassVar[dict[Task, dict[str, str]]] = {}
+    # (parts, fused): Linear layers of the checkpoint that become one of the module (q / k / v -> qkv)
+    FUSIONS: ClassVar[tuple[tuple[tuple[str, ...], str], ...]] = (((".attn.q.", ".attn.k.", ".attn.v."), ".attn.qkv."),)
 
     embed: Embeddings
     layers: nn.ModuleList
@@ -111,7 +113,8 @@ class Encoder(nn.Module):
         rules = self.RULES + renames(self.HEADS.get(self.task, {}))
         for key, value in strip_prefixes(state, self.PREFIXES).items():
             renamed[rename_key(rename_key(key, COMMON_RULES), rules)] = value
-        fuse_linears(renamed, (".attn.q.", ".attn.k.", ".attn.v."), ".attn.qkv.")
+        for parts, fused in self.FUSIONS:
+            fuse_linears(renamed, parts, fused)
         if self.task is Task.SPARSE and self.config.get("tie_word_embeddings", True) and "embed.tokens.weight" in renamed:
             renamed["head.out.weight"] = renamed["embed.tokens.weight"]
         own = self.state_dict().keys()

@@ -1,6 +1,6 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `relative.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
+Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
 config.json (a plain dict: serving never imports transformers) and the task, whose `forward(packed)`
 returns, packed, what the transformers model of that task returns:
 
@@ -29,6 +29,7 @@ from bei.kinds import Task
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
+from bei.modeling.remote_code import native_config
 from bei.modeling.spec import ModelSpec
 
 
@@ -49,9 +50,10 @@ def architectures() -> dict[str, ArchitectureFactory]:
     """model_type -> the class of its packed module."""
     from bei.modeling.packed.decoders import DECODERS
     from bei.modeling.packed.encoders import ENCODERS
+    from bei.modeling.packed.nomic import NomicBertEncoder
     from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **RELATIVE_ENCODERS, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, **DECODERS}
 
 
 def num_labels(spec: ModelSpec) -> int:
@@ -97,7 +99,8 @@ class PackedEngineModule(torch.nn.Module):
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return dict(json.loads((path / "config.json").read_text()))
+    """config.json, in transformers' native spelling (bei/modeling/remote_code.py)."""
+    return native_config(dict(json.loads((path / "config.json").read_text())))
 
 
 def pad_token_id(config: dict[str, Any]) -> int:

@@ -118,6 +118,9 @@ CASES = [
         config={"relative_attention": False, "position_biased_input": True},
         random_biases=True,
     ),  # fmt: skip
+    # EuroBERT's other classifier poolings (public configs spell the key clf_pooling)
+    Case("eurobert-classify-bos", "eurobert", "classify", config={"clf_pooling": "bos"}),
+    Case("eurobert-rerank-mean", "eurobert", "rerank", config={"clf_pooling": "mean"}),
     # ELECTRA whose embeddings are as wide as the layers: no embeddings_project
     Case("electra-rerank-no-projection", "electra", "rerank", config={"embedding_size": 32}, random_biases=True),
     Case(

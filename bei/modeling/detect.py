@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, str] = {
     "electra": "encoder_bert",
     "deberta-v2": "encoder_bert",
     "nomic_bert": "encoder_bert",
+    "eurobert": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",

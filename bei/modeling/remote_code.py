@@ -9,6 +9,9 @@ the defaults), so `native_config` rewrites a config into the native spelling: wh
 loads transformers with, what detection and the packed module read. The weights need no renaming
 for transformers (its conversion mapping reads the public names); the packed module reads both.
 Settings of the authors' code that neither implementation has are refused by name.
+
+EuroBERT (`model_type: eurobert`) writes Llama's keys, which transformers' native EuroBertConfig
+reads, except its classifier's pooling: `clf_pooling` there, `classifier_pooling` here.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from bei.errors import ModelError
 
 # model types whose public checkpoints name custom code in auto_map, built by bei itself
-REMOTE_CODE_NATIVE: frozenset[str] = frozenset({"nomic_bert"})
+REMOTE_CODE_NATIVE: frozenset[str] = frozenset({"nomic_bert", "eurobert"})
 
 _NOMIC_NAMES = {
     "n_embd": "hidden_size",
@@ -49,6 +52,11 @@ _NOMIC_FIXED: dict[str, tuple[Any, ...]] = {
 
 def native_config(config: dict[str, Any]) -> dict[str, Any]:
     """`config` in transformers' native spelling (unchanged for a model type that needs none)."""
+    if config.get("model_type") == "eurobert":  # EuroBERT's code reads Llama's keys, and `clf_pooling`
+        out = {k: v for k, v in config.items() if k != "clf_pooling"}
+        if config.get("clf_pooling") is not None:
+            out["classifier_pooling"] = config["clf_pooling"]
+        return out
     if config.get("model_type") != "nomic_bert":
         return config
     for key, allowed in _NOMIC_FIXED.items():

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -39,6 +39,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "electra": ("embed", "rerank", "classify", "ner"),
     "deberta-v2": ("embed", "rerank", "classify", "ner"),
     "nomic_bert": ("embed", "rerank", "classify", "ner"),
+    "eurobert": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -111,6 +112,12 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
     if model_type == "nomic_bert":
         nomic: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 2, "pad_token_id": ids["pad_token"]}
         return transformers.NomicBertConfig(**common_enc, **enc, **nomic)
+    if model_type == "eurobert":  # Llama's layers, bidirectional
+        euro: dict[str, Any] = {
+            "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],
+            "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "tie_word_embeddings": False,
+        }  # fmt: skip
+        return transformers.EuroBertConfig(**common_enc, **enc, **euro)
     if model_type == "modernbert":
         return transformers.ModernBertConfig(
             **common_enc,
@@ -293,6 +300,10 @@ def make_checkpoint(
     model.save_pretrained(str(folder), safe_serialization=True)  # (NomicBERT: under the public checkpoints' key names)
     if model_type == "nomic_bert":
         _nomic_public_config(folder, config)
+    elif model_type == "eurobert":  # as EuroBERT-210m's: its code's auto_map, `clf_pooling`
+        code = "EuroBERT/EuroBERT-210m--modeling_eurobert."
+        auto_map = {"AutoConfig": "EuroBERT/EuroBERT-210m--configuration_eurobert.EuroBertConfig", "AutoModel": code + "EuroBertModel"}
+        edit_config(folder, {"auto_map": auto_map, "clf_pooling": config.classifier_pooling, "classifier_pooling": None})
 
     st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":

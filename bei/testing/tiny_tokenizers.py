@@ -209,6 +209,7 @@ FAMILY = {
     "electra": "wordpiece",
     "deberta-v2": "wordpiece",  # (DeBERTa-v3 ships a SentencePiece model with the same [CLS] A [SEP] B [SEP] template)
     "nomic_bert": "wordpiece",
+    "eurobert": "causal_bpe",
     "mpnet": "roberta_bpe",  # (MPNet ships WordPiece under <s> A </s></s> B </s> with RoBERTa's special ids)
     "roberta": "roberta_bpe",
     "xlm-roberta": "xlmr_unigram",

@@ -1,6 +1,6 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
+Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `decoders.py`, `eurobert.py`) is an `nn.Module` built from the checkpoint's
 config.json (a plain dict: serving never imports transformers) and the task, whose `forward(packed)`
 returns, packed, what the transformers model of that task returns:
 
@@ -50,10 +50,11 @@ def architectures() -> dict[str, ArchitectureFactory]:
     """model_type -> the class of its packed module."""
     from bei.modeling.packed.decoders import DECODERS
     from bei.modeling.packed.encoders import ENCODERS
+    from bei.modeling.packed.eurobert import EuroBertEncoder
     from bei.modeling.packed.nomic import NomicBertEncoder
     from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, **DECODERS}
 
 
 def num_labels(spec: ModelSpec) -> int:

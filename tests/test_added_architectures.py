@@ -175,3 +175,30 @@ def test_nomic_bert_settings_neither_implementation_has_are_refused(
     edit_config(folder, edit)
     with pytest.raises(ModelError, match=field_name):
         read_model_spec(folder)
+
+
+@pytest.mark.parametrize("model_type", ADDED)
+def test_packed_modules_run_with_bf16_and_fp8_linears(model_type: str, tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    """The CPU bf16 and FP8 builds replace the body's Linears (DeBERTa projects its relative
+    embeddings through the fused q / k / v module, which they replace): outputs stay near fp32."""
+    import numpy as np
+    import torch
+
+    from bei.backend import Batch
+    from bei.modeling.packed.bf16 import to_bf16
+    from bei.modeling.packed.fp8 import quantize_fp8
+    from bei.testing.tiny_models import TEXTS
+    from bei.text.tokenizer import TokenizerRuntime
+
+    spec = read_model_spec(tiny_checkpoint_factory(model_type, "embed"))
+    tokenizer = TokenizerRuntime(spec.path / "tokenizer.json", spec.max_seq_len)
+    batch = Batch.pad([tokenizer.encode(t, truncate=True) for t in TEXTS], tokenizer.pad_id, spec.padding_side)
+    feeds = {k: torch.from_numpy(v) for k, v in batch.feeds(input_names(spec)).items()}
+    with torch.no_grad():
+        want = build_packed_module(spec).forward_padded(**feeds).numpy()
+        for convert, min_cosine in ((to_bf16, 0.999), (quantize_fp8, 0.98)):
+            module = build_packed_module(spec)
+            assert convert(module)
+            got = module.forward_padded(**feeds).float().numpy()
+            cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+            assert cosine.min() >= min_cosine, f"{convert.__name__}: {cosine.min():.5f}"

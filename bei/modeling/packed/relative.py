@@ -168,14 +168,17 @@ class DisentangledAttention(RelativeAttention):
         self.pos_key = nn.Linear(hidden, hidden) if "c2p" in self.kinds and not shared else None
         self.pos_query = nn.Linear(hidden, hidden) if "p2c" in self.kinds and not shared else None
 
-    def _project(self, table: torch.Tensor, which: int, own: nn.Linear | None) -> torch.Tensor:
-        """The relative embeddings [2 span, hidden] through query (0) or key (1) projection -> [heads, 2 span, dim]."""
+    def _project(self, table: torch.Tensor, which: int, own: nn.Module | None) -> torch.Tensor:
+        """The relative embeddings [2 span, hidden] through query (0) or key (1) projection -> [heads, 2 span, dim].
+
+        Shared keys go through the fused q / k / v module itself (the table is small), not a slice of
+        its weight: an FP8 / bf16 build replaces that module and its weight with its own."""
         if own is not None:
             out = own(table)
         else:
             width = self.heads * self.head_dim
-            out = F.linear(table, self.qkv.weight[which * width : (which + 1) * width], self.qkv.bias[which * width : (which + 1) * width])
-        return out.view(table.shape[0], self.heads, self.head_dim).transpose(0, 1)
+            out = self.qkv(table)[:, which * width : (which + 1) * width]
+        return out.reshape(table.shape[0], self.heads, self.head_dim).transpose(0, 1)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, packed: Packed, relative: Relative) -> tuple[torch.Tensor, float]:
         table, distance = relative  # [2 span, hidden] (normed), [len, len] bucketed query - key

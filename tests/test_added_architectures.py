@@ -202,3 +202,16 @@ def test_packed_modules_run_with_bf16_and_fp8_linears(model_type: str, tiny_chec
             got = module.forward_padded(**feeds).float().numpy()
             cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
             assert cosine.min() >= min_cosine, f"{convert.__name__}: {cosine.min():.5f}"
+
+
+def test_eurobert_sequence_head_stays_unquantized(tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    from bei.modeling.module import linear_layers
+    from bei.modeling.packed.fp8 import fp8_layers
+    from bei.modeling.packed.model import PackedEngineModule
+    from bei.modeling.quant_layers import quantized_layer_names
+
+    spec = read_model_spec(tiny_checkpoint_factory("eurobert", "classify"))
+    tensorrt = quantized_layer_names(linear_layers(spec), "fp8")
+    torch_target = fp8_layers(PackedEngineModule(spec, make_body(spec, read_config(spec.path)), load_dense=False))
+    for names in (tensorrt, torch_target):
+        assert names and not any(part in name for name in names for part in ("dense", "classifier")), names

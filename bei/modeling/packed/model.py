@@ -113,7 +113,10 @@ def pad_token_id(config: dict[str, Any]) -> int:
 def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
     factories = architectures()
     if spec.model_type not in factories:
-        raise ModelError(f"the torch target has no packed module for model_type {spec.model_type!r}; known: {', '.join(factories)}")
+        raise ModelError(
+            f"the torch target has no packed module for model_type {spec.model_type!r} ({spec.architecture}); "
+            f"build it with --target onnxruntime (or tensorrt on a GPU); the torch target builds: {', '.join(factories)}"
+        )
     return factories[spec.model_type](config, spec.task, num_labels(spec))
 
 

@@ -187,7 +187,8 @@ def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, 
     raise ModelError(
         f"{config_path}: auto_map names custom code ({', '.join(sorted(str(c) for c in classes))[:300]}) for {architecture or model_type}; "
         "bei runs no remote code and builds only the architectures it implements: "
-        f"{', '.join(ARCHITECTURES)}; of those, {', '.join(sorted(REMOTE_CODE_NATIVE))} also from checkpoints written for their authors' code"
+        f"{', '.join(ARCHITECTURES)}; of those, {', '.join(sorted(REMOTE_CODE_NATIVE))} "
+        "also from checkpoints written for their authors' code"
     )
 
 

@@ -1,4 +1,4 @@
-"""MPNet, ELECTRA, DeBERTa-v2, NomicBERT and EuroBERT beyond the parity matrix: what detection reads from their configs, the
+"""MPNet, ELECTRA, DeBERTa-v2, NomicBERT, EuroBERT and GTE beyond the parity matrix: what detection reads from their configs, the
 GPU targets' plans (the tensorrt dry run, the torch target's FP8 layers), the packed modules' refusals,
 and checkpoints whose `auto_map` names custom code."""
 
@@ -27,7 +27,7 @@ from bei.testing.tiny_models import edit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = Host(versions={"onnxruntime": "1.32.0"})
-ADDED = ("mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert")
+ADDED = ("mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
 
 
 @pytest.mark.parametrize("model_type", ADDED)

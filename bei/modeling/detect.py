@@ -28,6 +28,7 @@ ARCHITECTURES: dict[str, str] = {
     "deberta-v2": "encoder_bert",
     "nomic_bert": "encoder_bert",
     "eurobert": "encoder_bert",
+    "gte": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -40,6 +40,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "deberta-v2": ("embed", "rerank", "classify", "ner"),
     "nomic_bert": ("embed", "rerank", "classify", "ner"),
     "eurobert": ("embed", "rerank", "classify", "ner"),
+    "gte": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -112,6 +113,9 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
     if model_type == "nomic_bert":
         nomic: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 2, "pad_token_id": ids["pad_token"]}
         return transformers.NomicBertConfig(**common_enc, **enc, **nomic)
+    if model_type == "gte":  # transformers' native GTE (gte-multilingual-base's layout): XLM-R's tokenizer
+        gte: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 1, "pad_token_id": ids["pad_token"]}
+        return transformers.GteConfig(**common_enc, **enc, **gte)
     if model_type == "eurobert":  # Llama's layers, bidirectional
         euro: dict[str, Any] = {
             "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],

@@ -210,6 +210,7 @@ FAMILY = {
     "deberta-v2": "wordpiece",  # (DeBERTa-v3 ships a SentencePiece model with the same [CLS] A [SEP] B [SEP] template)
     "nomic_bert": "wordpiece",
     "eurobert": "causal_bpe",
+    "gte": "xlmr_unigram",
     "mpnet": "roberta_bpe",  # (MPNet ships WordPiece under <s> A </s></s> B </s> with RoBERTa's special ids)
     "roberta": "roberta_bpe",
     "xlm-roberta": "xlmr_unigram",

@@ -94,6 +94,9 @@ class Encoder(nn.Module):
     def decoder_bias(self) -> bool:
         return True
 
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Rearrange renamed (and fused) checkpoint tensors in place where a family lays them out otherwise."""
+
     def positions(self, packed: Packed) -> torch.Tensor | None:
         return packed.positions
 
@@ -115,6 +118,7 @@ class Encoder(nn.Module):
             renamed[rename_key(rename_key(key, COMMON_RULES), rules)] = value
         for parts, fused in self.FUSIONS:
             fuse_linears(renamed, parts, fused)
+        self.adapt_state(renamed)
         if self.task is Task.SPARSE and self.config.get("tie_word_embeddings", True) and "embed.tokens.weight" in renamed:
             renamed["head.out.weight"] = renamed["embed.tokens.weight"]
         own = self.state_dict().keys()

@@ -1,7 +1,8 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `decoders.py`, `eurobert.py`) is an `nn.Module` built from the checkpoint's
-config.json (a plain dict: serving never imports transformers) and the task, whose `forward(packed)`
+Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `decoders.py`, `eurobert.py`)
+is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never imports
+transformers) and the task, whose `forward(packed)`
 returns, packed, what the transformers model of that task returns:
 
 - embed:             last hidden state [tokens, hidden]
@@ -51,10 +52,11 @@ def architectures() -> dict[str, ArchitectureFactory]:
     from bei.modeling.packed.decoders import DECODERS
     from bei.modeling.packed.encoders import ENCODERS
     from bei.modeling.packed.eurobert import EuroBertEncoder
+    from bei.modeling.packed.gte import GteEncoder
     from bei.modeling.packed.nomic import NomicBertEncoder
     from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, "gte": GteEncoder, **DECODERS}
 
 
 def num_labels(spec: ModelSpec) -> int:

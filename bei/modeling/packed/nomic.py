@@ -19,6 +19,7 @@ from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.packed.blocks import (
     MLP,
+    Activation,
     Attention,
     Embeddings,
     EncoderLayer,
@@ -72,33 +73,43 @@ class NomicBertEncoder(Encoder):
     # the MLP's gate (fc12, silu applied) and value (fc11) become one projection, gate first
     FUSIONS = (*Encoder.FUSIONS, ((".mlp.gate.", ".mlp.value."), ".mlp.up."))
 
+    NAME: ClassVar[str] = "NomicBERT"
+    DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "type_vocab_size": 2, "rope_theta": 1000.0}  # NomicBertConfig's
+
     def __init__(self, config: dict[str, Any], task: Task, num_labels: int) -> None:
         super().__init__(config, task, num_labels)
         if task is Task.SPARSE:
-            raise ModelError("the torch target has no NomicBERT masked-LM (sparse) head; it serves embed, rerank, classify and ner")
+            raise ModelError(f"the torch target has no {self.NAME} masked-LM (sparse) head; it serves embed, rerank, classify and ner")
         hidden, eps = int(required(config, "hidden_size")), float(config.get("layer_norm_eps", 1e-12))
         heads, inner = int(required(config, "num_attention_heads")), int(required(config, "intermediate_size"))
-        act = activation(config, "hidden_act", "silu")
-        self.embed = Embeddings(int(required(config, "vocab_size")), hidden, eps, types=int(config.get("type_vocab_size", 2)))
+        act = activation(config, "hidden_act", self.DEFAULTS["hidden_act"])
+        types = int(config.get("type_vocab_size", self.DEFAULTS["type_vocab_size"]) or 0)
+        self.embed = Embeddings(int(required(config, "vocab_size")), hidden, eps, types=types)
         self.layers = nn.ModuleList(
             EncoderLayer(
-                Attention(hidden, heads, bias=False),
-                MLP(hidden, inner, act, bias=False, gated=True),
+                self.attention(hidden, heads),
+                self.mlp(hidden, inner, act),
                 nn.LayerNorm(hidden, eps=eps),
                 nn.LayerNorm(hidden, eps=eps),
                 pre_norm=False,
                 rope="global",
-            )
+            )  # fmt: skip
             for _ in range(int(required(config, "num_hidden_layers")))
         )
         params = config.get("rope_parameters") or {}
         if params.get("rope_type", "default") != "default":
             raise ModelError(f"config.json rope_parameters.rope_type={params['rope_type']!r} is not supported; only 'default'")
-        self.theta = float(params.get("rope_theta", 1000.0))
+        self.theta = float(params.get("rope_theta", self.DEFAULTS["rope_theta"]))
         self.head_dim = int(config.get("head_dim") or hidden // heads)
         if self.head_dim * heads != hidden:
             raise ModelError("config.json head_dim x num_attention_heads must equal hidden_size for the torch target")
         self.make_head(hidden, per_task(Transform(hidden, torch.tanh), None, None))
+
+    def attention(self, hidden: int, heads: int) -> Attention:
+        return Attention(hidden, heads, bias=False)
+
+    def mlp(self, hidden: int, inner: int, act: Activation) -> MLP:
+        return MLP(hidden, inner, act, bias=False, gated=True)
 
     def positions(self, packed: Packed) -> None:
         return None

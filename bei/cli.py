@@ -67,19 +67,25 @@ def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> P
 
 
 def _up_to_date_engine(config_path: Path, engines_root: Path) -> Path | None:
-    """The engine of this config, if one exists built from the same config by this bei version."""
+    """The engine of this config, if one exists built from the same config by this bei version, with
+    its files as built (a corrupt or edited engine, or one without recorded file hashes, is rebuilt)."""
     from bei.config import load_config
+    from bei.engine.integrity import verify_engine
     from bei.engine.manifest import read_manifest
 
     config = load_config(config_path)
     folder = engines_root / config.name
     try:
         manifest = read_manifest(folder)
-    except BeiError:
+        if manifest.config_fingerprint != config.fingerprint() or manifest.bei_version != __version__:
+            return None
+        if verify_engine(folder, manifest) is not None:  # built before bei recorded file hashes
+            return None
+    except BeiError as error:
+        if folder.exists():
+            print(f"{error.message}", file=sys.stderr)
         return None
-    if manifest.config_fingerprint == config.fingerprint() and manifest.bei_version == __version__:
-        return folder
-    return None
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,26 @@ class NotReadyError(BeiError):
     error_type = "unhealthy"
 
 
+class UnauthorizedError(BeiError):
+    """A request without the server's API key (`--api-key`) in `Authorization: Bearer <key>`."""
+
+    error_type = "unauthorized"
+
+
+class RequestTimeoutError(BeiError):
+    """A request body that did not arrive within `--body-timeout`."""
+
+    error_type = "timeout"
+
+
+class RouteNotFoundError(BeiError):
+    error_type = "not_found"
+
+
+class MethodNotAllowedError(BeiError):
+    error_type = "method_not_allowed"
+
+
 HTTP_STATUS: dict[type[BeiError], int] = {
     ValidationError: 422,
     InputTooLongError: 422,
@@ -122,6 +142,10 @@ HTTP_STATUS: dict[type[BeiError], int] = {
     PayloadTooLargeError: 413,
     OverloadedError: 429,
     NotReadyError: 503,
+    UnauthorizedError: 401,
+    RequestTimeoutError: 408,
+    RouteNotFoundError: 404,
+    MethodNotAllowedError: 405,
     ConfigError: 400,
     CheckpointError: 500,
     ModelError: 500,

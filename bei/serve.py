@@ -18,6 +18,7 @@ import uvicorn
 
 from bei.api.app import create_app, state_for_engines
 from bei.api.state import AppState
+from bei.errors import EngineError
 from bei.settings import ServeSettings
 
 DRAIN_TIMEOUT_S = 30.0
@@ -68,4 +69,13 @@ def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
         loop=loop,
         http=http,
     )
-    DrainingServer(config, state).run()
+    server = DrainingServer(config, state)
+
+    def stop_on_load_failure() -> None:
+        server.should_exit = True
+
+    state.on_load_failure = stop_on_load_failure
+    server.run()
+    failed = [m.load_detail for m in state.models.values() if m.load_detail]
+    if failed:  # a broken engine never serves: `bei serve` exits non-zero, naming what failed
+        raise EngineError(failed[0])

@@ -12,12 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
 from bei.api import schemas
+from bei.api.guard import ApiKeyMiddleware, http_error, server_error
 from bei.api.http import OPENAI_STYLE_PREFIX, JSONResponse, Timing, error_response, json_response, read_json, validate
 from bei.api.metrics import exposition
 from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
@@ -290,7 +292,9 @@ def create_app(state: AppState) -> Starlette:
                 if model.service is not None:
                     await model.service.stop()
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(ApiKeyMiddleware, settings=state.settings)] if state.settings.api_key is not None else []
+    handlers = {404: http_error, 405: http_error, 500: server_error}
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers=handlers)
 
 
 async def _load_all(state: AppState) -> None:
@@ -299,39 +303,45 @@ async def _load_all(state: AppState) -> None:
 
 
 async def _load(state: AppState, model: ServedModel) -> None:
-    """Load and warm one engine in the background: /health answers 503 until every one is done."""
+    """Load and warm one engine in the background: /health answers 503 until every one is done. A
+    failure is logged in full and stops the server (`state.on_load_failure`); clients only read that the
+    engine failed to load, never the error's paths or runtime internals."""
     try:
         engine = await asyncio.to_thread(model.load)
         service = InferenceService(engine, state.settings)
         service.start()
         await service.warmup()
-    except BeiError as error:
-        model.load_error = f"the engine {model.name!r} failed to load: {error.message}"
-        log.error(model.load_error)
-        return
-    except Exception as error:  # noqa: BLE001 - reported on /health and in the log
-        model.load_error = f"the engine {model.name!r} failed to load: {error!r}"
-        log.exception("the engine failed to load")
+    except Exception as error:  # noqa: BLE001 - logged, and the server stops
+        detail = error.message if isinstance(error, BeiError) else repr(error)
+        model.load_error = f"the engine {model.name!r} failed to load; the server log says why"
+        model.load_detail = f"the engine {model.name!r} failed to load: {detail}"
+        if isinstance(error, BeiError):
+            log.error(model.load_detail)
+        else:
+            log.exception(model.load_detail)
+        if state.on_load_failure is not None:
+            state.on_load_failure()
         return
     model.service = service
     log.info("engine %s ready: task %s, backend %s", model.name, model.task.value, model.manifest.target.name)
 
 
 def state_for_engines(folders: list[Path], settings: ServeSettings) -> AppState:
-    """Check every engine's manifest now (clear errors before the server starts); backends load later."""
-    from bei.engine.manifest import read_manifest
+    """Check every engine now (its manifest, this machine, its files' hashes: clear errors before the
+    server starts); backends load later."""
     from bei.errors import ConfigError
-    from bei.targets.registry import check_compatible
+    from bei.targets.loading import open_manifest
 
     models: dict[str, ServedModel] = {}
     for folder in folders:
-        manifest = read_manifest(folder)
-        check_compatible(manifest)
+        manifest = open_manifest(folder)
         name = settings.served_model_name if settings.served_model_name and len(folders) == 1 else manifest.name
         if name in models:
             raise ConfigError(f"two engines are named {name!r}; serve each name once")
         models[name] = ServedModel(
-            name=name, manifest=manifest, load=functools.partial(load_engine, folder, threads=settings.engine_threads)
+            name=name,
+            manifest=manifest,
+            load=functools.partial(load_engine, folder, threads=settings.engine_threads, manifest=manifest),
         )
     return AppState(settings=settings, models=models)
 

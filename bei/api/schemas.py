@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, field_validator
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from bei.text.tokenizer import Direction
@@ -34,7 +34,7 @@ def _direction(value: object) -> object:
 
 
 class TruncationMixin(BaseModel):
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
 
     _check_direction = field_validator("truncation_direction", mode="before")(classmethod(lambda cls, v: _direction(v)))
@@ -51,7 +51,7 @@ class EmbedRequest(_Request, TruncationMixin):
     """TEI's /embed."""
 
     inputs: EmbeddingInput
-    normalize: bool = True
+    normalize: StrictBool = True
     dimensions: int | None = Field(None, gt=0)
     prompt_name: str | None = None
 
@@ -61,8 +61,8 @@ class RerankRequest(_Request, TruncationMixin):
 
     query: str
     texts: list[str]
-    raw_scores: bool = False
-    return_text: bool = False
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
 
 
 class CohereDocument(BaseModel):
@@ -76,7 +76,7 @@ class CohereRerankRequest(_Request):
     query: str
     documents: list[str | CohereDocument]
     top_n: int | None = Field(None, gt=0)
-    return_documents: bool = False
+    return_documents: StrictBool = False
 
 
 PredictInput = str | list[str] | list[list[str]]
@@ -84,12 +84,12 @@ PredictInput = str | list[str] | list[list[str]]
 
 class PredictRequest(_Request, TruncationMixin):
     inputs: PredictInput
-    raw_scores: bool = False
+    raw_scores: StrictBool = False
 
 
 class PredictTokensRequest(_Request, TruncationMixin):
     inputs: PredictInput
-    raw_scores: bool = False
+    raw_scores: StrictBool = False
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "none"
 
 
@@ -99,7 +99,7 @@ class SparseRequest(_Request, TruncationMixin):
 
 class TokenizeRequest(_Request):
     inputs: str | list[str]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     prompt_name: str | None = None
 
 

@@ -24,7 +24,8 @@ class ServedModel:
     manifest: Manifest
     load: Callable[[], LoadedEngine]
     service: InferenceService | None = None
-    load_error: str | None = None
+    load_error: str | None = None  # what clients read (/health, 503s): no paths, no runtime internals
+    load_detail: str | None = None  # the whole error, for the log and `bei serve`'s exit message
 
     @property
     def task(self) -> Task:
@@ -38,6 +39,7 @@ class AppState:
     draining: bool = False
     in_flight: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+    on_load_failure: Callable[[], None] | None = None  # `bei serve`: stop, and exit non-zero
     registry: CollectorRegistry = field(init=False, repr=False)  # this app's /metrics, never the global one
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from bei.errors import ModelError
-from bei.kinds import Task
+from bei.kinds import GRAPH_OUTPUTS, Task
 from bei.modeling.pooling import pool
 from bei.modeling.spec import DenseLayer, ModelSpec
 
@@ -28,13 +28,7 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "sigmoid": torch.nn.Sigmoid,
 }
 
-OUTPUT_NAMES: dict[Task, str] = {
-    Task.EMBED: "sentence_embedding",
-    Task.RERANK: "logits",
-    Task.CLASSIFY: "logits",
-    Task.NER: "logits",
-    Task.SPARSE: "sparse_embedding",
-}
+OUTPUT_NAMES: dict[Task, str] = GRAPH_OUTPUTS
 
 
 def input_names(spec: ModelSpec) -> list[str]:

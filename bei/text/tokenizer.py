@@ -14,6 +14,11 @@ from bei.text.chat_template import ChatTemplate, read_special_tokens, truncate_k
 Direction = Literal["right", "left"]
 TextInput = str | tuple[str, str] | list[int]
 
+# A token is seldom over 8 characters; one over CHARS_PER_TOKEN is rare even in code or URLs. A text of
+# more than max_length * CHARS_PER_TOKEN characters is cut to that before it is tokenized (truncate on),
+# or refused (truncate off): the tokenizer holds the GIL, and megabytes of text would stall the server.
+CHARS_PER_TOKEN = 16
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -41,6 +46,7 @@ class TokenizerRuntime:
 
     def __init__(self, tokenizer_file: Path, max_length: int, chat_template: str | None = None) -> None:
         self.max_length = max_length
+        self.max_chars = max_length * CHARS_PER_TOKEN
         self.chat_template: ChatTemplate | None = None
         if chat_template:
             self.chat_template = ChatTemplate(chat_template, read_special_tokens(Path(tokenizer_file).parent))
@@ -123,6 +129,7 @@ class TokenizerRuntime:
                 raise EmptyInputError("input is empty")
         elif not item:
             raise EmptyInputError("input is empty")
+        item = self.bound(item, truncate=truncate, direction=direction)
         if self.chat_template is not None:
             return self._encode_chat(self.chat_template, item, truncate=truncate, direction=direction)
         prompt_length = 0
@@ -144,6 +151,21 @@ class TokenizerRuntime:
             special=list(enc.special_tokens_mask),
             prompt_length=prompt_length,
         )
+
+    def bound(self, item: str | tuple[str, str], *, truncate: bool, direction: Direction = "right") -> str | tuple[str, str]:
+        """Each text of `item` cut to `max_chars` characters (truncate on: the tokens kept are the same
+        unless the cut text has fewer than `max_length` tokens), or refused over it (truncate off)."""
+        texts = (item,) if isinstance(item, str) else item
+        longest = max(len(text) for text in texts)
+        if longest <= self.max_chars:
+            return item
+        if not truncate:
+            raise InputTooLongError(
+                f"input of {longest} characters is longer than the model's limit of {self.max_length} tokens can hold "
+                f"(at most {self.max_chars} characters are tokenized); shorten it or set truncate: true"
+            )
+        cut = [text[: self.max_chars] if direction == "right" else text[-self.max_chars :] for text in texts]
+        return cut[0] if isinstance(item, str) else (cut[0], cut[1])
 
     def _chat_ids(self, text: str) -> list[int]:
         return list(self._plain.encode(text, add_special_tokens=False).ids)

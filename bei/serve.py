@@ -1,8 +1,11 @@
 """Process lifecycle of `bei serve`: check the engines, start uvicorn, drain on SIGTERM.
 
 On SIGTERM (or Ctrl-C) the server first drains: /health answers 503 and new requests get 503
-while the requests already accepted finish (up to `DRAIN_TIMEOUT_S`); then uvicorn shuts down and
-the process exits 0.
+while the requests already accepted finish (up to `--drain-timeout`, 20 s by default); those still
+running then are answered 503 (never 500), uvicorn shuts down and the process exits 0: under 30 s
+in all by default. A second signal stops at once.
+
+An engine that fails to load stops the server: `bei serve` exits 1 with the error.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from bei.api.state import AppState
 from bei.errors import EngineError
 from bei.settings import ServeSettings
 
-DRAIN_TIMEOUT_S = 30.0
+ABANDON_GRACE_S = 2.0  # after the drain timeout: for the abandoned requests' 503s to go out
 log = logging.getLogger("bei")
 
 
@@ -39,9 +42,16 @@ class DrainingServer(uvicorn.Server):
         asyncio.get_event_loop().create_task(self._exit_when_drained(sig, frame))
 
     async def _exit_when_drained(self, sig: int, frame: FrameType | None) -> None:
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while self.state.in_flight > 0 and time.monotonic() < deadline:
+        state = self.state
+        deadline = time.monotonic() + state.settings.drain_timeout
+        while state.in_flight + state.receiving > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if state.in_flight + state.receiving > 0:
+            log.warning("drain timeout: answering %d requests still in flight with 503", state.in_flight + state.receiving)
+            state.abandon.set()
+            deadline = time.monotonic() + ABANDON_GRACE_S
+            while state.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         # not super().handle_exit: uvicorn would re-raise the signal once stopped, so a clean drain
         # would end with "killed by SIGTERM" (-15 / 143) instead of exit status 0
         self.should_exit = True
@@ -65,7 +75,7 @@ def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
+        timeout_graceful_shutdown=int(ABANDON_GRACE_S) + 1,  # the drain is done by then
         loop=loop,
         http=http,
     )

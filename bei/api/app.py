@@ -13,19 +13,19 @@ from typing import Any
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
 from bei.api import schemas
 from bei.api.guard import ApiKeyMiddleware, http_error, server_error
-from bei.api.http import OPENAI_STYLE_PREFIX, JSONResponse, Timing, error_response, json_response, read_json, validate
+from bei.api.http import OPENAI_STYLE_PREFIX, JSONResponse, Timing, error_response, json_response, read_json_within, validate
 from bei.api.metrics import exposition
 from bei.api.routes import DEFAULT_ROUTE, TASK_ROUTES, TaskRoute, routes_for
 from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
-from bei.errors import BeiError, NotReadyError, OverloadedError
+from bei.errors import BeiError, NotReadyError, OverloadedError, RequestTimeoutError
 from bei.inference import InferenceService
 from bei.settings import ServeSettings
 from bei.targets.loading import load_engine
@@ -39,8 +39,9 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client disconnects first, cancel it (its inputs leave the queue)."""
+async def _until_disconnect(request: Request, work: Awaitable[Any], abandon: asyncio.Event) -> Any:
+    """Run `work`; if the client disconnects first, cancel it (its inputs leave the queue); if the
+    server stops waiting for it (`abandon`: SIGTERM's drain timed out), cancel it and answer 503."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -48,41 +49,72 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
             pass
 
     watcher = asyncio.ensure_future(watch())
+    stopper = asyncio.ensure_future(abandon.wait())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        stopper.cancel()
     if task in done:
         return task.result()
     task.cancel()
+    if stopper in done:
+        raise NotReadyError("the server is shutting down and stopped waiting for this request")
     raise ClientDisconnected
+
+
+async def _unless_abandoned(work: Awaitable[Any], abandon: asyncio.Event) -> Any:
+    """`work`, or 503 once SIGTERM's drain stops waiting (a body still arriving then)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(abandon.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise NotReadyError("the server is shutting down and stopped waiting for this request")
 
 
 RouteWork = Callable[[AppState, Request, Any, Timing], Awaitable[tuple[Any, dict[str, str]]]]
 
 
 def _endpoint(state: AppState, path: str, work: RouteWork) -> Callable[[Request], Awaitable[Response]]:
-    """The one request path of every POST route: limits, JSON, the work, errors, headers, metrics."""
+    """The one request path of every POST route: body (within --body-timeout), limits, JSON, the
+    work, errors, headers, metrics. A request counts against --max-concurrent-requests once its body
+    is read: a slow upload holds no slot."""
 
     async def endpoint(request: Request) -> Response:
         timing = Timing()
-        state.in_flight += 1
+        counted = False
         try:
-            if state.in_flight > state.settings.max_concurrent_requests:
-                raise OverloadedError(f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests")
             if state.draining:
                 raise NotReadyError("the server is shutting down")
-            data = await read_json(request, state.settings.payload_limit)
-            payload, headers = await _until_disconnect(request, work(state, request, data, timing))
+            state.receiving += 1
+            try:
+                body = read_json_within(request, state.settings.payload_limit, state.settings.body_timeout)
+                data = await _unless_abandoned(body, state.abandon)
+            finally:
+                state.receiving -= 1
+            state.in_flight += 1
+            counted = True
+            if state.in_flight > state.settings.max_concurrent_requests:
+                raise OverloadedError(f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests")
+            payload, headers = await _until_disconnect(request, work(state, request, data, timing), state.abandon)
             response = json_response(payload, timing)
             response.headers.update(headers)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):
+            log.info("%s %s: the client went away before its answer", request.method, path)
             response = Response(status_code=CLIENT_CLOSED)
         except BeiError as error:
             response = error_response(error, path)
             response.headers.update(timing.headers())
+            if isinstance(error, RequestTimeoutError):  # the rest of the body is never read
+                response.headers["connection"] = "close"
         finally:
-            state.in_flight -= 1
+            if counted:
+                state.in_flight -= 1
         if state.draining:  # the server is going away: clients should not reuse this connection
             response.headers["connection"] = "close"
         state.metrics.observe(path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed)

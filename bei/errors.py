@@ -7,6 +7,10 @@ server that builds on start answers with a meaningful code if it is ever asked.
 
 from __future__ import annotations
 
+import re
+
+_PATH = re.compile(r"(?<![\w.])(?:/|~/)[^\s'\",;:()\[\]]+")
+
 
 class BeiError(Exception):
     """Base of every error bei reports to a user. `message` is meant to be read by a person."""
@@ -161,3 +165,12 @@ def http_status(error: BeiError) -> int:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
     return 500
+
+
+def client_safe(error: BaseException, limit: int = 200) -> str:
+    """An unexpected exception as a client may read it: its type and first line, paths replaced by
+    `<path>`, cut to `limit` characters. The whole error belongs in the server log."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = _PATH.sub("<path>", first)
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -47,7 +47,11 @@ def dense_module(layer: DenseLayer, load: bool = True) -> torch.nn.Module:
     if not load:
         return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
     weights_file = layer.path / "model.safetensors"
-    state = load_file(weights_file) if weights_file.exists() else torch.load(layer.path / "pytorch_model.bin")
+    state = (
+        load_file(weights_file)
+        if weights_file.exists()
+        else torch.load(layer.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    )
     state = {k.removeprefix("linear."): v for k, v in state.items()}
     linear.load_state_dict(state)
     return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())

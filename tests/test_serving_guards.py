@@ -138,6 +138,27 @@ def test_huge_inputs_are_cut_or_refused_quickly(keyed: str) -> None:
     assert took < 20, f"three huge requests took {took:.1f}s"
 
 
+def test_the_tokenizer_never_reads_megabytes(engine: Path) -> None:
+    from bei.errors import InputTooLongError
+    from bei.text.tokenizer import CHARS_PER_TOKEN, TokenizerRuntime
+
+    tokenizer = TokenizerRuntime(engine / "tokenizer.json", 64)
+    assert tokenizer.max_chars == 64 * CHARS_PER_TOKEN
+    big = "alpha beta " * (BIG // 11)
+    started = time.perf_counter()
+    right = tokenizer.encode(big, truncate=True)
+    left = tokenizer.encode(big + " omega", truncate=True, direction="left")
+    pair = tokenizer.encode((big, big), truncate=True)
+    took = time.perf_counter() - started
+    assert right.ids == tokenizer.encode(big[:5000], truncate=True).ids and len(right) == 64
+    assert left.ids == tokenizer.encode(big[-5000:] + " omega", truncate=True, direction="left").ids
+    assert len(pair) == 64 and took < 1.0, took
+    with pytest.raises(InputTooLongError, match="characters"):
+        tokenizer.encode(big)
+    with pytest.raises(InputTooLongError):
+        tokenizer.encode(list(range(100_000)))  # refused before its ids are checked one by one
+
+
 def _p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
 

@@ -203,15 +203,15 @@ class TokenizerRuntime:
     def _from_ids(self, ids: list[int], *, truncate: bool, direction: Direction) -> Encoded:
         if not ids:
             raise EmptyInputError("input is empty")
-        vocab = self._plain.get_vocab_size(with_added_tokens=True)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValidationError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if len(ids) > self.max_length:
+        if len(ids) > self.max_length:  # cut (or refused) before the vocabulary check: bounded work
             if not truncate:
                 raise InputTooLongError(
                     f"input of {len(ids)} tokens is longer than the model's limit of {self.max_length} tokens; "
                     "shorten it or set truncate: true"
                 )
             ids = ids[: self.max_length] if direction == "right" else ids[-self.max_length :]
+        vocab = self._plain.get_vocab_size(with_added_tokens=True)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValidationError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return Encoded(ids=list(ids), type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids), special=[0] * len(ids))

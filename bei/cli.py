@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array")
         files.add_argument("--batch-size", type=int, default=32, help="texts per request")
         files.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+        files.add_argument("--api-key", default=None, help="the server's API key (default: env BEI_API_KEY)")
         if name == "embed":
             files.add_argument("--model", default=None, help="model name, where the server serves several")
         else:
@@ -143,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.command == "embed":
                     count = embed_file(
-                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency, model=args.model
-                    )
+                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency, model=args.model,
+                        api_key=args.api_key,
+                    )  # fmt: skip
                 else:
                     count = rerank_file(
-                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency
-                    )
+                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
+                        api_key=args.api_key,
+                    )  # fmt: skip
             except ClientError as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 1

@@ -78,6 +78,15 @@ def test_client_sends_the_key(keyed: str, monkeypatch: pytest.MonkeyPatch) -> No
         client.embed(["a"])
 
 
+def test_bei_embed_takes_the_key(keyed: str, tmp_path: Path) -> None:
+    from bei import cli
+
+    (tmp_path / "in.txt").write_text("one\ntwo\n")
+    args = ["embed", "--url", keyed, "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.npy")]
+    assert cli.main([*args, "--api-key", KEY]) == 0 and np.load(tmp_path / "out.npy").shape[0] == 2
+    assert cli.main(args) == 1  # no key: 401
+
+
 def test_api_key_from_the_environment_and_on_metrics(engine: Path) -> None:
     from bei.testing.inproc_server import serve_engine
 

@@ -6,6 +6,10 @@ running then are answered 503 (never 500), uvicorn shuts down and the process ex
 in all by default. A second signal stops at once.
 
 An engine that fails to load stops the server: `bei serve` exits 1 with the error.
+
+uvicorn has no timeout for a request's head (a client may trickle headers forever): with httptools,
+bei's protocol closes a connection whose request line and headers have not all arrived within
+`--header-timeout` seconds of the connection or of the request's first byte.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -65,6 +70,48 @@ def loop_and_http() -> tuple[str, str]:
     return loop, http
 
 
+def head_timeout_protocol(timeout: float) -> type[Any]:
+    """uvicorn's httptools protocol, closing connections whose request head is not complete within
+    `timeout` seconds (armed when the connection opens and when each request starts)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadTimeoutProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout, self._head_expired)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                log.info("closed a connection whose request head did not arrive within %gs", timeout)
+                self.transport.close()
+
+    return HeadTimeoutProtocol
+
+
 def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = state_for_engines(engine_dirs, settings)
@@ -77,7 +124,7 @@ def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(ABANDON_GRACE_S) + 1,  # the drain is done by then
         loop=loop,
-        http=http,
+        http=head_timeout_protocol(settings.header_timeout) if http == "httptools" else http,
     )
     server = DrainingServer(config, state)
 

@@ -301,6 +301,29 @@ def test_a_client_hanging_up_mid_body_costs_one_log_line(engine: Path, caplog: p
     assert not any(r.exc_info or "Traceback" in r.getMessage() or "Exception in ASGI" in r.getMessage() for r in records)
 
 
+def test_a_trickling_request_head_is_closed(engine: Path, tmp_path: Path) -> None:
+    """--header-timeout 1: a connection that sends half a head, or nothing, is closed; keep-alive
+    requests on one connection are unaffected."""
+    server = Server([str(engine), "--log-level", "warning", "--header-timeout", "1"], tmp_path / "serve.log").start()
+    try:
+        host, port = "127.0.0.1", server.port
+        half = socket.create_connection((host, port), timeout=30)
+        silent = socket.create_connection((host, port), timeout=30)
+        started = time.monotonic()
+        half.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\n")
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            for _ in range(3):  # one connection, kept alive across the timeout
+                assert http.post("/embed", json={"inputs": "hi"}).status_code == 200
+                time.sleep(0.6)
+        assert half.recv(1024) == b"" and silent.recv(1024) == b""
+        took = time.monotonic() - started
+        half.close()
+        silent.close()
+    finally:
+        server.stop()
+    assert 0.8 < took < 15, took
+
+
 # --- SIGTERM: a configurable drain; stalled requests answered 503 --------------------------------
 def test_sigterm_answers_a_stalled_request_503_within_the_drain_timeout(engine: Path, tmp_path: Path) -> None:
     port = free_port()

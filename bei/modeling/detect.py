@@ -60,6 +60,17 @@ def _module_kind(entry: dict[str, Any]) -> str:
     return str(entry.get("type", "")).rsplit(".", 1)[-1]
 
 
+def module_dir(checkpoint: Path, name: object) -> Path:
+    """The folder of a modules.json entry (`path`), refused when it leads outside the checkpoint."""
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{checkpoint / 'modules.json'}: a module's path must be a folder name, not {name!r}")
+    root = checkpoint.resolve()
+    folder = (root / name).resolve()
+    if not folder.is_relative_to(root):
+        raise ModelError(f"{checkpoint / 'modules.json'}: module path {name!r} leads outside the checkpoint folder")
+    return folder
+
+
 def _read_modules(path: Path) -> list[dict[str, Any]]:
     modules_file = path / "modules.json"
     if not modules_file.exists():
@@ -224,11 +235,11 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
                 f"an embedding checkpoint needs its pooling: missing {missing} "
                 "(sentence-transformers' modules.json with a Pooling module and 1_Pooling/config.json)"
             )
-        pooling = PoolingConfig.read(path / str(pooling_entries[0].get("path", "1_Pooling")) / "config.json")
+        pooling = PoolingConfig.read(module_dir(path, pooling_entries[0].get("path", "1_Pooling")) / "config.json")
         for entry in modules:
             kind = _module_kind(entry)
             if kind == "Dense":
-                dense.append(_read_dense(path / str(entry["path"])))
+                dense.append(_read_dense(module_dir(path, entry.get("path"))))
             elif kind == "Normalize":
                 normalize = True
     elif task is Task.SPARSE:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from bei.errors import ModelError
-from bei.kinds import Task
+from bei.kinds import GRAPH_OUTPUTS, Task
 from bei.modeling.files import read_json
 from bei.modeling.pooling import pool
 from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
@@ -30,13 +30,7 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "sigmoid": torch.nn.Sigmoid,
 }
 
-OUTPUT_NAMES: dict[Task, str] = {
-    Task.EMBED: "sentence_embedding",
-    Task.RERANK: "logits",
-    Task.CLASSIFY: "logits",
-    Task.NER: "logits",
-    Task.SPARSE: "sparse_embedding",
-}
+OUTPUT_NAMES: dict[Task, str] = GRAPH_OUTPUTS
 
 
 def input_names(spec: ModelSpec) -> list[str]:
@@ -55,7 +49,11 @@ def dense_module(layer: DenseLayer, load: bool = True) -> torch.nn.Module:
     if not load:
         return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
     weights_file = layer.path / "model.safetensors"
-    state = load_file(weights_file) if weights_file.exists() else torch.load(layer.path / "pytorch_model.bin")
+    state = (
+        load_file(weights_file)
+        if weights_file.exists()
+        else torch.load(layer.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    )
     state = {k.removeprefix("linear."): v for k, v in state.items()}
     linear.load_state_dict(state)
     return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())

@@ -169,7 +169,7 @@ class TokenizerRuntime:
         if not truncate:
             raise InputTooLongError(
                 f"input of {longest} characters is longer than the model's limit of {self.max_length} tokens can hold "
-                f"(at most {self.max_chars} characters are tokenized); shorten it or set truncate: true"
+                f"(at most {self.max_chars} characters are tokenized)"  # the route adds what the client can do
             )
         cut = [text[: self.max_chars] if direction == "right" else text[-self.max_chars :] for text in texts]
         return cut[0] if isinstance(item, str) else (cut[0], cut[1])

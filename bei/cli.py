@@ -110,14 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(serve)
 
     for name, what in (("embed", "embed a file's texts"), ("rerank", "score a file's texts against a query")):
-        files = commands.add_parser(name, help=f"{what} through a running server (bei, BEI or TEI)")
-        files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
-        files.add_argument("--input", type=Path, required=True, help=".txt (one text per line) or .jsonl (a text field)")
-        files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array")
+        how = "in process with --engine (a batch job), or through a running server" if name == "embed" else "through a running server"
+        files = commands.add_parser(name, help=f"{what} {how} (bei, BEI or TEI)")
+        files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without --engine)")
+        files.add_argument(
+            "--input",
+            type=Path,
+            required=True,
+            help=".txt (one text a line) or .jsonl (a text field); with --engine also .parquet, or a folder",
+        )
+        files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array; with --engine a folder")
         files.add_argument("--batch-size", type=int, default=32, help="texts per request")
-        files.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+        files.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8); with --ray, actors (default 2)")
         if name == "embed":
+            from bei.batch.command import add_arguments as add_batch_arguments
+
             files.add_argument("--model", default=None, help="model name, where the server serves several")
+            add_batch_arguments(files)
         else:
             files.add_argument("--query", required=True, help="the query every text is scored against")
 
@@ -130,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _build(args.config, engines_root, args.target, args.quiet)
             return 0
+        if args.command == "embed" and args.engine is not None:
+            from bei.batch.command import run as run_batch
+
+            return run_batch(args)
+        if args.command == "embed" and args.ray:
+            parser.error("--ray runs a batch job: give the engine with --engine")
         if args.command in ("embed", "rerank"):
             from bei.client import ClientError
             from bei.files_cli import embed_file, rerank_file
@@ -137,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.command == "embed":
                     count = embed_file(
-                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency, model=args.model
+                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8, model=args.model
                     )
                 else:
                     count = rerank_file(
-                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency
+                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8
                     )
             except ClientError as error:
                 print(f"error: {error}", file=sys.stderr)

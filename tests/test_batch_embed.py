@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,39 @@ def test_without_engine_embed_is_still_the_http_client(tiny_engine: tuple[Path, 
     with serve_engine(engine) as url:
         assert cli.main(["embed", "--url", url, "--input", str(source), "--output", str(tmp_path / "out.npy")]) == 0
     assert np.load(tmp_path / "out.npy").shape[0] == 2
+
+
+def test_a_job_killed_mid_run_resumes_to_the_same_output(tiny_engine: tuple[Path, Path], tmp_path: Path) -> None:
+    """A `bei embed` process that dies on its third part (os._exit, as kill -9), then the same command again."""
+    from bei.batch.faults import FAULT_EXIT_AT, FAULT_MARKER
+    from tests.servers import bei_command, bei_env
+
+    _, engine = tiny_engine
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts(600, seed=4)])
+    output = tmp_path / "out"
+    command = bei_command(
+        "embed", "--engine", engine, "--input", source, "--output", output, "--chunk-size", "100", "--engine-threads", "1"
+    )
+    env = bei_env(**{FAULT_EXIT_AT: "3", FAULT_MARKER: str(tmp_path / "died")})
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 17, first.stderr
+    assert done_parts(output) == {0, 1}
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "2 parts already done" in second.stderr and "rows/s" in second.stderr
+    reference = tmp_path / "reference"
+    run_local(JobSpec(engine, source, reference, chunk_size=100, quiet=True))
+    table = read_output(output)
+    assert table.column("row").to_pylist() == list(range(600))
+    assert cosines(embeddings(output), embeddings(reference)).min() >= MIN_COSINE
+
+
+def test_ray_and_pyarrow_are_imported_only_by_the_job() -> None:
+    """`bei` itself, and the batch modules, import neither ray nor pyarrow until a job runs."""
+    probe = (
+        "import sys, bei.cli, bei.batch.command, bei.batch.ray_job, bei.batch.sources, bei.batch.parts; "
+        "print(sorted(m for m in ('ray', 'pyarrow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from bei import cli
+from bei.batch.faults import FAULT_EXIT_AT, FAULT_MARKER
 from bei.batch.job import JobSpec, run_local
 from bei.batch.parts import done_parts, read_output
-from bei.batch.ray_job import FAULT_EXIT_AT, FAULT_MARKER
 from bei.testing.inproc_server import make_and_build
 from tests.servers import MIN_COSINE
 from tests.test_batch_embed import cosines, embeddings, texts

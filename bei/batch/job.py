@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bei.batch.embedder import Embedder
+from bei.batch.faults import maybe_exit
 from bei.batch.meter import Meter
 from bei.batch.options import DEFAULT_CHUNK, EmbedOptions
 from bei.batch.parts import done_parts, prepare_output, write_part
@@ -84,7 +85,8 @@ def run_local(spec: JobSpec) -> int:
         meter = Meter(plan.total, done=kept, enabled=not spec.quiet)
         embedder = Embedder(spec.engine, spec.embed)
         try:
-            for part in plan.todo:
+            for started, part in enumerate(plan.todo, 1):
+                maybe_exit(started)
                 meter.add(embed_part(embedder, part, spec, plan.with_ids))
         finally:
             embedder.close()

@@ -19,21 +19,16 @@ on each node (`pip install 'bei[ray]'`).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bei.batch.faults import forwarded, maybe_exit
 from bei.batch.meter import Meter
 from bei.batch.sources import Part, Segment
 from bei.errors import BeiError
-
-# fault injection for tests: an actor process exits on its Nth part, once (the marker file says it did)
-FAULT_EXIT_AT = "BEI_BATCH_FAULT_EXIT_AT"
-FAULT_MARKER = "BEI_BATCH_FAULT_MARKER"
 
 
 @dataclass(frozen=True)
@@ -64,19 +59,13 @@ class PartEmbedder:
         self.embedder = Embedder(spec.engine, spec.embed)
         self.calls = 0
 
-    def _maybe_fail(self) -> None:
-        at, marker = os.environ.get(FAULT_EXIT_AT), os.environ.get(FAULT_MARKER)
-        if at and marker and self.calls == int(at) and not Path(marker).exists():
-            Path(marker).write_text(f"actor {os.getpid()} exited on its part {self.calls}\n")
-            os._exit(1)  # the process dies, as on a lost node or an OOM kill
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from bei.batch.job import embed_part
 
         indices, rows = [], []
         for text in batch["part"]:
             self.calls += 1
-            self._maybe_fail()
+            maybe_exit(self.calls)
             part = _decode(str(text))
             rows.append(embed_part(self.embedder, part, self.spec, self.with_ids))
             indices.append(part.index)
@@ -96,8 +85,8 @@ def _init_ray(options: RayOptions) -> None:
 
 def _actor_args() -> dict[str, Any]:
     """The fault-injection variables of this process, for the actors (tests)."""
-    forwarded = {k: v for k, v in os.environ.items() if k in (FAULT_EXIT_AT, FAULT_MARKER)}
-    return {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
+    env = forwarded()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def run_ray(spec: Any, options: RayOptions) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from bei.errors import ValidationError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+READ_BATCH = 4096  # Parquet rows decoded at a time
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def _text_rows(segment: Segment, fields: Fields, with_ids: bool, texts: list[str
 
 
 def _parquet_segment(segment: Segment, fields: Fields, with_ids: bool, texts: list[str], ids: list[Any]) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = pq.ParquetFile(segment.path)
@@ -190,14 +192,29 @@ def _parquet_segment(segment: Segment, fields: Fields, with_ids: bool, texts: li
         raise ValidationError(f"--input: {segment.path} has no column {fields.text!r} (it has {', '.join(names)})")
     columns = [fields.text] + ([fields.id] if with_ids and fields.id in names else [])
     end = segment.offset + segment.count
-    groups, first_row, row = [], None, 0
+    groups: list[int] = []
+    first = row = 0
     for group in range(source.metadata.num_row_groups):  # only the row groups that overlap the segment
         n = source.metadata.row_group(group).num_rows
         if row + n > segment.offset and row < end:
+            if not groups:
+                first = row
             groups.append(group)
-            first_row = row if first_row is None else first_row
         row += n
-    table = source.read_row_groups(groups, columns=columns).slice(segment.offset - (first_row or 0), segment.count)
+    if not groups:
+        raise ValidationError(f"--input: {segment.path} changed since the job started (fewer rows than planned)")
+    pieces = []  # record batches, sliced to the segment: memory of the segment plus one batch, however big the row groups
+    position = first
+    for batch in source.iter_batches(batch_size=READ_BATCH, row_groups=groups, columns=columns):
+        lo, hi = max(segment.offset, position), min(end, position + batch.num_rows)
+        if hi > lo:
+            pieces.append(batch.slice(lo - position, hi - lo))
+        position += batch.num_rows
+        if position >= end:
+            break
+    table = pa.Table.from_batches(pieces, schema=pieces[0].schema if pieces else None)
+    if table.num_rows != segment.count:
+        raise ValidationError(f"--input: {segment.path} changed since the job started (fewer rows than planned)")
     column = table.column(fields.text).to_pylist()
     if any(not isinstance(t, str) for t in column):
         raise ValidationError(f"--input: {segment.path}: column {fields.text!r} holds a value that is not a string")

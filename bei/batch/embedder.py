@@ -8,6 +8,7 @@ prompt, as POST /v1/embeddings does: the job's vectors are the server's, row by 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,25 +48,28 @@ class Embedder:
     async def _start(self) -> None:
         self.service.start()
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
+    async def _embed(self, texts: list[str], progress: Callable[[int], None] | None) -> np.ndarray:
         gate = asyncio.Semaphore(IN_FLIGHT)
 
         async def window(chunk: list[str]) -> np.ndarray:
             async with gate:
                 outcome = await self.service.run(list(chunk), truncate=self.options.truncate, prompt=self.prompt)
+                if progress is not None:
+                    progress(len(chunk))
                 return np.stack(outcome.rows).astype(np.float32, copy=False)
 
         chunks = [texts[i : i + WINDOW] for i in range(0, len(texts), WINDOW)]
         return np.concatenate(await asyncio.gather(*(window(c) for c in chunks)))
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """float32 [len(texts), dim], in the order of `texts`."""
+    def embed(self, texts: list[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """float32 [len(texts), dim], in the order of `texts`; `progress(rows)` as windows of texts are done."""
         if not texts:
             dim = self.options.dimensions or self.manifest.embedding_dim or 0
             return np.zeros((0, dim), np.float32)
-        vectors = self._loop.run_until_complete(self._embed(texts))
+        vectors = self._loop.run_until_complete(self._embed(texts, progress))
         return finish(vectors, normalize=self.normalize, dimensions=self.options.dimensions, full_dim=vectors.shape[1])
 
     def close(self) -> None:
-        self._loop.run_until_complete(self.service.stop())
-        self._loop.close()
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self.service.stop())
+            self._loop.close()

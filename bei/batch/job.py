@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,10 @@ def plan_job(spec: JobSpec) -> Plan:
     return Plan(parts, todo, id_present(files, spec.fields), sum(p.count for p in parts))
 
 
-def embed_part(embedder: Embedder, part: Part, spec: JobSpec, with_ids: bool) -> int:
-    """Read, embed and write one part; the rows it wrote."""
+def embed_part(embedder: Embedder, part: Part, spec: JobSpec, with_ids: bool, progress: Callable[[int], None] | None = None) -> int:
+    """Read, embed and write one part; the rows it wrote. `progress(rows)` as its rows are embedded."""
     rows = read_part(part, spec.fields, with_ids)
-    vectors = embedder.embed(rows.texts)
+    vectors = embedder.embed(rows.texts, progress)
     write_part(spec.output, part.index, part.start, vectors, rows.ids)
     return len(rows.texts)
 
@@ -87,7 +88,7 @@ def run_local(spec: JobSpec) -> int:
         try:
             for started, part in enumerate(plan.todo, 1):
                 maybe_exit(started)
-                meter.add(embed_part(embedder, part, spec, plan.with_ids))
+                embed_part(embedder, part, spec, plan.with_ids, meter.add)
         finally:
             embedder.close()
         meter.finish()

@@ -59,6 +59,11 @@ class PartEmbedder:
         self.embedder = Embedder(spec.engine, spec.embed)
         self.calls = 0
 
+    def __del__(self) -> None:  # Ray Data deletes the actor's instance when the pool shuts down
+        embedder = getattr(self, "embedder", None)
+        if embedder is not None:
+            embedder.close()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from bei.batch.job import embed_part
 

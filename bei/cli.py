@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", type=Path, default=None, help="serve this config's engine, building it first when none is up to date")
     serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
     add_arguments(serve)
+    serve.add_argument("--ray", action="store_true", help="serve as a Ray Serve application of --replicas replicas (docs/scale.md)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each loading every engine (default 1)")
+    serve.add_argument("--ray-address", default=None, help="with --ray: auto (a running cluster) or host:6379 (default: a local Ray)")
+    serve.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica holds (default 0)")
+    serve.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica holds (default 1)")
 
     for name, what in (("embed", "embed a file's texts"), ("rerank", "score a file's texts against a query")):
         how = "in process with --engine (a batch job), or through a running server" if name == "embed" else "through a running server"
@@ -173,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
                 engine_dir = _build(args.config, engines_root, "auto", quiet=False)
             engine_dirs = [engine_dir]
+        if args.ray:
+            from bei.ray_serve import start
+
+            start(
+                engine_dirs,
+                settings,
+                replicas=args.replicas,
+                address=args.ray_address,
+                num_gpus=args.num_gpus_per_replica,
+                num_cpus=args.num_cpus_per_replica,
+            )
+            return 0
         from bei.serve import serve as run_server
 
         run_server(engine_dirs, settings)

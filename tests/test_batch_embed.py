@@ -202,3 +202,15 @@ def test_ray_and_pyarrow_are_imported_only_by_the_job() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_minilm_job_equals_sentence_transformers(minilm_build: Any, st_model: Any, tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2 engine: every output row is sentence-transformers' vector of its input row."""
+    items = texts(300, seed=6)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(items) + "\n")
+    output = tmp_path / "out"
+    assert run_local(JobSpec(minilm_build.engine_dir, source, output, chunk_size=128, quiet=True)) == 300
+    table = read_output(output)
+    assert table.column("row").to_pylist() == list(range(300))
+    assert cosines(embeddings(output), st_model.encode(items, convert_to_numpy=True)).min() >= MIN_COSINE

@@ -214,3 +214,19 @@ def test_minilm_job_equals_sentence_transformers(minilm_build: Any, st_model: An
     table = read_output(output)
     assert table.column("row").to_pylist() == list(range(300))
     assert cosines(embeddings(output), st_model.encode(items, convert_to_numpy=True)).min() >= MIN_COSINE
+
+
+def test_every_part_has_the_id_type_of_the_first_record(tiny_engine: tuple[Path, Path], tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, engine = tiny_engine
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"id": f"k{i}" if i < 3 else i, "text": "x"} for i in range(6)])
+    run_local(JobSpec(engine, mixed, tmp_path / "strings", chunk_size=3, quiet=True))
+    assert read_output(tmp_path / "strings").column("id").to_pylist() == ["k0", "k1", "k2", "3", "4", "5"]
+    numbers_first = write_jsonl(tmp_path / "n.jsonl", [{"id": i if i < 3 else f"k{i}", "text": "x"} for i in range(6)])
+    with pytest.raises(ValidationError, match="id-field"):
+        run_local(JobSpec(engine, numbers_first, tmp_path / "numbers", chunk_size=3, quiet=True))
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "id": pa.array([7, 8, 9], pa.int32())}), tmp_path / "t.parquet")
+    run_local(JobSpec(engine, tmp_path / "t.parquet", tmp_path / "parquet", chunk_size=2, quiet=True))
+    assert read_output(tmp_path / "parquet").schema.field("id").type == pa.int32()

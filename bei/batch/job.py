@@ -13,7 +13,7 @@ from bei.batch.faults import maybe_exit
 from bei.batch.meter import Meter
 from bei.batch.options import DEFAULT_CHUNK, EmbedOptions
 from bei.batch.parts import done_parts, prepare_output, write_part
-from bei.batch.sources import Fields, Part, id_present, input_files, plan_parts, read_part
+from bei.batch.sources import Fields, Part, id_type, input_files, plan_parts, read_part
 from bei.engine.manifest import read_manifest
 from bei.errors import ValidationError
 
@@ -34,7 +34,7 @@ class JobSpec:
 class Plan:
     parts: list[Part]
     todo: list[Part]
-    with_ids: bool
+    id_type: Any  # pyarrow type of the id column; None: no id column
     total: int
 
 
@@ -65,14 +65,15 @@ def plan_job(spec: JobSpec) -> Plan:
     if extra:
         raise ValidationError(f"--output: {spec.output} holds parts the input does not have ({sorted(extra)[:5]})")
     todo = [p for p in parts if p.index not in done]
-    return Plan(parts, todo, id_present(files, spec.fields), sum(p.count for p in parts))
+    return Plan(parts, todo, id_type(files, spec.fields), sum(p.count for p in parts))
 
 
-def embed_part(embedder: Embedder, part: Part, spec: JobSpec, with_ids: bool, progress: Callable[[int], None] | None = None) -> int:
-    """Read, embed and write one part; the rows it wrote. `progress(rows)` as its rows are embedded."""
-    rows = read_part(part, spec.fields, with_ids)
+def embed_part(embedder: Embedder, part: Part, spec: JobSpec, ids: Any, progress: Callable[[int], None] | None = None) -> int:
+    """Read, embed and write one part (`ids`: the id column's type, or None); the rows it wrote. `progress(rows)` as
+    its rows are embedded."""
+    rows = read_part(part, spec.fields, ids is not None)
     vectors = embedder.embed(rows.texts, progress)
-    write_part(spec.output, part.index, part.start, vectors, rows.ids)
+    write_part(spec.output, part.index, part.start, vectors, rows.ids, ids)
     return len(rows.texts)
 
 
@@ -88,7 +89,7 @@ def run_local(spec: JobSpec) -> int:
         try:
             for started, part in enumerate(plan.todo, 1):
                 maybe_exit(started)
-                embed_part(embedder, part, spec, plan.with_ids, meter.add)
+                embed_part(embedder, part, spec, plan.id_type, meter.add)
         finally:
             embedder.close()
         meter.finish()

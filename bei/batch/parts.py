@@ -58,16 +58,24 @@ def prepare_output(output: Path, job: dict[str, Any], *, overwrite: bool) -> Non
     os.replace(temporary, record)
 
 
-def _id_array(ids: list[Any]) -> Any:
+def _id_array(ids: list[Any], id_type: Any) -> Any:
+    """The id column in the job's id type (the first record's): every part has the same schema."""
     import pyarrow as pa
 
-    if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in ids):
-        return pa.array(ids, type=pa.int64())
-    return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in ids], type=pa.string())
+    if id_type == pa.string():
+        ids = [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in ids]
+    elif id_type == pa.int64() and not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in ids):
+        raise ValidationError(
+            "--id-field: the first record's id is an integer, a later one is not: ids must be all integers or all strings"
+        )
+    try:
+        return pa.array(ids, type=id_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ValidationError(f"--id-field: an id is not of the first record's id type {id_type}: {err}") from None
 
 
 def write_part(output: Path, index: int, start: int, vectors: np.ndarray, ids: list[Any] | None, id_type: Any = None) -> Path:
-    """Write part `index` (rows `start`, `start + 1`, ...) atomically: temporary file, then rename."""
+    """Write part `index` (rows `start`, `start + 1`, ...) atomically: temporary file, then rename. `ids` in `id_type`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -80,7 +88,7 @@ def write_part(output: Path, index: int, start: int, vectors: np.ndarray, ids: l
         ),
     }
     if ids is not None:
-        columns["id"] = _id_array(ids) if id_type is None else pa.array(ids, type=id_type)
+        columns["id"] = _id_array(ids, id_type)
     table = pa.table(columns)
     final = output / part_name(index)
     temporary = output / f".{final.name}.tmp-{uuid.uuid4().hex}"

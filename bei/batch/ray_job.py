@@ -51,11 +51,11 @@ def _decode(text: str) -> Part:
 class PartEmbedder:
     """A Ray Data actor: the engine loaded once, then one part per call (batch_size=1)."""
 
-    def __init__(self, spec: Any, with_ids: bool) -> None:
+    def __init__(self, spec: Any, id_type: Any) -> None:
         from bei.batch.embedder import Embedder
 
         self.spec = spec
-        self.with_ids = with_ids
+        self.id_type = id_type
         self.embedder = Embedder(spec.engine, spec.embed)
         self.calls = 0
 
@@ -72,7 +72,7 @@ class PartEmbedder:
             self.calls += 1
             maybe_exit(self.calls)
             part = _decode(str(text))
-            rows.append(embed_part(self.embedder, part, self.spec, self.with_ids))
+            rows.append(embed_part(self.embedder, part, self.spec, self.id_type))
             indices.append(part.index)
         return {"part": np.array(indices, dtype=np.int64), "rows": np.array(rows, dtype=np.int64)}
 
@@ -115,7 +115,7 @@ def run_ray(spec: Any, options: RayOptions) -> int:
     dataset = ray.data.from_items([{"part": _encode(p)} for p in plan.todo], override_num_blocks=len(plan.todo))
     results = dataset.map_batches(
         PartEmbedder,
-        fn_constructor_kwargs={"spec": spec, "with_ids": plan.with_ids},
+        fn_constructor_kwargs={"spec": spec, "id_type": plan.id_type},
         batch_size=1,
         concurrency=options.concurrency,
         num_cpus=options.num_cpus,

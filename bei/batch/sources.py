@@ -136,21 +136,28 @@ def plan_parts(files: list[Path], chunk_size: int) -> list[Part]:
     return parts
 
 
-def id_present(files: list[Path], fields: Fields) -> bool:
-    """Whether the output carries an id column: the first record of the first file has the id field."""
+def id_type(files: list[Path], fields: Fields) -> Any:
+    """The pyarrow type of the output's id column, None for no id column. The first record of the first file
+    decides: a Parquet id column keeps its type; a .jsonl id that is an integer gives int64, any other a string."""
+    import pyarrow as pa
+
     first = files[0]
     if first.suffix == ".txt":
-        return False
+        return None
     if first.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return fields.id in pq.ParquetFile(first).schema_arrow.names
+        schema = pq.ParquetFile(first).schema_arrow
+        return schema.field(fields.id).type if fields.id in schema.names else None
     with first.open("rb") as stream:
         for line in stream:
             if line.strip():
                 record = json.loads(line)
-                return isinstance(record, dict) and fields.id in record
-    return False
+                if not isinstance(record, dict) or fields.id not in record:
+                    return None
+                value = record[fields.id]
+                return pa.int64() if isinstance(value, int) and not isinstance(value, bool) else pa.string()
+    return None
 
 
 def _text_rows(segment: Segment, fields: Fields, with_ids: bool, texts: list[str], ids: list[Any]) -> None:

@@ -78,3 +78,20 @@ def test_an_actor_killed_mid_job_still_gives_every_row_once(
     assert marker.exists(), "no actor died: the fault was not injected"
     _check(tmp_path / "out", reference)
     assert np.isfinite(embeddings(tmp_path / "out")).all()
+
+
+def test_ray_resumes_a_local_job(local_ray: None, job: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Parts a local job left are kept; Ray computes only the missing ones."""
+    import os
+
+    from bei.batch.parts import part_name
+
+    engine, source, reference = job
+    output = tmp_path / "out"
+    run_local(JobSpec(engine, source, output, chunk_size=250, quiet=True))
+    for index in (1, 4, 7):
+        (output / part_name(index)).unlink()
+    kept = {i: os.stat(output / part_name(i)).st_mtime_ns for i in (0, 2, 3, 5, 6)}
+    assert _embed_on_ray(engine, source, output) == 0
+    assert {i: os.stat(output / part_name(i)).st_mtime_ns for i in kept} == kept
+    _check(output, reference)

@@ -49,6 +49,7 @@ def served(engine: Path) -> Iterator[str]:
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_two_replicas_serve_the_engine(served: str, engine: Path) -> None:
     from bei.backend import Batch
     from bei.targets.loading import load_engine

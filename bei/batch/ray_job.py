@@ -27,8 +27,11 @@ import numpy as np
 
 from bei.batch.faults import forwarded, maybe_exit
 from bei.batch.meter import Meter
+from bei.batch.parts import part_name
 from bei.batch.sources import Part, Segment
 from bei.errors import BeiError
+
+MAX_BLOCKS = 2000
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,10 @@ class PartEmbedder:
             self.calls += 1
             maybe_exit(self.calls)
             part = _decode(str(text))
-            rows.append(embed_part(self.embedder, part, self.spec, self.id_type))
+            if (self.spec.output / part_name(part.index)).exists():  # a retried block: its parts written before the crash stand
+                rows.append(part.count)
+            else:
+                rows.append(embed_part(self.embedder, part, self.spec, self.id_type))
             indices.append(part.index)
         return {"part": np.array(indices, dtype=np.int64), "rows": np.array(rows, dtype=np.int64)}
 
@@ -112,7 +118,8 @@ def run_ray(spec: Any, options: RayOptions) -> int:
     _init_ray(options)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the meter below says rows/s and ETA
-    dataset = ray.data.from_items([{"part": _encode(p)} for p in plan.todo], override_num_blocks=len(plan.todo))
+    blocks = min(len(plan.todo), MAX_BLOCKS)  # one part a block (a block is what a dead actor's retry redoes), up to MAX_BLOCKS
+    dataset = ray.data.from_items([{"part": _encode(p)} for p in plan.todo], override_num_blocks=blocks)
     results = dataset.map_batches(
         PartEmbedder,
         fn_constructor_kwargs={"spec": spec, "id_type": plan.id_type},

@@ -67,19 +67,25 @@ def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> P
 
 
 def _up_to_date_engine(config_path: Path, engines_root: Path) -> Path | None:
-    """The engine of this config, if one exists built from the same config by this bei version."""
+    """The engine of this config, if one exists built from the same config by this bei version, with
+    its files as built (a corrupt or edited engine, or one without recorded file hashes, is rebuilt)."""
     from bei.config import load_config
+    from bei.engine.integrity import verify_engine
     from bei.engine.manifest import read_manifest
 
     config = load_config(config_path)
     folder = engines_root / config.name
     try:
         manifest = read_manifest(folder)
-    except BeiError:
+        if manifest.config_fingerprint != config.fingerprint() or manifest.bei_version != __version__:
+            return None
+        if verify_engine(folder, manifest) is not None:  # built before bei recorded file hashes
+            return None
+    except BeiError as error:
+        if folder.exists():
+            print(f"{error.message}", file=sys.stderr)
         return None
-    if manifest.config_fingerprint == config.fingerprint() and manifest.bei_version == __version__:
-        return folder
-    return None
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array; with --engine a folder")
         files.add_argument("--batch-size", type=int, default=32, help="texts per request")
         files.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8); with --ray, actors (default 2)")
+        files.add_argument("--api-key", default=None, help="the server's API key (default: env BEI_API_KEY)")
         if name == "embed":
             from bei.batch.command import add_arguments as add_batch_arguments
 
@@ -157,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.command == "embed":
                     count = embed_file(
-                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8, model=args.model
-                    )
+                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8, model=args.model,
+                        api_key=args.api_key,
+                    )  # fmt: skip
                 else:
                     count = rerank_file(
-                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8
-                    )
+                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8,
+                        api_key=args.api_key,
+                    )  # fmt: skip
             except ClientError as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class AsyncClient:
         timeout: float = 120.0,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
+        if api_key is None:  # as `bei serve`: the key from the environment
+            api_key = os.environ.get("BEI_API_KEY") or None
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
         self.batch_size = batch_size

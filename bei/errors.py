@@ -7,6 +7,10 @@ server that builds on start answers with a meaningful code if it is ever asked.
 
 from __future__ import annotations
 
+import re
+
+_PATH = re.compile(r"(?<![\w.])(?:/|~/)[^\s'\",;:()\[\]]+")
+
 
 class BeiError(Exception):
     """Base of every error bei reports to a user. `message` is meant to be read by a person."""
@@ -111,6 +115,26 @@ class NotReadyError(BeiError):
     error_type = "unhealthy"
 
 
+class UnauthorizedError(BeiError):
+    """A request without the server's API key (`--api-key`) in `Authorization: Bearer <key>`."""
+
+    error_type = "unauthorized"
+
+
+class RequestTimeoutError(BeiError):
+    """A request body that did not arrive within `--body-timeout`."""
+
+    error_type = "timeout"
+
+
+class RouteNotFoundError(BeiError):
+    error_type = "not_found"
+
+
+class MethodNotAllowedError(BeiError):
+    error_type = "method_not_allowed"
+
+
 HTTP_STATUS: dict[type[BeiError], int] = {
     ValidationError: 422,
     InputTooLongError: 422,
@@ -122,6 +146,10 @@ HTTP_STATUS: dict[type[BeiError], int] = {
     PayloadTooLargeError: 413,
     OverloadedError: 429,
     NotReadyError: 503,
+    UnauthorizedError: 401,
+    RequestTimeoutError: 408,
+    RouteNotFoundError: 404,
+    MethodNotAllowedError: 405,
     ConfigError: 400,
     CheckpointError: 500,
     ModelError: 500,
@@ -137,3 +165,12 @@ def http_status(error: BeiError) -> int:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
     return 500
+
+
+def client_safe(error: BaseException, limit: int = 200) -> str:
+    """An unexpected exception as a client may read it: its type and first line, paths replaced by
+    `<path>`, cut to `limit` characters. The whole error belongs in the server log."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = _PATH.sub("<path>", first)
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

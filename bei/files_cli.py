@@ -49,10 +49,12 @@ def _write(path: Path, rows: list[dict[str, Any]] | np.ndarray) -> None:
             out.write(json.dumps(row.tolist() if isinstance(row, np.ndarray) else row) + "\n")
 
 
-def embed_file(url: str, source: Path, target: Path, *, batch_size: int, concurrency: int, model: str | None) -> int:
+def embed_file(
+    url: str, source: Path, target: Path, *, batch_size: int, concurrency: int, model: str | None, api_key: str | None = None
+) -> int:
     texts = read_texts(source)
     parts = []
-    with Client(url, batch_size=batch_size, max_concurrency=concurrency, model=model) as client:
+    with Client(url, batch_size=batch_size, max_concurrency=concurrency, model=model, api_key=api_key) as client:
         for start in range(0, len(texts), CHUNK):
             parts.append(client.embed(texts[start : start + CHUNK]))
             _progress(min(start + CHUNK, len(texts)), len(texts))
@@ -62,10 +64,10 @@ def embed_file(url: str, source: Path, target: Path, *, batch_size: int, concurr
     return len(texts)
 
 
-def rerank_file(url: str, query: str, source: Path, target: Path, *, batch_size: int, concurrency: int) -> int:
+def rerank_file(url: str, query: str, source: Path, target: Path, *, batch_size: int, concurrency: int, api_key: str | None = None) -> int:
     texts = read_texts(source)
     scores: list[np.ndarray] = []
-    with Client(url, batch_size=batch_size, max_concurrency=concurrency) as client:
+    with Client(url, batch_size=batch_size, max_concurrency=concurrency, api_key=api_key) as client:
         for start in range(0, len(texts), CHUNK):
             scores.append(client.rerank(query, texts[start : start + CHUNK]))
             _progress(min(start + CHUNK, len(texts)), len(texts))

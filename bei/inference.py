@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -15,6 +16,8 @@ from bei.settings import ServeSettings
 from bei.targets.loading import LoadedEngine
 from bei.telemetry import TIME_BUCKETS, Histogram
 from bei.text.tokenizer import Direction, Encoded, TextInput
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class InferenceService:
             self.tokenization_time.observe(time.perf_counter() - started)
             return encoded
 
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, work)
+
+    async def on_tokenizer_thread(self, work: Callable[[], T]) -> T:
+        """`work` on the tokenizer threads: tokenizing holds the GIL, the event loop must not wait on it."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizers, work)
 
     async def infer(self, encoded: Sequence[Encoded]) -> Result:

@@ -15,6 +15,16 @@ class Task(StrEnum):
     SPARSE = "sparse"  # SPLADE: /embed_sparse
 
 
+# the graph output each task's engine computes (its name in the ONNX graph / TensorRT plan)
+GRAPH_OUTPUTS: dict[Task, str] = {
+    Task.EMBED: "sentence_embedding",
+    Task.RERANK: "logits",
+    Task.CLASSIFY: "logits",
+    Task.NER: "logits",
+    Task.SPARSE: "sparse_embedding",
+}
+
+
 class Precision(StrEnum):
     """The number format of an engine's weights and GEMMs."""
 

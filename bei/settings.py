@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic import ValidationError as PydanticValidationError
 
 from bei.errors import ConfigError
@@ -35,6 +35,13 @@ class ServeSettings(BaseModel):
     engine_threads: int | None = Field(None, gt=0, description="threads of one engine call (default: all cores)")
     served_model_name: str | None = Field(None, description="model id reported by /info and /v1/models (default: the engine's name)")
     log_level: str = Field("info", description="uvicorn log level")
+    api_key: SecretStr | None = Field(
+        None, min_length=1, description="require `Authorization: Bearer <key>` on every route but /health (and /metrics)"
+    )
+    api_key_on_metrics: bool = Field(False, description="with --api-key: require the key on /metrics too")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive (408 after)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a request line and headers may take to arrive (closed after)")
+    drain_timeout: float = Field(20.0, gt=0, le=600, description="seconds SIGTERM waits for requests in flight (503 after)")
 
 
 def _base_type(annotation: Any) -> type:

@@ -10,6 +10,10 @@ none is up to date. Peers:
 
 - `bei`: `bei serve` in a subprocess, over HTTP (`/embed`, `truncate: true`), driven by
   `bei.client.AsyncClient`.
+  Its engine is what `bei build` makes of the config by default (`cpu_precision: auto`: the fastest
+  verified CPU engine of this host; the output names it).
+- `bei-fp32` (only when asked for in `--peers`): the config pinned to the fp32 engine
+  (`cpu_precision: fp32`, a copy written to `.bench/configs/`).
 - `bei-int8` (only when asked for in `--peers`): the same with the INT8 CPU engine of `--int8-config`
   (`quantization_type: int8`), reported separately from the fp32 goals; its ratio is to fp32 bei.
 - `bei-bf16`: the same with the bf16 CPU engine of `--bf16-config` (`cpu_precision: bf16`: bf16
@@ -76,13 +80,15 @@ MAX_CONCURRENCY = 100  # httpx's default pool, which bei.client.AsyncClient keep
 
 # target token counts (with [CLS] and [SEP]); "long" is over the model's 256-token limit on purpose
 WORKLOADS = {"short": 10, "medium": 128, "long": 500}
-PEERS = ["bei", "bei-int8", "bei-bf16", "sentence-transformers", "sentence-transformers-bf16", "infinity-torch", "infinity-optimum"]
+PEERS = [
+    "bei", "bei-fp32", "bei-int8", "bei-bf16", "sentence-transformers", "sentence-transformers-bf16", "infinity-torch", "infinity-optimum",
+]  # fmt: skip
 # quantized peers: run only when asked for; their vectors only come close to sentence-transformers'
-INT8_PEERS = {"bei-int8"}
+INT8_PEERS = {"bei-int8", "bei-fp32"}  # (and the pinned fp32 engine: asked for, not by default)
 # bf16 peers: by default where the CPU has bf16 units (elsewhere bf16 is emulated, slower than fp32)
 BF16_PEERS = {"bei-bf16", "sentence-transformers-bf16"}
 # the cosine to sentence-transformers fp32 below which a peer is flagged
-MIN_AGREEMENT = {"bei-int8": 0.98, "sentence-transformers-bf16": 0.99, "bei-bf16": 0.9999}
+MIN_AGREEMENT = {"bei-int8": 0.995, "sentence-transformers-bf16": 0.99, "bei-bf16": 0.9999, "bei": 0.999}
 
 
 def default_peers() -> list[str]:
@@ -691,6 +697,31 @@ def _ort_matmul(a: np.ndarray, b: np.ndarray) -> Callable[[], Any]:
 # --- set-up --------------------------------------------------------------------------------------
 
 
+def fp32_config(config_path: Path) -> Path:
+    """A copy of the config pinned to the fp32 engine (`cpu_precision: fp32`, model_name + `-fp32`)."""
+    import yaml
+
+    data = yaml.safe_load(config_path.read_text())
+    data["model_name"] = f"{data['model_name']}-fp32"
+    data["trt_llm"]["build"]["cpu_precision"] = "fp32"
+    repo = data["trt_llm"]["build"]["checkpoint_repository"]
+    if repo.get("source") == "LOCAL" and not str(repo["repo"]).startswith(("package:", "/")):
+        repo["repo"] = str((config_path.parent / repo["repo"]).resolve())  # the copy lives elsewhere
+    path = BENCH_DIR / "configs" / f"{data['model_name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def engine_summary(manifest: Any) -> dict[str, Any]:
+    """What engine `bei` ran: target, precision, and the candidates `cpu_precision: auto` timed."""
+    summary = {"target": manifest.target.name, "precision": str(manifest.precision)}
+    if manifest.selection:
+        summary["selection"] = [c.model_dump(exclude_none=True) for c in manifest.selection]
+    print(f"bench: bei's engine (the config's default build): {summary}", file=sys.stderr)
+    return summary
+
+
 def ensure_engine(config_path: Path) -> tuple[Path, Path]:
     """The engine directory (built when none is up to date) and the checkpoint folder."""
     from bei.checkpoint import resolve_checkpoint
@@ -1028,7 +1059,7 @@ def goal_ratios(cells: list[Cell], workload: str = "medium") -> dict[str, dict[s
     the issue's goals are stated on medium inputs against sentence-transformers and Infinity."""
     ok = {(c.peer, c.batch_size, c.concurrency): c for c in cells if c.workload == workload and c.embeddings_per_s}
     ratios: dict[str, dict[str, dict[str, float]]] = {}
-    for mine in ("bei", "bei-int8", "bei-bf16"):
+    for mine in ("bei", "bei-fp32", "bei-int8", "bei-bf16"):
         for (peer, size, conc), theirs in ok.items():
             own = ok.get((mine, size, conc))
             if peer.startswith("bei") or own is None:
@@ -1110,6 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
     hardware = TorchWorker(model_dir, log_dir).hardware(manifest.max_input_tokens)  # before any server runs
     makers: dict[str, Callable[[], Peer]] = {
         "bei": lambda: BeiPeer(log_dir, engine_dir, shlex.split(args.bei_serve_args)),
+        "bei-fp32": lambda: BeiPeer(log_dir, ensure_engine(fp32_config(args.config))[0], shlex.split(args.bei_serve_args), name="bei-fp32"),
         "bei-int8": lambda: BeiPeer(log_dir, ensure_engine(args.int8_config)[0], shlex.split(args.bei_serve_args), name="bei-int8"),
         "bei-bf16": lambda: BeiPeer(log_dir, ensure_engine(args.bf16_config)[0], shlex.split(args.bei_serve_args), name="bei-bf16"),
         "sentence-transformers": lambda: TorchWorker(model_dir, log_dir),
@@ -1134,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_average_before_after": [load_before, os.getloadavg()],
         "model": {"name": manifest.name, "folder": str(model_dir), "max_input_tokens": manifest.max_input_tokens},
+        "bei_engine": engine_summary(manifest),
         "grid": {
             "workloads": {
                 n: {"target_tokens": w.target_tokens, "mean_tokens_after_truncation": float(np.mean(w.tokens))}

@@ -94,6 +94,35 @@ CASES = [
         config={"attention_bias": True, "mlp_bias": True, "norm_bias": True, "classifier_bias": True},
         random_biases=True,
     ),
+    # DeBERTa-v2 as older checkpoints write it: own position projections, no buckets, absolute positions too, "p2c|c2p"
+    Case(
+        "deberta-v2-classify-unshared",
+        "deberta-v2",
+        "classify",
+        config={
+            "share_att_key": False,
+            "position_buckets": -1,
+            "max_relative_positions": 24,
+            "position_biased_input": True,
+            "pos_att_type": "p2c|c2p",
+            "norm_rel_ebd": "none",
+        },
+        random_biases=True,
+    ),  # fmt: skip
+    Case("deberta-v2-ner-c2p", "deberta-v2", "ner", config={"pos_att_type": ["c2p"], "position_buckets": 8}, random_biases=True),
+    Case(
+        "deberta-v2-embed-absolute",
+        "deberta-v2",
+        "embed",
+        {"pooling": "mean"},
+        config={"relative_attention": False, "position_biased_input": True},
+        random_biases=True,
+    ),  # fmt: skip
+    # EuroBERT's other classifier poolings (public configs spell the key clf_pooling)
+    Case("eurobert-classify-bos", "eurobert", "classify", config={"clf_pooling": "bos"}),
+    Case("eurobert-rerank-mean", "eurobert", "rerank", config={"clf_pooling": "mean"}),
+    # ELECTRA whose embeddings are as wide as the layers: no embeddings_project
+    Case("electra-rerank-no-projection", "electra", "rerank", config={"embedding_size": 32}, random_biases=True),
     Case(
         "modernbert-sparse-biases",
         "modernbert",

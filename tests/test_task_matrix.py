@@ -41,7 +41,7 @@ import torch
 from bei.testing.inproc_server import EngineBuilder, serve_engine
 from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
-pytestmark = pytest.mark.slow  # ~95 engines built and served: about 8 minutes on two cores
+pytestmark = pytest.mark.slow  # 143 engines built and served: about 12 minutes on two cores
 
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4

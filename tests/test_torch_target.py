@@ -311,7 +311,9 @@ def test_static_shape_padding_changes_no_output(tiny_checkpoint_factory: Any, mo
     static = TorchBackend(module, input_names(spec), static_shapes=True, pad_id=pad_token_id(read_config(folder)))
     prepared = static.prepare(batch)
     assert prepared.graphed and prepared.feed.tokens == prepared.feed.rows > prepared.packed.tokens  # type: ignore[attr-defined]
-    np.testing.assert_allclose(static.run(prepared), plain.infer(batch), rtol=1e-5, atol=1e-6)
+    want = plain.infer(batch)
+    # float32 rounding (other GEMM shapes) scales with the outputs: EuroBERT's NER logits reach 2.8 here
+    np.testing.assert_allclose(static.run(prepared), want, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(want).max())))
 
 
 @pytest.mark.slow  # a batch in every bucket up to 1024 tokens and one above: 16 s and 47 s on two cores

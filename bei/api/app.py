@@ -12,12 +12,14 @@ from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from bei import __version__
 from bei.api import info
+from bei.api.guard import ApiKeyMiddleware, http_error, server_error
 from bei.api.http import (
     ErrorStyle,
     JSONResponse,
@@ -25,7 +27,7 @@ from bei.api.http import (
     describe_validation_error,
     error_response,
     json_response,
-    read_json,
+    read_json_within,
     validate,
 )
 from bei.api.metrics import exposition
@@ -33,7 +35,7 @@ from bei.api.openapi import openapi_schema
 from bei.api.routes import DEFAULT_ROUTE, TaskRoute, root_variants, served_paths, variants
 from bei.api.search import SearchRequest, search
 from bei.api.state import AppState, ServedModel
-from bei.errors import BeiError, InputTooLongError, ModelNotFoundError, NotReadyError, OverloadedError, ValidationError
+from bei.errors import BeiError, InputTooLongError, ModelNotFoundError, NotReadyError, OverloadedError, RequestTimeoutError, ValidationError
 from bei.inference import InferenceService
 from bei.settings import ServeSettings
 from bei.targets.loading import load_engine
@@ -47,8 +49,9 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client disconnects first, cancel it (its inputs leave the queue)."""
+async def _until_disconnect(request: Request, work: Awaitable[Any], abandon: asyncio.Event) -> Any:
+    """Run `work`; if the client disconnects first, cancel it (its inputs leave the queue); if the
+    server stops waiting for it (`abandon`: SIGTERM's drain timed out), cancel it and answer 503."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -56,41 +59,72 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
             pass
 
     watcher = asyncio.ensure_future(watch())
+    stopper = asyncio.ensure_future(abandon.wait())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        stopper.cancel()
     if task in done:
         return task.result()
     task.cancel()
+    if stopper in done:
+        raise NotReadyError("the server is shutting down and stopped waiting for this request")
     raise ClientDisconnected
+
+
+async def _unless_abandoned(work: Awaitable[Any], abandon: asyncio.Event) -> Any:
+    """`work`, or 503 once SIGTERM's drain stops waiting (a body still arriving then)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(abandon.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise NotReadyError("the server is shutting down and stopped waiting for this request")
 
 
 RouteWork = Callable[[AppState, Request, Any, Timing], Awaitable[tuple[Any, dict[str, str]]]]
 
 
 def _endpoint(state: AppState, path: str, work: RouteWork, errors: ErrorStyle) -> Callable[[Request], Awaitable[Response]]:
-    """The one request path of every POST route: limits, JSON, the work, errors, headers, metrics."""
+    """The one request path of every POST route: body (within --body-timeout), limits, JSON, the
+    work, errors, headers, metrics. A request counts against --max-concurrent-requests once its body
+    is read: a slow upload holds no slot."""
 
     async def endpoint(request: Request) -> Response:
         timing = Timing()
-        state.in_flight += 1
+        counted = False
         try:
-            if state.in_flight > state.settings.max_concurrent_requests:
-                raise OverloadedError(f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests")
             if state.draining:
                 raise NotReadyError("the server is shutting down")
-            data = await read_json(request, state.settings.payload_limit)
-            payload, headers = await _until_disconnect(request, work(state, request, data, timing))
+            state.receiving += 1
+            try:
+                body = read_json_within(request, state.settings.payload_limit, state.settings.body_timeout)
+                data = await _unless_abandoned(body, state.abandon)
+            finally:
+                state.receiving -= 1
+            state.in_flight += 1
+            counted = True
+            if state.in_flight > state.settings.max_concurrent_requests:
+                raise OverloadedError(f"model is overloaded: more than {state.settings.max_concurrent_requests} concurrent requests")
+            payload, headers = await _until_disconnect(request, work(state, request, data, timing), state.abandon)
             response = json_response(payload, timing)
             response.headers.update(headers)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):
+            log.info("%s %s: the client went away before its answer", request.method, path)
             response = Response(status_code=CLIENT_CLOSED)
         except BeiError as error:
             response = error_response(error, errors)
             response.headers.update(timing.headers())
+            if isinstance(error, RequestTimeoutError):  # the rest of the body is never read
+                response.headers["connection"] = "close"
         finally:
-            state.in_flight -= 1
+            if counted:
+                state.in_flight -= 1
         if state.draining:  # the server is going away: clients should not reuse this connection
             response.headers["connection"] = "close"
         state.metrics.observe(path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed)
@@ -226,7 +260,9 @@ def create_app(state: AppState) -> Starlette:
                 if model.service is not None:
                     await model.service.stop()
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(ApiKeyMiddleware, settings=state.settings)] if state.settings.api_key is not None else []
+    handlers = {404: http_error, 405: http_error, 500: server_error}
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers=handlers)
 
 
 async def _load_all(state: AppState) -> None:
@@ -235,39 +271,45 @@ async def _load_all(state: AppState) -> None:
 
 
 async def _load(state: AppState, model: ServedModel) -> None:
-    """Load and warm one engine in the background: /health answers 503 until every one is done."""
+    """Load and warm one engine in the background: /health answers 503 until every one is done. A
+    failure is logged in full and stops the server (`state.on_load_failure`); clients only read that the
+    engine failed to load, never the error's paths or runtime internals."""
     try:
         engine = await asyncio.to_thread(model.load)
         service = InferenceService(engine, state.settings)
         service.start()
         await service.warmup()
-    except BeiError as error:
-        model.load_error = f"the engine {model.name!r} failed to load: {error.message}"
-        log.error(model.load_error)
-        return
-    except Exception as error:  # noqa: BLE001 - reported on /health and in the log
-        model.load_error = f"the engine {model.name!r} failed to load: {error!r}"
-        log.exception("the engine failed to load")
+    except Exception as error:  # noqa: BLE001 - logged, and the server stops
+        detail = error.message if isinstance(error, BeiError) else repr(error)
+        model.load_error = f"the engine {model.name!r} failed to load; the server log says why"
+        model.load_detail = f"the engine {model.name!r} failed to load: {detail}"
+        if isinstance(error, BeiError):
+            log.error(model.load_detail)
+        else:
+            log.exception(model.load_detail)
+        if state.on_load_failure is not None:
+            state.on_load_failure()
         return
     model.service = service
     log.info("engine %s ready: task %s, backend %s", model.name, model.task.value, model.manifest.target.name)
 
 
 def state_for_engines(folders: list[Path], settings: ServeSettings) -> AppState:
-    """Check every engine's manifest now (clear errors before the server starts); backends load later."""
-    from bei.engine.manifest import read_manifest
+    """Check every engine now (its manifest, this machine, its files' hashes: clear errors before the
+    server starts); backends load later."""
     from bei.errors import ConfigError
-    from bei.targets.registry import check_compatible
+    from bei.targets.loading import open_manifest
 
     models: dict[str, ServedModel] = {}
     for folder in folders:
-        manifest = read_manifest(folder)
-        check_compatible(manifest)
+        manifest = open_manifest(folder)
         name = settings.served_model_name if settings.served_model_name and len(folders) == 1 else manifest.name
         if name in models:
             raise ConfigError(f"two engines are named {name!r}; serve each name once")
         models[name] = ServedModel(
-            name=name, manifest=manifest, load=functools.partial(load_engine, folder, threads=settings.engine_threads)
+            name=name,
+            manifest=manifest,
+            load=functools.partial(load_engine, folder, threads=settings.engine_threads, manifest=manifest),
         )
     return AppState(settings=settings, models=models)
 

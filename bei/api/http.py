@@ -6,6 +6,7 @@ JSON is parsed and rendered here only, with orjson: compact, UTF-8, the same val
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
 
-from bei.errors import BeiError, PayloadTooLargeError, ValidationError, http_status
+from bei.errors import BeiError, PayloadTooLargeError, RequestTimeoutError, ValidationError, http_status
 from bei.inference import Outcome
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,6 +45,15 @@ async def read_json(request: Request, payload_limit: int) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as err:
         raise ValidationError(f"request body is not valid JSON: {err}") from None
+
+
+async def read_json_within(request: Request, payload_limit: int, timeout: float) -> Any:
+    """`read_json`, 408 when the body has not arrived within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await read_json(request, payload_limit)
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout:g} seconds") from None
 
 
 def render_json(content: Any) -> bytes:

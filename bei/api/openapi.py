@@ -46,7 +46,9 @@ ERROR_BODIES: dict[ErrorStyle, type[BaseModel]] = {
 }
 ERRORS = {
     "400": "empty input, or a route the chosen model cannot serve",
+    "401": "--api-key is set and the request lacks `Authorization: Bearer <key>`",
     "404": "the named model is not served here",
+    "408": "the request body did not arrive within --body-timeout",
     "413": "request body over --payload-limit",
     "422": "invalid JSON or fields, input too long, too many inputs",
     "424": "the engine failed on this request's batch",

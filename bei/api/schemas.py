@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, field_validator
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from bei.text.tokenizer import Direction
@@ -34,7 +34,7 @@ def _direction(value: object) -> object:
 
 
 class TruncationMixin(BaseModel):
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
 
     _check_direction = field_validator("truncation_direction", mode="before")(classmethod(lambda cls, v: _direction(v)))
@@ -53,7 +53,7 @@ class EmbedRequest(_Request, TruncationMixin):
     """TEI's /embed."""
 
     inputs: EmbeddingInput
-    normalize: bool = True
+    normalize: StrictBool = True
     dimensions: int | None = Field(None, gt=0)
     prompt_name: str | None = None
 
@@ -75,8 +75,8 @@ class RerankRequest(_Request, TruncationMixin):
 
     query: str
     texts: list[str]
-    raw_scores: bool = False
-    return_text: bool = False
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
 
 
 class CohereDocument(BaseModel):
@@ -90,7 +90,7 @@ class CohereRerankRequest(_Request):
     query: str
     documents: list[str | CohereDocument]
     top_n: int | None = Field(None, gt=0)
-    return_documents: bool = False
+    return_documents: StrictBool = False
 
 
 PredictInput = str | list[str] | list[list[str]]
@@ -103,7 +103,7 @@ HFParameters = dict[str, Any] | None
 
 class PredictRequest(_Request, TruncationMixin):
     inputs: PredictInput
-    raw_scores: bool = False
+    raw_scores: StrictBool = False
     top_k: int | None = Field(None, gt=0, description="keep the top_k labels of each input (all when null)")
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
         None, description="null: softmax over the labels (sigmoid for one label); none: the logits"
@@ -113,7 +113,7 @@ class PredictRequest(_Request, TruncationMixin):
 
 class PredictTokensRequest(_Request, TruncationMixin):
     inputs: PredictInput
-    raw_scores: bool = False
+    raw_scores: StrictBool = False
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "none"
     ignore_labels: list[str] | None = Field(None, description='labels left out of entities (default ["O"])')
     parameters: HFParameters = None
@@ -125,7 +125,7 @@ class SparseRequest(_Request, TruncationMixin):
 
 class TokenizeRequest(_Request):
     inputs: str | list[str]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     prompt_name: str | None = None
 
 

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from bei.api.embeddings import finish
 from bei.api.http import Timing
@@ -21,8 +21,8 @@ class SearchRequest(_Request):
     query: str
     documents: list[str]
     top_k: int = Field(10, gt=0)
-    rerank: bool = True
-    return_text: bool = False
+    rerank: StrictBool = True
+    return_text: StrictBool = False
     embed_model: str | None = None
     rerank_model: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +25,8 @@ class ServedModel:
     manifest: Manifest
     load: Callable[[], LoadedEngine]
     service: InferenceService | None = None
-    load_error: str | None = None
+    load_error: str | None = None  # what clients read (/health, 503s): no paths, no runtime internals
+    load_detail: str | None = None  # the whole error, for the log and `bei serve`'s exit message
 
     @property
     def task(self) -> Task:
@@ -36,8 +38,11 @@ class AppState:
     settings: ServeSettings
     models: dict[str, ServedModel]
     draining: bool = False
-    in_flight: int = 0
+    in_flight: int = 0  # requests whose body is read, until answered
+    receiving: int = 0  # requests whose body is being read (bounded by --body-timeout)
+    abandon: asyncio.Event = field(default_factory=asyncio.Event)  # set when SIGTERM's drain stops waiting
     metrics: Metrics = field(default_factory=Metrics)
+    on_load_failure: Callable[[], None] | None = None  # `bei serve`: stop, and exit non-zero
     registry: CollectorRegistry = field(init=False, repr=False)  # this app's /metrics, never the global one
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from bei import __version__
 from bei.accuracy import Agreement
 from bei.buildsteps.context import BuildContext, BuildResult
+from bei.engine.integrity import hash_engine_files
 from bei.engine.manifest import DenseLayerInfo, Manifest, PoolingInfo, SourceInfo, TargetInfo, VerificationInfo
 from bei.modeling.module import OUTPUT_NAMES, input_names
 
@@ -98,11 +99,13 @@ def write_engine(
     reference: str,
     quantization: dict[str, Any] | None = None,
 ) -> BuildResult:
-    """The `write` stage of every target: tokenizer and reference files, then the manifest."""
+    """The `write` stage of every target: tokenizer and reference files, then the manifest with the
+    sha256 of every file (checked at load)."""
     with ctx.progress.stage("write"):
         manifest = manifest_for(ctx, agreement, graph_file=graph_file, target=target, reference=reference, quantization=quantization)
         for name in TOKENIZER_FILES:
             if (ctx.checkpoint.path / name).exists():
                 shutil.copy2(ctx.checkpoint.path / name, staging / name)
+        manifest = manifest.model_copy(update={"engine_files": hash_engine_files(staging)})
         manifest.write(staging)
     return BuildResult(engine_dir=ctx.engine_dir.resolve(), manifest=manifest)

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from bei.engine.profiles import Profile
 from bei.errors import EngineError
-from bei.kinds import Precision, Task
+from bei.kinds import GRAPH_OUTPUTS, Precision, Task
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+DIGEST_FIELD = "manifest_sha256"
+
+
+def inside_path(name: str) -> str:
+    """`name` if it is a relative path that stays inside the engine folder (no `..`, not absolute)."""
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or PurePosixPath(name).is_absolute() or ".." in parts or name.startswith("~"):
+        raise ValueError(f"{name!r} is not a relative path inside the engine folder")
+    return name
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON data without its own digest field: canonical JSON (sorted keys)."""
+    body = {k: v for k, v in data.items() if k != DIGEST_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class SourceInfo(BaseModel):
@@ -111,9 +127,41 @@ class Manifest(BaseModel):
     dense_layers: list[DenseLayerInfo] = Field(default_factory=list)
     quantization: dict[str, Any] | None = None  # quantized engines: type, calibration, accuracy figures
     selection: list[CandidateInfo] = Field(default_factory=list)  # cpu_precision auto: every candidate's figures
+    # sha256 of every file of the engine folder but manifest.json (relative posix path -> hex), checked
+    # at load; empty in engines built before bei recorded them (they load, with a warning)
+    engine_files: dict[str, str] = Field(default_factory=dict)
+    manifest_sha256: str | None = None  # of this manifest's other fields (`manifest_digest`), set by `write`
+
+    @field_validator("graph_file")
+    @classmethod
+    def _graph_inside(cls, value: str) -> str:
+        return inside_path(value)
+
+    @field_validator("engine_files")
+    @classmethod
+    def _files_inside(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, digest in value.items():
+            inside_path(name)
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"engine_files[{name!r}]: {digest!r} is not a sha256 hex digest")
+        return value
+
+    @model_validator(mode="after")
+    def _output_fits_task(self) -> Manifest:
+        if self.graph_output != GRAPH_OUTPUTS[self.task]:
+            raise ValueError(
+                f"task {self.task.value!r} does not fit the engine's graph output {self.graph_output!r} "
+                f"(a {self.task.value} engine computes {GRAPH_OUTPUTS[self.task]!r}); was manifest.json edited?"
+            )
+        if self.task is Task.EMBED and not self.embedding_dim:
+            raise ValueError("an embed engine needs embedding_dim")
+        return self
 
     def write(self, folder: Path) -> None:
-        (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+        """manifest.json, with the digest of its other fields (`manifest_sha256`)."""
+        data = self.model_dump(mode="json", exclude={DIGEST_FIELD})
+        data[DIGEST_FIELD] = manifest_digest(data)
+        (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_manifest(folder: Path) -> Manifest:

@@ -10,6 +10,7 @@ from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.files import read_json
 from bei.modeling.pooling import PoolingConfig, PoolingMode
+from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
 from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
 
@@ -22,12 +23,21 @@ ARCHITECTURES: dict[str, str] = {
     "xlm-roberta": "encoder_bert",
     "modernbert": "encoder_bert",
     "distilbert": "encoder_bert",
+    "mpnet": "encoder_bert",
+    "electra": "encoder_bert",
+    "deberta-v2": "encoder_bert",
+    "nomic_bert": "encoder_bert",
+    "eurobert": "encoder_bert",
+    "gte": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",
     "qwen3": "encoder",
     "gemma2": "encoder",
 }
+
+# model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
+_TOKEN_TYPES = ("bert", "electra", "deberta-v2", "nomic_bert")
 
 _ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
@@ -48,6 +58,17 @@ def _read_json(path: Path) -> Any:
 def _module_kind(entry: dict[str, Any]) -> str:
     """`sentence_transformers.models.Pooling` (and newer module paths) -> `Pooling`."""
     return str(entry.get("type", "")).rsplit(".", 1)[-1]
+
+
+def module_dir(checkpoint: Path, name: object) -> Path:
+    """The folder of a modules.json entry (`path`), refused when it leads outside the checkpoint."""
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{checkpoint / 'modules.json'}: a module's path must be a folder name, not {name!r}")
+    root = checkpoint.resolve()
+    folder = (root / name).resolve()
+    if not folder.is_relative_to(root):
+        raise ModelError(f"{checkpoint / 'modules.json'}: module path {name!r} leads outside the checkpoint folder")
+    return folder
 
 
 def _read_modules(path: Path) -> list[dict[str, Any]]:
@@ -122,7 +143,7 @@ def _labels(config: dict[str, Any], task: Task, config_path: Path) -> tuple[str,
 def _max_seq_len(path: Path, config: dict[str, Any], override: int | None) -> int:
     model_type = config.get("model_type", "")
     positions = int(config.get("max_position_embeddings") or 512)
-    if model_type in ("roberta", "xlm-roberta", "camembert"):
+    if model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):
         positions -= int(config.get("pad_token_id", 1)) + 1  # position ids start after the pad index
     limit = positions
     st_config = path / "sentence_bert_config.json"
@@ -166,10 +187,27 @@ def _chat_template(path: Path, family: str, task: Task) -> str | None:
     return template
 
 
+def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, architecture: str) -> None:
+    """A config.json whose `auto_map` names custom code (`trust_remote_code`) is refused: bei runs no
+    remote code, and the code's model need not be the model_type's (jina-embeddings-v2 is a
+    `bert` with ALiBi in its own modeling file). Model types in `REMOTE_CODE_NATIVE` are the
+    exception: bei builds their public checkpoints with its own implementation, names and all."""
+    auto_map = config.get("auto_map")
+    if not auto_map or model_type in REMOTE_CODE_NATIVE:
+        return
+    classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    raise ModelError(
+        f"{config_path}: auto_map names custom code ({', '.join(sorted(str(c) for c in classes))[:300]}) for {architecture or model_type}; "
+        "bei runs no remote code and builds only the architectures it implements: "
+        f"{', '.join(ARCHITECTURES)}; of those, {', '.join(sorted(REMOTE_CODE_NATIVE))} "
+        "also from checkpoints written for their authors' code"
+    )
+
+
 def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
     """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
     config_path = path / "config.json"
-    config = _read_json(config_path)
+    config = native_config(_read_json(config_path))
     model_type = str(config.get("model_type", ""))
     architecture = (config.get("architectures") or [""])[0]
     if model_type not in ARCHITECTURES:
@@ -177,6 +215,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
             f"{config_path}: model_type {model_type!r} ({architecture or 'no architectures'}) is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
+    _check_auto_map(config, config_path, model_type, architecture)
     family = ARCHITECTURES[model_type]
     if base_model is not None and base_model != family:
         raise ModelError(
@@ -196,11 +235,11 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
                 f"an embedding checkpoint needs its pooling: missing {missing} "
                 "(sentence-transformers' modules.json with a Pooling module and 1_Pooling/config.json)"
             )
-        pooling = PoolingConfig.read(path / str(pooling_entries[0].get("path", "1_Pooling")) / "config.json")
+        pooling = PoolingConfig.read(module_dir(path, pooling_entries[0].get("path", "1_Pooling")) / "config.json")
         for entry in modules:
             kind = _module_kind(entry)
             if kind == "Dense":
-                dense.append(_read_dense(path / str(entry["path"])))
+                dense.append(_read_dense(module_dir(path, entry.get("path"))))
             elif kind == "Normalize":
                 normalize = True
     elif task is Task.SPARSE:
@@ -225,7 +264,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         normalize=normalize,
         dense=tuple(dense),
         labels=_labels(config, task, config_path),
-        uses_token_type_ids=model_type == "bert" and int(config.get("type_vocab_size", 0)) > 1,
+        uses_token_type_ids=model_type in _TOKEN_TYPES and int(config.get("type_vocab_size", 0)) > 1,
         padding_side=_padding_side(path, family),
         prompts=prompts,
         default_prompt_name=default_prompt_name,

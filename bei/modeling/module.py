@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from bei.errors import ModelError
-from bei.kinds import Task
+from bei.kinds import GRAPH_OUTPUTS, Task
+from bei.modeling.files import read_json
 from bei.modeling.pooling import pool
+from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
@@ -28,13 +30,7 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "sigmoid": torch.nn.Sigmoid,
 }
 
-OUTPUT_NAMES: dict[Task, str] = {
-    Task.EMBED: "sentence_embedding",
-    Task.RERANK: "logits",
-    Task.CLASSIFY: "logits",
-    Task.NER: "logits",
-    Task.SPARSE: "sparse_embedding",
-}
+OUTPUT_NAMES: dict[Task, str] = GRAPH_OUTPUTS
 
 
 def input_names(spec: ModelSpec) -> list[str]:
@@ -53,7 +49,11 @@ def dense_module(layer: DenseLayer, load: bool = True) -> torch.nn.Module:
     if not load:
         return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
     weights_file = layer.path / "model.safetensors"
-    state = load_file(weights_file) if weights_file.exists() else torch.load(layer.path / "pytorch_model.bin")
+    state = (
+        load_file(weights_file)
+        if weights_file.exists()
+        else torch.load(layer.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    )
     state = {k.removeprefix("linear."): v for k, v in state.items()}
     linear.load_state_dict(state)
     return torch.nn.Sequential(linear, _ACTIVATIONS[layer.activation]())
@@ -72,13 +72,26 @@ def auto_class(task: Task) -> Any:
     }[task]
 
 
+def transformers_config(spec: ModelSpec) -> Any:
+    """The checkpoint's transformers config; for a checkpoint written for its authors' code
+    (bei/modeling/remote_code.py), its config.json rewritten in transformers' native spelling."""
+    import transformers
+
+    if spec.model_type not in REMOTE_CODE_NATIVE:
+        return transformers.AutoConfig.from_pretrained(str(spec.path))
+    native = native_config(read_json(spec.path / "config.json"))
+    native.pop("auto_map", None)
+    return transformers.CONFIG_MAPPING[spec.model_type].from_dict(native)
+
+
 def load_transformer(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The transformers model of the checkpoint, with the head its task needs."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        model = auto_class(spec.task).from_pretrained(str(spec.path), dtype=dtype, attn_implementation="eager")
+        config = transformers_config(spec)
+        model = auto_class(spec.task).from_pretrained(str(spec.path), config=config, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {spec.architecture} from {spec.path}: {err}") from err
     return model.eval()
@@ -122,9 +135,8 @@ def build_module(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> EngineM
 def linear_layers(spec: ModelSpec) -> dict[str, int]:
     """The transformer's Linear layers as named in the engine module, with their input widths, from
     the checkpoint's config on the meta device (no weights loaded)."""
-    import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(spec.path))
+    config = transformers_config(spec)
     with torch.device("meta"):
         model = auto_class(spec.task).from_config(config)
     return {f"transformer.{name}": m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

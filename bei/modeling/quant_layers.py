@@ -19,6 +19,7 @@ HEAD_PATTERNS = (
     "*pooler*", "*classifier*", "*score*", "*lm_head*", "*cls.predictions*",
     "*vocab_transform*", "*vocab_projector*", "transformer.head.*", "transformer.decoder.*",
     "body.head.*", "body.decoder.*",
+    "transformer.dense.*", "body.dense.*",  # EuroBERT's sequence head: dense -> GELU -> classifier
 )  # fmt: skip
 # attention projections (BERT/RoBERTa `attention.*`, DistilBERT `attention.*_lin`, ModernBERT `attn.*`,
 # Llama/Qwen/Mistral/Gemma `self_attn.*_proj`): excluded by fp4_mlp_only

@@ -10,6 +10,7 @@ engine starts it as soon as the current call returns.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bei.backend import Backend, Batch
-from bei.errors import EngineFailedError, NotReadyError
+from bei.errors import EngineFailedError, NotReadyError, client_safe
 from bei.scheduler.queue import TokenBudgetQueue
 from bei.telemetry import SIZE_BUCKETS, Histogram
 from bei.text.tokenizer import Encoded
+
+log = logging.getLogger("bei")
 
 
 @dataclass
@@ -134,7 +137,9 @@ class Batcher:
                     upcoming = self._take()
                 output = await running
             except Exception as err:  # a failed call fails its requests, not the server
-                failure = EngineFailedError(f"the engine failed on a batch of {len(group)} inputs: {err!r}")
+                # the client reads the error's type and first line, never paths: the log has it all
+                log.error("the engine failed on a batch of %d inputs", len(group), exc_info=err)
+                failure = EngineFailedError(f"the engine failed on a batch of {len(group)} inputs: {client_safe(err)}")
                 for item in group:
                     if not item.future.done():
                         item.future.set_exception(failure)

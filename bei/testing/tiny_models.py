@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -35,6 +35,12 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "xlm-roberta": ("embed", "rerank", "classify", "ner"),
     "modernbert": ("embed", "rerank", "classify", "ner", "sparse"),
     "distilbert": ("embed", "rerank", "classify", "ner", "sparse"),
+    "mpnet": ("embed", "rerank", "classify", "ner"),
+    "electra": ("embed", "rerank", "classify", "ner"),
+    "deberta-v2": ("embed", "rerank", "classify", "ner"),
+    "nomic_bert": ("embed", "rerank", "classify", "ner"),
+    "eurobert": ("embed", "rerank", "classify", "ner"),
+    "gte": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -86,6 +92,36 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
         return transformers.DistilBertConfig(
             **common_enc, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128, pad_token_id=ids["pad_token"]
         )
+    if model_type == "mpnet":  # relative position buckets as all-mpnet-base-v2 (32), positions from pad + 1
+        return transformers.MPNetConfig(
+            **common_enc, **enc, max_position_embeddings=130, pad_token_id=ids["pad_token"],
+            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+        )  # fmt: skip
+    if model_type == "electra":  # a discriminator whose embeddings (16) are projected to the hidden size (32)
+        return transformers.ElectraConfig(
+            **common_enc, **enc, embedding_size=16, max_position_embeddings=128, type_vocab_size=2, pad_token_id=ids["pad_token"]
+        )
+    if model_type == "deberta-v2":  # DeBERTa-v3's settings: shared keys, log buckets, c2p + p2c, no absolute positions
+        relative: dict[str, Any] = {  # read by DebertaV2Config, not all in its signature
+            "relative_attention": True, "position_buckets": 16, "max_relative_positions": -1, "norm_rel_ebd": "layer_norm",
+            "share_att_key": True, "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "layer_norm_eps": 1e-7,
+            "pooler_hidden_size": 32, "pooler_hidden_act": "gelu", "pooler_dropout": 0,
+        }  # fmt: skip
+        return transformers.DebertaV2Config(
+            **common_enc, **enc, max_position_embeddings=128, type_vocab_size=0, pad_token_id=ids["pad_token"], **relative
+        )
+    if model_type == "nomic_bert":
+        nomic: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 2, "pad_token_id": ids["pad_token"]}
+        return transformers.NomicBertConfig(**common_enc, **enc, **nomic)
+    if model_type == "gte":  # transformers' native GTE (gte-multilingual-base's layout): XLM-R's tokenizer
+        gte: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 1, "pad_token_id": ids["pad_token"]}
+        return transformers.GteConfig(**common_enc, **enc, **gte)
+    if model_type == "eurobert":  # Llama's layers, bidirectional
+        euro: dict[str, Any] = {
+            "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],
+            "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "tie_word_embeddings": False,
+        }  # fmt: skip
+        return transformers.EuroBertConfig(**common_enc, **enc, **euro)
     if model_type == "modernbert":
         return transformers.ModernBertConfig(
             **common_enc,
@@ -178,6 +214,30 @@ def _n_modes(pooling: str | Sequence[str]) -> int:
     return len(set(pooling))
 
 
+def _nomic_public_config(folder: Path, config: Any) -> None:
+    """config.json as nomic-embed-text-v1.5 writes it (its code's spelling and auto_map), keeping the
+    native keys that transformers' NomicBertConfig reads (it ignores n_embd, ...: the references
+    would otherwise load the default sizes)."""
+    code = "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert."
+    edit_config(
+        folder,
+        {
+            "auto_map": {
+                "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+                "AutoModel": code + "NomicBertModel",
+                "AutoModelForMaskedLM": code + "NomicBertForPreTraining",
+                "AutoModelForSequenceClassification": code + "NomicBertForSequenceClassification",
+                "AutoModelForTokenClassification": code + "NomicBertForTokenClassification",
+            },
+            "n_embd": config.hidden_size, "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
+            "n_inner": config.intermediate_size, "n_positions": config.max_position_embeddings, "layer_norm_epsilon": config.layer_norm_eps,
+            "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False, "rotary_scaling_factor": None,
+            "activation_function": "swiglu", "prenorm": False, "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
+            "causal": False, "max_trained_positions": 2048, "use_rms_norm": False,
+        },
+    )  # fmt: skip
+
+
 def edit_config(folder: Path, edits: dict[str, Any]) -> None:
     """Set keys of `folder/config.json` (a None value removes the key)."""
     path = folder / "config.json"
@@ -241,7 +301,13 @@ def make_checkpoint(
     if task in ("rerank", "classify", "ner"):
         _rescale_heads(model, config.num_labels)
     model.eval()
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True)  # (NomicBERT: under the public checkpoints' key names)
+    if model_type == "nomic_bert":
+        _nomic_public_config(folder, config)
+    elif model_type == "eurobert":  # as EuroBERT-210m's: its code's auto_map, `clf_pooling`
+        code = "EuroBERT/EuroBERT-210m--modeling_eurobert."
+        auto_map = {"AutoConfig": "EuroBERT/EuroBERT-210m--configuration_eurobert.EuroBertConfig", "AutoModel": code + "EuroBertModel"}
+        edit_config(folder, {"auto_map": auto_map, "clf_pooling": config.classifier_pooling, "classifier_pooling": None})
 
     st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":

@@ -206,6 +206,12 @@ def _corpus() -> list[str]:
 FAMILY = {
     "bert": "wordpiece",
     "distilbert": "wordpiece",
+    "electra": "wordpiece",
+    "deberta-v2": "wordpiece",  # (DeBERTa-v3 ships a SentencePiece model with the same [CLS] A [SEP] B [SEP] template)
+    "nomic_bert": "wordpiece",
+    "eurobert": "causal_bpe",
+    "gte": "xlmr_unigram",
+    "mpnet": "roberta_bpe",  # (MPNet ships WordPiece under <s> A </s></s> B </s> with RoBERTa's special ids)
     "roberta": "roberta_bpe",
     "xlm-roberta": "xlmr_unigram",
     "modernbert": "modernbert_bpe",
@@ -345,7 +351,8 @@ def save_tokenizer(folder: Path, model_type: str, padding_side: str, model_max_l
     family = FAMILY[model_type]
     tok = trained_tokenizer(model_type)
     specials = SPECIALS[family]
-    input_names = ["input_ids", "token_type_ids", "attention_mask"] if model_type == "bert" else ["input_ids", "attention_mask"]
+    with_types = model_type in ("bert", "electra", "nomic_bert")
+    input_names = ["input_ids", "token_type_ids", "attention_mask"] if with_types else ["input_ids", "attention_mask"]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         padding_side=padding_side,

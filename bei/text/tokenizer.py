@@ -15,6 +15,11 @@ from bei.text.chat_template import ChatTemplate, read_special_tokens, truncate_k
 Direction = Literal["right", "left"]
 TextInput = str | tuple[str, str] | list[int]
 
+# A token is seldom over 8 characters; one over CHARS_PER_TOKEN is rare even in code or URLs. A text of
+# more than max_length * CHARS_PER_TOKEN characters is cut to that before it is tokenized (truncate on),
+# or refused (truncate off): the tokenizer holds the GIL, and megabytes of text would stall the server.
+CHARS_PER_TOKEN = 16
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -42,6 +47,7 @@ class TokenizerRuntime:
 
     def __init__(self, tokenizer_file: Path, max_length: int, chat_template: str | None = None) -> None:
         self.max_length = max_length
+        self.max_chars = max_length * CHARS_PER_TOKEN
         self.chat_template: ChatTemplate | None = None
         if chat_template:
             self.chat_template = ChatTemplate(chat_template, read_special_tokens(Path(tokenizer_file).parent))
@@ -133,6 +139,7 @@ class TokenizerRuntime:
                 raise EmptyInputError("input is empty")
         elif not item:
             raise EmptyInputError("input is empty")
+        item = self.bound(item, truncate=truncate, direction=direction)
         if self.chat_template is not None:
             return self._encode_chat(self.chat_template, item, truncate=truncate, direction=direction)
         prompt_length = 0
@@ -151,6 +158,21 @@ class TokenizerRuntime:
             special=list(enc.special_tokens_mask),
             prompt_length=prompt_length,
         )
+
+    def bound(self, item: str | tuple[str, str], *, truncate: bool, direction: Direction = "right") -> str | tuple[str, str]:
+        """Each text of `item` cut to `max_chars` characters (truncate on: the tokens kept are the same
+        unless the cut text has fewer than `max_length` tokens), or refused over it (truncate off)."""
+        texts = (item,) if isinstance(item, str) else item
+        longest = max(len(text) for text in texts)
+        if longest <= self.max_chars:
+            return item
+        if not truncate:
+            raise InputTooLongError(
+                f"input of {longest} characters is longer than the model's limit of {self.max_length} tokens can hold "
+                f"(at most {self.max_chars} characters are tokenized)"  # the route adds what the client can do
+            )
+        cut = [text[: self.max_chars] if direction == "right" else text[-self.max_chars :] for text in texts]
+        return cut[0] if isinstance(item, str) else (cut[0], cut[1])
 
     def _chat_ids(self, text: str) -> list[int]:
         return list(self._plain.encode(text, add_special_tokens=False).ids)
@@ -187,12 +209,12 @@ class TokenizerRuntime:
     def _from_ids(self, ids: list[int], *, truncate: bool, direction: Direction) -> Encoded:
         if not ids:
             raise EmptyInputError("input is empty")
+        if len(ids) > self.max_length:  # cut (or refused) before the vocabulary check: bounded work
+            if not truncate:
+                raise InputTooLongError(f"input of {len(ids)} tokens is longer than the model's limit of {self.max_length} tokens")
+            ids = ids[: self.max_length] if direction == "right" else ids[-self.max_length :]
         vocab = self._plain.get_vocab_size(with_added_tokens=True)
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise ValidationError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if len(ids) > self.max_length:
-            if not truncate:
-                raise InputTooLongError(f"input of {len(ids)} tokens is longer than the model's limit of {self.max_length} tokens")
-            ids = ids[: self.max_length] if direction == "right" else ids[-self.max_length :]
         return Encoded(ids=list(ids), type_ids=[0] * len(ids), offsets=[(0, 0)] * len(ids), special=[0] * len(ids))

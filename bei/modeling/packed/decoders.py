@@ -261,6 +261,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
         self.window, self.scale, self.softcap = window, c.scale, c.softcap
+        self.causal = True  # EuroBERT's bidirectional encoder (bei/modeling/packed/eurobert.py) turns it off
         self.split = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]  # q, k, v
         self.qkv_proj = nn.Linear(c.hidden_size, sum(self.split), bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=c.o_bias)
@@ -274,7 +275,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = varlen_attention(q, k, v, packed, causal=True, window=self.window, scale=self.scale, softcap=self.softcap)
+        out = varlen_attention(q, k, v, packed, causal=self.causal, window=self.window, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(-1, self.heads * self.head_dim))
 
 

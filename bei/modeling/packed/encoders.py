@@ -1,4 +1,5 @@
-"""Bidirectional encoders, packed: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ModernBERT.
+"""Bidirectional encoders, packed: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, ModernBERT
+(MPNet and DeBERTa-v2, whose attention adds relative position scores, are in relative.py).
 
 One layer class serves every family: BERT, RoBERTa, XLM-R and DistilBERT are the same post-norm
 layer (only their checkpoint names differ), ModernBERT is the pre-norm variant with a gated (GeGLU)
@@ -60,6 +61,8 @@ class Encoder(nn.Module):
     # per task, the checkpoint names of its head; other heads' weights in the checkpoint are dropped
     # (BertForPreTraining holds both the pooler and the MLM transform, RoBERTa classifiers a stale pooler)
     HEADS: ClassVar[dict[Task, dict[str, str]]] = {}
+    # (parts, fused): Linear layers of the checkpoint that become one of the module (q / k / v -> qkv)
+    FUSIONS: ClassVar[tuple[tuple[tuple[str, ...], str], ...]] = (((".attn.q.", ".attn.k.", ".attn.v."), ".attn.qkv."),)
 
     embed: Embeddings
     layers: nn.ModuleList
@@ -91,6 +94,9 @@ class Encoder(nn.Module):
     def decoder_bias(self) -> bool:
         return True
 
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Rearrange renamed (and fused) checkpoint tensors in place where a family lays them out otherwise."""
+
     def positions(self, packed: Packed) -> torch.Tensor | None:
         return packed.positions
 
@@ -110,7 +116,9 @@ class Encoder(nn.Module):
         rules = self.RULES + renames(self.HEADS.get(self.task, {}))
         for key, value in strip_prefixes(state, self.PREFIXES).items():
             renamed[rename_key(rename_key(key, COMMON_RULES), rules)] = value
-        fuse_linears(renamed, (".attn.q.", ".attn.k.", ".attn.v."), ".attn.qkv.")
+        for parts, fused in self.FUSIONS:
+            fuse_linears(renamed, parts, fused)
+        self.adapt_state(renamed)
         if self.task is Task.SPARSE and self.config.get("tie_word_embeddings", True) and "embed.tokens.weight" in renamed:
             renamed["head.out.weight"] = renamed["embed.tokens.weight"]
         own = self.state_dict().keys()
@@ -198,11 +206,49 @@ class RobertaEncoder(BertEncoder):
         return per_task(Transform(hidden, torch.tanh), None, Transform(hidden, F.gelu, eps=eps))
 
     def positions(self, packed: Packed) -> torch.Tensor:
-        """fairseq's positions: padding_idx + 1 + the count of non-pad tokens so far in the row (pads: padding_idx)."""
-        real = (packed.input_ids != self.padding_idx).to(torch.int64)
-        count = torch.cumsum(real, dim=0)
-        before_row = (count[packed.starts] - real[packed.starts])[packed.seq_index]
-        return (count - before_row) * real + self.padding_idx
+        return fairseq_positions(packed, self.padding_idx)
+
+
+def fairseq_positions(packed: Packed, padding_idx: int) -> torch.Tensor:
+    """fairseq's positions: padding_idx + 1 + the count of non-pad tokens so far in the row (pads: padding_idx)."""
+    real = (packed.input_ids != padding_idx).to(torch.int64)
+    count = torch.cumsum(real, dim=0)
+    before_row = (count[packed.starts] - real[packed.starts])[packed.seq_index]
+    return (count - before_row) * real + padding_idx
+
+
+class ElectraEncoder(Encoder):
+    """ELECTRA's discriminator: BERT's layers under embeddings of `embedding_size`, projected to the
+    hidden size (`embeddings_project`) where the two differ; no pooler; its sequence classifier is
+    dense -> GELU -> out_proj on [CLS]."""
+
+    PREFIXES = ("electra.",)
+    RULES: ClassVar[Rules] = renames({"embeddings_project": "project"}) + BertEncoder.RULES
+    HEADS = per_task({"classifier.dense": "head.transform.dense", "classifier.out_proj": "head.out"}, {"classifier": "head.out"}, {})
+
+    def __init__(self, config: dict[str, Any], task: Task, num_labels: int) -> None:
+        super().__init__(config, task, num_labels)
+        if task is Task.SPARSE:
+            raise ModelError("the torch target has no ELECTRA masked-LM (sparse) head; ELECTRA serves embed, rerank, classify and ner")
+        hidden, eps = int(required(config, "hidden_size")), float(config.get("layer_norm_eps", 1e-12))
+        width = int(config.get("embedding_size") or hidden)
+        self.embed = Embeddings(
+            int(required(config, "vocab_size")), width, eps,
+            positions=int(required(config, "max_position_embeddings")), types=int(config.get("type_vocab_size", 2)),
+        )  # fmt: skip
+        self.project = nn.Linear(width, hidden) if width != hidden else nn.Identity()
+        heads, inner = int(required(config, "num_attention_heads")), int(required(config, "intermediate_size"))
+        act = activation(config, "hidden_act", "gelu")
+        self.layers = nn.ModuleList(
+            post_norm_layer(hidden, heads, inner, act, eps) for _ in range(int(required(config, "num_hidden_layers")))
+        )
+        self.make_head(hidden, per_task(Transform(hidden, F.gelu), None, None))
+
+    def forward(self, packed: Packed) -> torch.Tensor:
+        x = self.project(self.embed(packed, packed.positions))
+        for layer in self.layers:
+            x = layer(x, packed, None)
+        return x if self.head is None else self.head(x, packed)
 
 
 class DistilBertEncoder(Encoder):
@@ -334,5 +380,6 @@ ENCODERS: dict[str, type[Encoder]] = {
     "roberta": RobertaEncoder,
     "xlm-roberta": RobertaEncoder,
     "distilbert": DistilBertEncoder,
+    "electra": ElectraEncoder,
     "modernbert": ModernBertEncoder,
 }

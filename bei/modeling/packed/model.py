@@ -1,7 +1,8 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `decoders.py`) is an `nn.Module` built from the checkpoint's
-config.json (a plain dict: serving never imports transformers) and the task, whose `forward(packed)`
+Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `decoders.py`, `eurobert.py`)
+is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never imports
+transformers) and the task, whose `forward(packed)`
 returns, packed, what the transformers model of that task returns:
 
 - embed:             last hidden state [tokens, hidden]
@@ -29,6 +30,7 @@ from bei.kinds import Task
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
+from bei.modeling.remote_code import native_config
 from bei.modeling.spec import ModelSpec
 
 
@@ -49,8 +51,12 @@ def architectures() -> dict[str, ArchitectureFactory]:
     """model_type -> the class of its packed module."""
     from bei.modeling.packed.decoders import DECODERS
     from bei.modeling.packed.encoders import ENCODERS
+    from bei.modeling.packed.eurobert import EuroBertEncoder
+    from bei.modeling.packed.gte import GteEncoder
+    from bei.modeling.packed.nomic import NomicBertEncoder
+    from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, "gte": GteEncoder, **DECODERS}
 
 
 def num_labels(spec: ModelSpec) -> int:
@@ -96,7 +102,8 @@ class PackedEngineModule(torch.nn.Module):
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return dict(json.loads((path / "config.json").read_text()))
+    """config.json, in transformers' native spelling (bei/modeling/remote_code.py)."""
+    return native_config(dict(json.loads((path / "config.json").read_text())))
 
 
 def pad_token_id(config: dict[str, Any]) -> int:
@@ -108,7 +115,10 @@ def pad_token_id(config: dict[str, Any]) -> int:
 def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
     factories = architectures()
     if spec.model_type not in factories:
-        raise ModelError(f"the torch target has no packed module for model_type {spec.model_type!r}; known: {', '.join(factories)}")
+        raise ModelError(
+            f"the torch target has no packed module for model_type {spec.model_type!r} ({spec.architecture}); "
+            f"build it with --target onnxruntime (or tensorrt on a GPU); the torch target builds: {', '.join(factories)}"
+        )
     return factories[spec.model_type](config, spec.task, num_labels(spec))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
+from bei.engine.integrity import engine_path
 from bei.engine.manifest import Manifest
 from bei.hardware import Host
 from bei.kinds import Precision
@@ -24,7 +25,7 @@ def _build(ctx: BuildContext) -> BuildResult:
 def _open(folder: Path, manifest: Manifest, threads: int | None) -> Backend:
     from bei.targets.onnxruntime.backend import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(folder / manifest.graph_file, manifest.graph_inputs, threads=threads)
+    return OnnxRuntimeBackend(engine_path(folder, manifest.graph_file), manifest.graph_inputs, threads=threads)
 
 
 def _plan(request: PlanRequest) -> PlanDetails:

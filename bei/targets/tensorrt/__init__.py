@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
+from bei.engine.integrity import engine_path
 from bei.engine.manifest import Manifest
 from bei.engine.profiles import derive_profiles
 from bei.errors import EngineError
@@ -26,7 +27,7 @@ def _build(ctx: BuildContext) -> BuildResult:
 def _open(folder: Path, manifest: Manifest, threads: int | None) -> Backend:
     from bei.targets.tensorrt.backend import TensorRTBackend
 
-    return TensorRTBackend(folder / manifest.graph_file, manifest.graph_inputs, manifest.graph_output, manifest.profiles)
+    return TensorRTBackend(engine_path(folder, manifest.graph_file), manifest.graph_inputs, manifest.graph_output, manifest.profiles)
 
 
 def _plan(request: PlanRequest) -> PlanDetails:

@@ -5,7 +5,8 @@ same routes, batcher, metrics and errors) and runs its lifespan, which loads the
 proxy on every node routes HTTP requests to the replicas. `build_app` is the application builder for a
 Ray Serve config file (KubeRay's RayService: `import_path: bei.ray_serve:build_app`, docs/scale.md).
 
-Every node reads the engine folders at the same path (a shared filesystem) and has the same bei
+HTTP itself is Ray Serve's proxy's, not uvicorn's: --header-timeout does not apply; --drain-timeout is the
+replicas' graceful shutdown. Every node reads the engine folders at the same path (a shared filesystem) and has the same bei
 installed (`pip install 'bei[ray]'` plus `ray[serve]`). Nothing here imports ray until a function runs.
 """
 
@@ -40,6 +41,7 @@ def application(engine_dirs: list[Path], settings: ServeSettings, *, replicas: i
         num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=settings.max_concurrent_requests,
+        graceful_shutdown_timeout_s=settings.drain_timeout,  # a replica stopped finishes its requests first, as bei serve drains
     )(serve.ingress()(BeiReplica))
     return deployment.bind([str(Path(d).resolve()) for d in engine_dirs], values)
 

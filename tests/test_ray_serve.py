@@ -41,7 +41,7 @@ def served(engine: Path) -> Iterator[str]:
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        settings = ServeSettings.model_validate({"host": "127.0.0.1", "port": port, "engine_threads": 1})
+        settings = ServeSettings.model_validate({"host": "127.0.0.1", "port": port, "engine_threads": 1, "api_key": "s3cret"})
         start([engine], settings, replicas=2, num_cpus=0.5, blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -56,7 +56,7 @@ def test_two_replicas_serve_the_engine(served: str, engine: Path) -> None:
 
     texts = ["Hello world", "A second text", "alpha beta gamma"]
     deadline = time.monotonic() + 120
-    with httpx.Client(base_url=served, timeout=30) as client:
+    with httpx.Client(base_url=served, timeout=30, headers={"authorization": "Bearer s3cret"}) as client:
         while time.monotonic() < deadline:
             try:
                 if client.get("/health").status_code == 200:
@@ -66,6 +66,8 @@ def test_two_replicas_serve_the_engine(served: str, engine: Path) -> None:
             time.sleep(0.5)
         answers = [client.post("/embed", json={"inputs": texts}) for _ in range(8)]
         info = client.get("/info")
+        refused = client.post("/embed", json={"inputs": texts}, headers={"authorization": "Bearer wrong"})
+    assert refused.status_code == 401  # bei's own API-key guard, in every replica
     assert info.status_code == 200 and info.json()["model_id"]
     assert all(a.status_code == 200 for a in answers), answers[0].text
     loaded = load_engine(engine, threads=1)

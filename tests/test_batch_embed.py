@@ -155,6 +155,9 @@ def test_another_job_in_the_same_output_is_refused(tiny_engine: tuple[Path, Path
     assert run_local(JobSpec(engine, source, output, chunk_size=30, quiet=True, overwrite=True)) == 50
     assert done_parts(output) == {0, 1}
     assert json.loads((output / JOB_FILE).read_text())["chunk_size"] == 30
+    (tmp_path / "out.npy").write_bytes(b"")
+    with pytest.raises(ValidationError, match="is a file"):
+        run_local(JobSpec(engine, source, tmp_path / "out.npy", quiet=True))
 
 
 def test_without_engine_embed_is_still_the_http_client(tiny_engine: tuple[Path, Path], tmp_path: Path) -> None:

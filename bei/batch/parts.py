@@ -36,6 +36,8 @@ def done_parts(output: Path) -> set[int]:
 
 def prepare_output(output: Path, job: dict[str, Any], *, overwrite: bool) -> None:
     """Create `output`, or check that the job it holds is this one; drop temporary files of a killed run."""
+    if output.exists() and not output.is_dir():
+        raise ValidationError(f"--output: {output} is a file; with --engine, --output is a folder of Parquet parts")
     output.mkdir(parents=True, exist_ok=True)
     record = output / JOB_FILE
     if record.exists():

@@ -114,17 +114,31 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", type=Path, default=None, help="serve this config's engine, building it first when none is up to date")
     serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
     add_arguments(serve)
+    serve.add_argument("--ray", action="store_true", help="serve as a Ray Serve application of --replicas replicas (docs/scale.md)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each loading every engine (default 1)")
+    serve.add_argument("--ray-address", default=None, help="with --ray: auto (a running cluster) or host:6379 (default: a local Ray)")
+    serve.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica holds (default 0)")
+    serve.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica holds (default 1)")
 
     for name, what in (("embed", "embed a file's texts"), ("rerank", "score a file's texts against a query")):
-        files = commands.add_parser(name, help=f"{what} through a running server (bei, BEI or TEI)")
-        files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
-        files.add_argument("--input", type=Path, required=True, help=".txt (one text per line) or .jsonl (a text field)")
-        files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array")
+        how = "in process with --engine (a batch job), or through a running server" if name == "embed" else "through a running server"
+        files = commands.add_parser(name, help=f"{what} {how} (bei, BEI or TEI)")
+        files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without --engine)")
+        files.add_argument(
+            "--input",
+            type=Path,
+            required=True,
+            help=".txt (one text a line) or .jsonl (a text field); with --engine also .parquet, or a folder",
+        )
+        files.add_argument("--output", type=Path, required=True, help=".jsonl, or .npy for an array; with --engine a folder")
         files.add_argument("--batch-size", type=int, default=32, help="texts per request")
-        files.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+        files.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8); with --ray, actors (default 2)")
         files.add_argument("--api-key", default=None, help="the server's API key (default: env BEI_API_KEY)")
         if name == "embed":
+            from bei.batch.command import add_arguments as add_batch_arguments
+
             files.add_argument("--model", default=None, help="model name, where the server serves several")
+            add_batch_arguments(files)
         else:
             files.add_argument("--query", required=True, help="the query every text is scored against")
 
@@ -137,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _build(args.config, engines_root, args.target, args.quiet)
             return 0
+        if args.command == "embed" and args.engine is not None:
+            from bei.batch.command import run as run_batch
+
+            return run_batch(args)
+        if args.command == "embed" and args.ray:
+            parser.error("--ray runs a batch job: give the engine with --engine")
         if args.command in ("embed", "rerank"):
             from bei.client import ClientError
             from bei.files_cli import embed_file, rerank_file
@@ -144,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.command == "embed":
                     count = embed_file(
-                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency, model=args.model,
+                        args.url, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8, model=args.model,
                         api_key=args.api_key,
                     )  # fmt: skip
                 else:
                     count = rerank_file(
-                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
+                        args.url, args.query, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency or 8,
                         api_key=args.api_key,
                     )  # fmt: skip
             except ClientError as error:
@@ -167,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
                 engine_dir = _build(args.config, engines_root, "auto", quiet=False)
             engine_dirs = [engine_dir]
+        if args.ray:
+            from bei.ray_serve import start
+
+            start(
+                engine_dirs,
+                settings,
+                replicas=args.replicas,
+                address=args.ray_address,
+                num_gpus=args.num_gpus_per_replica,
+                num_cpus=args.num_cpus_per_replica,
+            )
+            return 0
         from bei.serve import serve as run_server
 
         run_server(engine_dirs, settings)

@@ -1,0 +1,76 @@
+"""`bei serve --ray --replicas N`: bei's own Starlette app as a Ray Serve application.
+
+Each replica is a Ray actor that builds the app of `bei serve` (`create_app(state_for_engines(...))`: the
+same routes, batcher, metrics and errors) and runs its lifespan, which loads the engines; Ray Serve's
+proxy on every node routes HTTP requests to the replicas. `build_app` is the application builder for a
+Ray Serve config file (KubeRay's RayService: `import_path: bei.ray_serve:build_app`, docs/scale.md).
+
+HTTP itself is Ray Serve's proxy's, not uvicorn's: --header-timeout does not apply; --drain-timeout is the
+replicas' graceful shutdown. Every node reads the engine folders at the same path (a shared filesystem) and has the same bei
+installed (`pip install 'bei[ray]'` plus `ray[serve]`). Nothing here imports ray until a function runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bei.api.app import create_app, state_for_engines
+from bei.settings import ServeSettings
+
+
+class BeiReplica:
+    """One Ray Serve replica: the engines loaded by the app's lifespan, in this actor."""
+
+    def __init__(self, engine_dirs: list[str], settings: dict[str, Any]) -> None:
+        self.engine_dirs = [Path(d) for d in engine_dirs]
+        self.settings = ServeSettings.model_validate(settings)
+
+    def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls it once per replica, then runs the app's lifespan
+        return create_app(state_for_engines(self.engine_dirs, self.settings))
+
+
+def application(engine_dirs: list[Path], settings: ServeSettings, *, replicas: int, num_gpus: float = 0.0, num_cpus: float = 1.0) -> Any:
+    """The Ray Serve application (a bound deployment) of these engines."""
+    from ray import serve
+
+    threads = settings.engine_threads or max(1, int(num_cpus))  # an engine call uses its replica's CPUs, not the node's
+    values = settings.model_dump() | {"engine_threads": threads}
+    deployment: Any = serve.deployment(
+        name="bei",
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=settings.max_concurrent_requests,
+        graceful_shutdown_timeout_s=settings.drain_timeout,  # a replica stopped finishes its requests first, as bei serve drains
+    )(serve.ingress()(BeiReplica))
+    return deployment.bind([str(Path(d).resolve()) for d in engine_dirs], values)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder: `args` = {"engines": [...], "replicas": N, "num_gpus": g, "num_cpus": c, **ServeSettings}."""
+    args = dict(args)
+    engines = [Path(p) for p in args.pop("engines")]
+    replicas = int(args.pop("replicas", 1))
+    num_gpus, num_cpus = float(args.pop("num_gpus", 0)), float(args.pop("num_cpus", 1))
+    return application(engines, ServeSettings.model_validate(args), replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus)
+
+
+def start(
+    engine_dirs: list[Path],
+    settings: ServeSettings,
+    *,
+    replicas: int,
+    address: str | None = None,
+    num_gpus: float = 0.0,
+    num_cpus: float = 1.0,
+    blocking: bool = True,
+) -> None:
+    """Deploy on Ray (a local one without `address`) and serve on settings.host:settings.port until Ctrl-C."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False) if address is None else ray.init(address=address)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = application(engine_dirs, settings, replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus)
+    serve.run(app, name="bei", route_prefix="/", blocking=blocking)

@@ -61,10 +61,11 @@ class Checkpoint:
         """sha256 of the config, tokenizer, pooling and safetensors files that exist (relative names)."""
         names = [n for n in _HASHED_FILES if (self.path / n).is_file()]
         names += sorted(p.name for p in self.path.glob("*.safetensors") if p.is_file())
-        return {name: _sha256_file(self.path / name) for name in names}
+        return {name: sha256_file(self.path / name) for name in names}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (checkpoint fingerprints, engine file hashes)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):

@@ -58,14 +58,14 @@ def _legacy(folder: Path) -> None:
 
 
 def test_build_records_every_file_hash(engine: tuple[Path, Path]) -> None:
-    from bei.engine.integrity import file_sha256
+    from bei.checkpoint import sha256_file
     from bei.engine.manifest import manifest_digest
 
     data = json.loads((engine[1] / "manifest.json").read_text())
     files = data["engine_files"]
     on_disk = {p.relative_to(engine[1]).as_posix() for p in engine[1].rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(files) == on_disk and {"model.onnx", "tokenizer.json"} <= set(files)
-    assert all(files[name] == file_sha256(engine[1] / name) for name in files)
+    assert all(files[name] == sha256_file(engine[1] / name) for name in files)
     assert data["manifest_sha256"] == manifest_digest(data)
 
 

@@ -6,30 +6,21 @@ the check fails with a message naming the file, and `bei serve` exits before it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from bei.checkpoint import sha256_file
 from bei.engine.manifest import DIGEST_FIELD, MANIFEST_FILE, Manifest, manifest_digest
 from bei.errors import EngineError
 
-CHUNK = 1 << 20
 TOKENIZER_FILE = "tokenizer.json"
 REBUILD = "rebuild the engine with `bei build` (or `bei serve --config`)"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_engine_files(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` but its manifest.json, by relative posix path."""
     return {
-        path.relative_to(folder).as_posix(): file_sha256(path)
+        path.relative_to(folder).as_posix(): sha256_file(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.relative_to(folder).as_posix() != MANIFEST_FILE
     }
@@ -63,7 +54,7 @@ def verify_engine(folder: Path, manifest: Manifest) -> str | None:
         path = engine_path(folder, name)
         if not path.is_file():
             raise EngineError(f"{folder}: {name} is missing; {REBUILD}")
-        if file_sha256(path) != recorded:
+        if sha256_file(path) != recorded:
             raise EngineError(
                 f"{folder}: {name} is not the file that was built (its sha256 differs: corrupt, truncated or replaced); {REBUILD}"
             )

@@ -414,6 +414,13 @@ def pooled(hidden: Any, mask: Any, mode: str) -> Any:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def cosine_check(fn: Callable[[], list[Any]], against: Any, **extra: Any) -> Callable[[], dict[str, Any]]:
+    """A row's check (run after its timing, inside its guard): the min cosine of `fn`'s outputs to `against`."""
+    import torch
+
+    return lambda: {"cosine": min_cosine(torch.cat(fn()), against), **extra}
+
+
 def min_cosine(a: Any, b: Any) -> float:
     import torch
 
@@ -594,15 +601,12 @@ def measure_peaks(ctx: Context) -> None:
 def bei_rows(ctx: Context, work: Workload, module: Any, backend: Any, feeds: list[Any], reference: Any, label: str, precision: str,
              eager: bool = True) -> None:  # fmt: skip
     """bei's packed module on `feeds`: eager, and compiled as `backend` (a TorchBackend) compiles it."""
-    import torch
-
-    def check(fn: Callable[[], list[Any]]) -> Callable[[], dict[str, Any]]:  # after the timing, inside the row's guard
-        return lambda: {"cosine": min_cosine(torch.cat(fn()), reference), "batches": len(feeds)}
 
     eager_fn, compiled_fn = partial(run_all, module, feeds), partial(run_all, backend.forward, feeds)
     if eager:
-        throughput(ctx, work, f"bei packed eager {label}", eager_fn, precision, check=check(eager_fn))
-    throughput(ctx, work, f"bei packed compiled {label}", compiled_fn, precision, compiled=True, check=check(compiled_fn),
+        throughput(ctx, work, f"bei packed eager {label}", eager_fn, precision, check=cosine_check(eager_fn, reference, batches=len(feeds)))
+    throughput(ctx, work, f"bei packed compiled {label}", compiled_fn, precision, compiled=True,
+               check=cosine_check(compiled_fn, reference, batches=len(feeds)),
                extra={"note": "TorchBackend.forward: torch.compile(dynamic=True)"})  # fmt: skip
 
 
@@ -647,13 +651,20 @@ def mistral_transformers(ctx: Context, config: dict[str, Any], section: str, inp
     work = Workload(section, f"{len(inputs.ids)} x {inputs.lengths[0]} tok", inputs.lengths,
                     Flops(linear_params(module.body), config["hidden_size"], config["num_hidden_layers"]))  # fmt: skip
 
-    def check(fn: Callable[[], list[Any]]) -> Callable[[], dict[str, Any]]:
-        return lambda: {"cosine": min_cosine(torch.cat(fn()), reference), "reference": "transformers fp32"}
-
     eager = partial(run_all, partial(hf_pooled, hf, "last"), feeds)
-    throughput(ctx, work, "transformers eager SDPA bf16", eager, "bfloat16", check=check(eager))
+    throughput(
+        ctx, work, "transformers eager SDPA bf16", eager, "bfloat16", check=cosine_check(eager, reference, reference="transformers fp32")
+    )
     compiled = partial(run_all, partial(hf_pooled, torch.compile(hf), "last"), feeds)
-    throughput(ctx, work, "transformers torch.compile bf16", compiled, "bfloat16", compiled=True, check=check(compiled))
+    throughput(
+        ctx,
+        work,
+        "transformers torch.compile bf16",
+        compiled,
+        "bfloat16",
+        compiled=True,
+        check=cosine_check(compiled, reference, reference="transformers fp32"),
+    )
     return module, reference, work
 
 

@@ -107,9 +107,11 @@ async def openai_embeddings(service: InferenceService, request: OpenAIEmbeddings
     }
 
 
-async def tei_embed(service: InferenceService, request: EmbedRequest, timing: Timing) -> Any:
-    items = as_inputs(request.inputs, service)
-    vectors = await embed(
+async def embed_as_asked(
+    service: InferenceService, items: list[TextInput], request: EmbedRequest | SimilarityRequest, timing: Timing
+) -> np.ndarray:
+    """`embed` with the TEI-style request's truncate, truncation_direction and prompt_name."""
+    return await embed(
         service,
         items,
         truncate=bool(request.truncate),
@@ -117,6 +119,11 @@ async def tei_embed(service: InferenceService, request: EmbedRequest, timing: Ti
         prompt=prompt_text(service, request.prompt_name),
         timing=timing,
     )
+
+
+async def tei_embed(service: InferenceService, request: EmbedRequest, timing: Timing) -> Any:
+    items = as_inputs(request.inputs, service)
+    vectors = await embed_as_asked(service, items, request, timing)
     return finish(vectors, normalize=request.normalize, dimensions=request.dimensions, full_dim=vectors.shape[1]).tolist()
 
 
@@ -124,13 +131,6 @@ async def similarity(service: InferenceService, request: SimilarityRequest, timi
     """The cosine of `source_sentence` with each of `sentences`, in their order (TEI, sentence-transformers)."""
     items: list[TextInput] = [request.inputs.source_sentence, *request.inputs.sentences]
     check_count(len(request.inputs.sentences), service)
-    vectors = await embed(
-        service,
-        items,
-        truncate=bool(request.truncate),
-        direction=request.truncation_direction,
-        prompt=prompt_text(service, request.prompt_name),
-        timing=timing,
-    )
+    vectors = await embed_as_asked(service, items, request, timing)
     vectors = finish(vectors, normalize=True, dimensions=None, full_dim=vectors.shape[1])
     return [float(x) for x in vectors[1:] @ vectors[0]]

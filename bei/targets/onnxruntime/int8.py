@@ -70,20 +70,21 @@ def quantize_int8(
     attempts = _attempts(fp32_graph)
     aim = max(min_accuracy, AIM)
     tried: list[tuple[str, list[str], Accuracy]] = []
+    kept: tuple[str, list[str], Accuracy] | None = None
     for what, per_row in attempts:
         _quantize(fp32_graph, target, per_row)
         accuracy = accuracy_of_outputs(reference, run_graph(target, spec, held_out), held_out, spec.task, qtype=QTYPE)
         note(f"int8 ({what}): {accuracy.summary()}")
         tried.append((what, per_row, accuracy))
         if accuracy.min_cosine >= aim:
+            kept = tried[-1]
             break
-    else:  # none reached the aim: the fastest that passes the gate (the last, failing, if none does)
+    if kept is None:  # none reached the aim: the fastest that passes the gate (the last, failing, if none does)
         kept = next((t for t in tried if t[2].min_cosine >= min_accuracy), tried[-1])
-        if kept is not tried[-1]:
+        if kept is not tried[-1]:  # the graph on disk is the last attempt's
             _quantize(fp32_graph, target, kept[1])
             note(f"int8 ({kept[0]}): kept, the fastest attempt that passes min_accuracy {min_accuracy}")
-        tried.append(kept)
-    _, per_row, accuracy = tried[-1]
+    _, per_row, accuracy = kept
     require_accuracy(accuracy, min_accuracy)  # raises when no attempt passes the gate
     ops = _op_counts(target)
     return {

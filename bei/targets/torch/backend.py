@@ -75,7 +75,7 @@ def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class Prepared:
-    packed: Packed  # the batch's real tokens
+    packed: Packed  # the batch's real tokens (with `parts`, the first part's: `run` reads `parts`)
     feed: Packed  # what the module runs: `packed`, or `packed` padded to its token bucket
     width: int
     left_padded: bool

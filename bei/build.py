@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.plan import BuildPlan
-from bei.checkpoint import Checkpoint, check_required_files, resolve_checkpoint
+from bei.checkpoint import GB, Checkpoint, RemoteLimits, check_required_files, resolve_checkpoint
 from bei.config import BeiConfig, QuantizationType
 from bei.hardware import Host, detect_host
 from bei.modeling.detect import read_model_spec
@@ -58,6 +58,11 @@ def plan_build(
             secret_name=repo.runtime_secret_name,
             base_dir=config_dir,
             progress=progress.note,
+            limits=RemoteLimits(
+                sha256=repo.sha256,
+                max_download_bytes=int(repo.max_download_gb * GB),
+                max_extracted_bytes=int(repo.max_extracted_gb * GB) if repo.max_extracted_gb is not None else None,
+            ),
         )
         check_required_files(checkpoint.path)
         progress.note(f"{checkpoint.path}")

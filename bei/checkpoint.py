@@ -6,11 +6,13 @@ folder; `check_required_files` fails early, naming each missing file, before any
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import urllib.parse
@@ -82,11 +84,13 @@ def resolve_checkpoint(
     base_dir: Path | None = None,
     cache_dir: Path | None = None,
     progress: Progress = None,
+    limits: RemoteLimits | None = None,
 ) -> Checkpoint:
     """Make the checkpoint available locally and return it.
 
     `cache_dir` is the HF hub cache for `HF`, and the root of the extraction cache for
-    `REMOTE_URL` (default `~/.cache/bei/remote`; each URL gets `<root>/<sha256(url)[:16]>`).
+    `REMOTE_URL` (default `~/.cache/bei/remote`; each URL gets `<root>/<sha256(url)[:16]>`), whose
+    download `limits` checks (a sha256 pin, size caps).
     """
     src = (source or "").strip().upper()
     if src == "HF":
@@ -94,7 +98,7 @@ def resolve_checkpoint(
     if src == "LOCAL":
         return Checkpoint(path=_resolve_local(repo, base_dir), source="LOCAL", repo=repo, revision=revision)
     if src == "REMOTE_URL":
-        return Checkpoint(path=_resolve_url(repo, cache_dir, progress), source="REMOTE_URL", repo=repo)
+        return Checkpoint(path=_resolve_url(repo, cache_dir, progress, limits or RemoteLimits()), source="REMOTE_URL", repo=repo)
     if src in ("S3", "GCS", "AZURE"):
         raise CheckpointError(
             f"checkpoint source {src} is not supported yet: download the checkpoint yourself and use "
@@ -205,6 +209,48 @@ def _resolve_package(repo: str) -> Path:
 
 
 # --- REMOTE_URL -----------------------------------------------------------------------------
+GB = 1_000_000_000
+_MAX_MEMBERS = 100_000
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FIELD = "trt_llm.build.checkpoint_repository"
+
+
+@dataclass(frozen=True)
+class RemoteLimits:
+    """What a REMOTE_URL download must satisfy (the config's `checkpoint_repository` fields):
+    `sha256` pins the tarball's content; the caps refuse a larger tarball or extraction."""
+
+    sha256: str | None = None
+    max_download_bytes: int = 50 * GB
+    max_extracted_bytes: int | None = None  # None: 4x the tarball's size, at least 0.25 GB
+
+    def extraction_cap(self, archive_size: int) -> int:
+        return self.max_extracted_bytes if self.max_extracted_bytes is not None else max(4 * archive_size, GB // 4)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What the cache remembers of the tarball it extracted: its content hash and validators."""
+
+    sha256: str
+    etag: str | None = None
+    last_modified: str | None = None
+    stat: str | None = None  # file:// URLs: size and mtime
+
+    @staticmethod
+    def read(path: Path) -> _Source | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return _Source(**{k: data.get(k) for k in ("sha256", "etag", "last_modified", "stat")})
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.__dict__) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def _redact(url: str) -> str:
     """The URL without query and credentials (pre-signed URLs carry secrets there)."""
     parts = urllib.parse.urlsplit(url)
@@ -212,75 +258,177 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _resolve_url(url: str, cache_dir: Path | None, progress: Progress) -> Path:
-    """Download and extract a .tar.gz URL once; return the checkpoint folder in the cache."""
+def _gb(size: int) -> str:
+    return f"{size / GB:.3g} GB"
+
+
+def _resolve_url(url: str, cache_dir: Path | None, progress: Progress, limits: RemoteLimits) -> Path:
+    """The checkpoint folder of a .tar.gz URL, extracted once into the cache and revalidated on each
+    use: with a `sha256` pin a cached extraction of that content is used as is; else an http(s) URL is
+    asked again with If-None-Match / If-Modified-Since (a file:// URL: its size and mtime), and a
+    changed tarball replaces the extraction. On any failure the cache keeps what it had before."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
+    shown = _redact(url)
     if scheme not in ("http", "https", "file"):
-        raise CheckpointError(f"REMOTE_URL {_redact(url)!r} must be an http(s):// or file:// URL of a .tar.gz")
+        raise CheckpointError(f"REMOTE_URL {shown!r} must be an http(s):// or file:// URL of a .tar.gz")
     root = Path(cache_dir).expanduser() if cache_dir is not None else Path.home() / ".cache" / "bei" / "remote"
     entry = root / hashlib.sha256(url.encode()).hexdigest()[:16]
-    final = entry / "extracted"
-    if not final.is_dir():
+    final, record = entry / "extracted", entry / "source.json"
+    cached = _Source.read(record) if final.is_dir() else None
+    fresh = not entry.exists()
+    try:
         entry.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=entry, prefix=".tmp-") as tmp:
-            if scheme == "file":
-                archive = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
-                if not archive.is_file():
-                    raise CheckpointError(f"REMOTE_URL {url}: file {archive} does not exist")
-            else:
-                archive = Path(tmp) / "download.tar.gz"
-                _download(url, archive, progress)
+        if cached is not None and limits.sha256 is not None and cached.sha256 == limits.sha256:
             if progress:
-                progress(f"extracting {_redact(url)}")
-            out = Path(tmp) / "out"
-            _safe_extract(archive, out, _redact(url))
-            try:
+                progress(f"using cached extraction of {shown} (sha256 {limits.sha256[:12]}... as pinned)")
+            return _top_folder(final)
+        with tempfile.TemporaryDirectory(dir=entry, prefix=".tmp-") as tmp:
+            fetched = _fetch(url, scheme, Path(tmp), cached, limits, progress)
+            if fetched is None:  # not modified
+                assert cached is not None
+                if progress:
+                    progress(f"using cached extraction of {shown} at {final} (unchanged at its source)")
+                return _top_folder(final)
+            archive, source = fetched
+            if limits.sha256 is not None and source.sha256 != limits.sha256:
+                raise CheckpointError(
+                    f"{_FIELD}.sha256: REMOTE_URL {shown} has sha256 {source.sha256}, not the pinned {limits.sha256}; "
+                    "the tarball changed, or the pin is wrong"
+                )
+            if cached is None or cached.sha256 != source.sha256:
+                if progress:
+                    progress(f"extracting {shown}" + (" (it changed since the cached extraction)" if cached else ""))
+                out = Path(tmp) / "out"
+                _safe_extract(archive, out, shown, limits.extraction_cap(archive.stat().st_size))
+                if final.is_dir():
+                    os.replace(final, Path(tmp) / "previous")  # removed with tmp
                 os.replace(out, final)
-            except OSError:
-                if not final.is_dir():  # another process may have won the race; else re-raise
-                    raise
-        (entry / "url.txt").write_text(_redact(url) + "\n")
-    elif progress:
-        progress(f"using cached extraction of {_redact(url)} at {final}")
+            elif progress:
+                progress(f"using cached extraction of {shown} at {final} (same content)")
+            source.write(record)
+        (entry / "url.txt").write_text(shown + "\n")
+    except BaseException:
+        if fresh:  # no half-made cache entry
+            shutil.rmtree(entry, ignore_errors=True)
+        raise
+    return _top_folder(final)
+
+
+def _top_folder(final: Path) -> Path:
     children = [c for c in final.iterdir() if not c.name.startswith("._")]
     return children[0] if len(children) == 1 and children[0].is_dir() else final
 
 
-def _download(url: str, dest: Path, progress: Progress) -> None:
+def _fetch(
+    url: str, scheme: str, tmp: Path, cached: _Source | None, limits: RemoteLimits, progress: Progress
+) -> tuple[Path, _Source] | None:
+    """The tarball (a local path) and what identifies it; None when `cached` is still current."""
+    shown = _redact(url)
+    if scheme == "file":
+        archive = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+        if not archive.is_file():
+            raise CheckpointError(f"REMOTE_URL {url}: file {archive} does not exist")
+        st = archive.stat()
+        stat = f"{st.st_size}:{st.st_mtime_ns}"
+        if cached is not None and limits.sha256 is None and cached.stat == stat:
+            return None
+        _check_download_size(st.st_size, shown, limits)
+        return archive, _Source(sha256=sha256_file(archive), stat=stat)
+    archive = tmp / "download.tar.gz"
+    conditional = cached is not None and limits.sha256 is None
+    try:
+        return _download(url, archive, progress, limits, cached if conditional else None)
+    except _Unreachable as exc:
+        if not conditional:
+            raise CheckpointError(str(exc)) from exc.__cause__
+        if progress:
+            progress(f"cannot reach {shown} to revalidate ({exc}): using the cached extraction")
+        return None
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _check_download_size(size: int, shown: str, limits: RemoteLimits) -> None:
+    if size > limits.max_download_bytes:
+        raise CheckpointError(
+            f"REMOTE_URL {shown} is over {_FIELD}.max_download_gb ({_gb(limits.max_download_bytes)}): "
+            f"{_gb(size)} or more; raise max_download_gb if this is the checkpoint you meant"
+        )
+
+
+def _download(url: str, dest: Path, progress: Progress, limits: RemoteLimits, cached: _Source | None) -> tuple[Path, _Source] | None:
+    """Stream `url` to `dest` within the download cap, hashing it; None on 304 Not Modified."""
     import httpx
 
     shown = _redact(url)
+    headers = {}
+    if cached is not None and cached.etag:
+        headers["If-None-Match"] = cached.etag
+    if cached is not None and cached.last_modified:
+        headers["If-Modified-Since"] = cached.last_modified
     if progress:
-        progress(f"downloading {shown}")
+        progress(f"{'revalidating' if headers else 'downloading'} {shown}")
+    digest, size = hashlib.sha256(), 0
     try:
         timeout = httpx.Timeout(60.0, connect=20.0)
-        with httpx.stream("GET", url, follow_redirects=True, timeout=timeout) as resp:
+        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as resp:
+            if resp.status_code == 304 and headers:
+                return None
             if resp.status_code >= 400:
                 raise CheckpointError(f"downloading {shown} failed: HTTP {resp.status_code} {resp.reason_phrase}")
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit():
+                _check_download_size(int(declared), shown, limits)
             with dest.open("wb") as f:
                 for chunk in resp.iter_bytes(_CHUNK):
+                    size += len(chunk)
+                    _check_download_size(size, shown, limits)
+                    digest.update(chunk)
                     f.write(chunk)
+            source = _Source(sha256=digest.hexdigest(), etag=resp.headers.get("etag"), last_modified=resp.headers.get("last-modified"))
+    except OSError as exc:  # writing the download
+        raise CheckpointError(f"cannot save the download of {shown} to {dest.parent}: {exc.strerror or exc}") from exc
+    except httpx.TransportError as exc:
+        raise _Unreachable(f"cannot download {shown}: {type(exc).__name__}: {exc}") from exc
     except httpx.HTTPError as exc:
         raise CheckpointError(f"cannot download {shown}: {type(exc).__name__}: {exc}") from exc
     if progress:
-        progress(f"downloaded {shown} ({dest.stat().st_size / 1e6:.1f} MB)")
+        progress(f"downloaded {shown} ({size / 1e6:.1f} MB)")
+    return dest, source
 
 
-def _safe_extract(archive: Path, dest: Path, shown: str) -> None:
-    """Extract a tarball, refusing absolute paths, `..`, links outside and special files."""
+def _safe_extract(archive: Path, dest: Path, shown: str, cap: int) -> None:
+    """Extract a tarball member by member, refusing absolute paths, `..`, links outside, special
+    files, and more than `cap` bytes or _MAX_MEMBERS members (checked from each header before its
+    data is written). The caller removes `dest` on failure."""
+    total = 0
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for m in tar.getmembers():
+            dest.mkdir(parents=True)
+            for count, m in enumerate(tar, start=1):
                 parts = PurePosixPath(m.name).parts
                 if m.name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", m.name):
                     raise CheckpointError(f"REMOTE_URL {shown}: unsafe path {m.name!r} in the tarball")
-            dest.mkdir(parents=True)
-            tar.extractall(dest, filter="data")
+                total += max(m.size, 0)
+                if total > cap:
+                    raise CheckpointError(
+                        f"REMOTE_URL {shown}: the tarball extracts to more than {_FIELD}.max_extracted_gb ({_gb(cap)}; "
+                        "default 4x the tarball, at least 0.25 GB); raise max_extracted_gb if this is the checkpoint you meant"
+                    )
+                if count > _MAX_MEMBERS:
+                    raise CheckpointError(f"REMOTE_URL {shown}: the tarball has more than {_MAX_MEMBERS} members")
+                tar.extract(m, dest, filter="data")
     except CheckpointError:
         raise
     except tarfile.FilterError as exc:
         raise CheckpointError(f"REMOTE_URL {shown}: unsafe member in the tarball: {exc}") from exc
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise CheckpointError(f"no space left extracting REMOTE_URL {shown} into {dest.parent.parent}: {exc.strerror}") from exc
+        raise CheckpointError(f"REMOTE_URL {shown} is not a readable .tar.gz: {exc}") from exc
+    except (tarfile.TarError, EOFError) as exc:
         raise CheckpointError(f"REMOTE_URL {shown} is not a readable .tar.gz: {exc}") from exc
 
 

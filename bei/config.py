@@ -84,6 +84,8 @@ TRUSS_TOP_LEVEL_KEYS: tuple[str, ...] = (
     "weights",
 )  # fmt: skip
 
+MAX_NAME_LENGTH = 100  # engine folder names (filesystems take 255 bytes; HF repo names take 96 characters)
+
 # Quantization types each base model supports.
 _ALLOWED_QUANT: dict[BaseModelKind, tuple[QuantizationType, ...]] = {
     BaseModelKind.ENCODER: tuple(QuantizationType),
@@ -109,6 +111,21 @@ class CheckpointRepository(_Strict):
     repo: str = Field(min_length=1)
     revision: str | None = None
     runtime_secret_name: str | None = None
+    # bei's own, REMOTE_URL only: the tarball's sha256 (64 hex digits, `sha256:` prefix optional) that
+    # the download must match, and caps on the download and on what it extracts to
+    sha256: str | None = None
+    max_download_gb: float = Field(default=50.0, gt=0)
+    max_extracted_gb: float | None = Field(default=None, gt=0)  # None: 4x the tarball, at least 0.25 GB
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.strip().lower().removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("must be a sha256 of 64 hex digits (optionally prefixed `sha256:`)")
+        return digest
 
 
 class QuantizationConfig(_Strict):
@@ -192,7 +209,13 @@ class BeiConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical JSON of the config: equal configs give equal fingerprints."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        data = self.model_dump(mode="json")
+        # the download's caps do not change the engine, an unset pin neither: engines built before
+        # these fields existed keep their fingerprint
+        repo = data["trt_llm"]["build"]["checkpoint_repository"]
+        for key in ("max_download_gb", "max_extracted_gb", *(("sha256",) if repo["sha256"] is None else ())):
+            repo.pop(key)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -205,6 +228,18 @@ def _cross_field_problems(cfg: BeiConfig) -> list[str]:
         problems.append(
             f"{path}: {quant.value!r} is not supported for base_model {build.base_model.value} "
             f"(allowed: {', '.join(q.value for q in allowed)})"
+        )
+    name = cfg.name
+    if len(name) > MAX_NAME_LENGTH:
+        field = "model_name" if cfg.model_name else "trt_llm.build.checkpoint_repository.repo"
+        problems.append(
+            f"{field}: the engine name {name[:24]!r}... is {len(name)} characters; at most {MAX_NAME_LENGTH} "
+            "(it names the engine's folder and the served model)"
+        )
+    repo = build.checkpoint_repository
+    if repo.sha256 is not None and repo.source != CheckpointSource.REMOTE_URL:
+        problems.append(
+            f"trt_llm.build.checkpoint_repository.sha256: pins a REMOTE_URL tarball; source {repo.source.value} has none to pin"
         )
     accelerator = cfg.resources.accelerator
     if accelerator:
@@ -262,8 +297,58 @@ def load_config(path: str | Path) -> BeiConfig:
         raise ConfigError(f"{source}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read file: {exc}") from None
+    return parse_config(load_yaml(text, source), source)
+
+
+MAX_YAML_NODES = 100_000  # values of a config after its aliases are expanded: a config has a few hundred
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, refusing aliases that expand to more than MAX_YAML_NODES values (an alias
+    bomb, "billion laughs", would otherwise hang whatever reads the result), recursive aliases and
+    documents nested too deep: a ConfigError naming the top-level key."""
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, source)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    return parse_config(data, source)
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:  # values under `node` with every alias expanded, memoized per node
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{source}: a YAML alias refers to a value that contains it (recursive aliases are not allowed)")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    if size(root) <= MAX_YAML_NODES:
+        return
+    where = "the document"
+    if isinstance(root, yaml.MappingNode) and root.value:
+        key, _ = max(root.value, key=lambda kv: size(kv[1]))
+        where = str(key.value) if isinstance(key, yaml.ScalarNode) else where
+    raise ConfigError(
+        f"{source}: {where}: YAML aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?); "
+        "write the values out or use fewer anchors and aliases"
+    )

@@ -135,6 +135,14 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
                                _set("resources", "accelerator", value="H100")(d)),
      ["trt_llm.build.quantization_type: 'fp4' needs compute capability >= 10.0; "
       "resources.accelerator 'H100' has 9.0"]),
+    ("sha256_not_hex", _set("trt_llm", "build", "checkpoint_repository", "sha256", value="abc"),
+     ["trt_llm.build.checkpoint_repository.sha256: 'abc' is invalid", "64 hex digits"]),
+    ("sha256_not_remote", _set("trt_llm", "build", "checkpoint_repository", "sha256", value="a" * 64),
+     ["trt_llm.build.checkpoint_repository.sha256: pins a REMOTE_URL tarball; source HF has none"]),
+    ("max_download_gb_0", _set("trt_llm", "build", "checkpoint_repository", "max_download_gb", value=0),
+     ["trt_llm.build.checkpoint_repository.max_download_gb: 0 must be > 0"]),
+    ("model_name_250", _set("model_name", value="m" * 250),
+     ["model_name: the engine name 'mmmmmmmmmmmmmmmmmmmmmmmm'... is 250 characters; at most 100"]),
 ]  # fmt: skip
 
 
@@ -190,6 +198,44 @@ def test_bad_yaml_files(tmp_path: Path, text: str, expected: str) -> None:
         load_config(path)
     assert str(info.value).startswith(f"{path}: ")
     assert expected in str(info.value)
+
+
+def test_sha256_pin_and_caps_parse() -> None:
+    data = copy.deepcopy(MINIMAL)
+    repo = data["trt_llm"]["build"]["checkpoint_repository"]
+    repo.update(source="REMOTE_URL", repo="https://example.com/m.tar.gz", sha256="sha256:" + "AB" * 32, max_extracted_gb=200)
+    parsed = parse_config(data).trt_llm.build.checkpoint_repository
+    assert parsed.sha256 == "ab" * 32 and parsed.max_extracted_gb == 200 and parsed.max_download_gb == 50
+    defaults = parse_config(copy.deepcopy(MINIMAL)).trt_llm.build.checkpoint_repository
+    assert defaults.sha256 is None and defaults.max_extracted_gb is None
+
+
+BILLION_LAUGHS = "model_metadata:\n  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)
+)
+
+
+def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(BILLION_LAUGHS + "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: a/b}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: model_metadata: YAML aliases expand to more than 100000 values")
+    (tmp_path / "loop.yaml").write_text("model_metadata: &a [*a]\n")
+    with pytest.raises(ConfigError, match="recursive aliases"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(tmp_path / "deep.yaml")
+
+
+def test_a_few_aliases_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "model_metadata:\n  tags: &t [a, b]\n  more: *t\ntrt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: a/b}\n"
+    )
+    config = load_config(path)
+    assert config.model_extra is not None and config.model_extra["model_metadata"] == {"tags": ["a", "b"], "more": ["a", "b"]}
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ planning) is here; the heavy work is the chosen target's `build` (bei/targets/<n
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from bei.buildsteps.context import BuildContext, BuildResult
 from bei.buildsteps.plan import BuildPlan
 from bei.checkpoint import GB, Checkpoint, RemoteLimits, check_required_files, resolve_checkpoint
 from bei.config import BeiConfig, QuantizationType
+from bei.errors import EngineError
 from bei.hardware import Host, detect_host
 from bei.modeling.detect import read_model_spec
 from bei.modeling.spec import ModelSpec
@@ -97,7 +99,35 @@ def build_engine(
     host: Host | None = None,
 ) -> BuildResult:
     """Build `engines_root/<config.name>` atomically with the chosen target; on any failure nothing
-    is left to load."""
+    is left to load (and an engine built before stays as it was). A full disk, a name too long or a
+    folder without write permission is an EngineError naming where."""
+    try:
+        return _build_engine(config, config_dir=config_dir, engines_root=engines_root, target=target, progress=progress, host=host)
+    except OSError as error:
+        raise _storage_error(error, engines_root / config.name) from error
+
+
+def _storage_error(error: OSError, engine_dir: Path) -> OSError | EngineError:
+    """The EngineError of an OSError the filesystem raised while writing an engine; other OSErrors as they are."""
+    where = f"{error.filename}" if error.filename else f"{engine_dir}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EngineError(f"no space left on the device (or over quota) while building {engine_dir}: free some space and build again")
+    if error.errno == errno.ENAMETOOLONG:
+        return EngineError(f"a file name is too long for the filesystem while building {engine_dir}: {where}")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EngineError(f"cannot write the engine {engine_dir}: {error.strerror} ({where})")
+    return error
+
+
+def _build_engine(
+    config: BeiConfig,
+    *,
+    config_dir: Path,
+    engines_root: Path,
+    target: str,
+    progress: Progress | None,
+    host: Host | None,
+) -> BuildResult:
     progress = progress or Progress([])
     host = host or detect_host()
     if target == "auto" and host.gpu is None and config.trt_llm.build.cpu_precision == "auto":

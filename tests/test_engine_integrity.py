@@ -220,3 +220,39 @@ def test_engine_path_refuses_symlinks_out(tmp_path: Path) -> None:
     (tmp_path / "engine" / "link").symlink_to(tmp_path)
     with pytest.raises(EngineError, match="points outside"):
         engine_path(tmp_path / "engine", "link/secret")
+
+
+def test_a_full_disk_during_a_build_is_a_clear_error_and_leaves_nothing(
+    engine: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    from bei.engine.integrity import verify_engine
+    from bei.engine.manifest import Manifest, read_manifest
+
+    checkpoint, built = engine
+    root = tmp_path / "engines"
+    shutil.copytree(built, root / NAME)  # an engine built before, which the failed build must not touch
+    before = {p.name: p.read_bytes() for p in (root / NAME).iterdir() if p.is_file()}
+    config = tmp_path / "config.yaml"
+    repo = {"source": "LOCAL", "repo": str(checkpoint)}
+    config.write_text(yaml.safe_dump({"model_name": NAME, "trt_llm": {"build": {"checkpoint_repository": repo, "cpu_precision": "fp32"}}}))
+
+    def disk_full(self: Manifest, folder: Path) -> None:  # the write step: the staging folder holds the graph already
+        assert (folder / "model.onnx").is_file()
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "manifest.json"))
+
+    monkeypatch.setattr(Manifest, "write", disk_full)
+    assert cli.main(["build", str(config), "--engines-dir", str(root), "--target", "onnxruntime", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: no space left on the device (or over quota) while building {root / NAME}" in err
+    assert "Traceback" not in err
+    assert [p.name for p in root.iterdir()] == [NAME]  # no staging folder left behind
+    assert {p.name: p.read_bytes() for p in (root / NAME).iterdir() if p.is_file()} == before
+    assert verify_engine(root / NAME, read_manifest(root / NAME)) is None
+
+    long_name = tmp_path / "long.yaml"
+    long_name.write_text(config.read_text().replace(f"model_name: {NAME}", "model_name: " + "m" * 250))
+    assert cli.main(["build", str(long_name), "--engines-dir", str(root), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model_name: the engine name" in err and "250 characters; at most 100" in err and "Traceback" not in err

@@ -107,6 +107,12 @@ class PayloadTooLargeError(BeiError):
     error_type = "payload_limit"
 
 
+class UnsupportedEncodingError(BeiError):
+    """A request body in a Content-Encoding bei does not decode (it takes gzip and deflate)."""
+
+    error_type = "unsupported_media_type"
+
+
 class OverloadedError(BeiError):
     error_type = "overloaded"
 
@@ -144,6 +150,7 @@ HTTP_STATUS: dict[type[BeiError], int] = {
     ModelNotFoundError: 404,
     EngineFailedError: 424,
     PayloadTooLargeError: 413,
+    UnsupportedEncodingError: 415,
     OverloadedError: 429,
     NotReadyError: 503,
     UnauthorizedError: 401,

@@ -128,6 +128,40 @@ def test_booleans_are_strict(keyed: str, body: dict) -> None:
     assert response.status_code == 422 and "valid boolean" in response.json()["error"], response.text
 
 
+# --- compressed request bodies ------------------------------------------------------------------
+def test_gzip_and_deflate_bodies_are_decoded_within_the_limit(keyed: str) -> None:
+    import gzip
+    import zlib
+
+    body = orjson.dumps({"inputs": ["a compressed request", "another one"]})
+    with httpx.Client(base_url=keyed, timeout=30, headers={"authorization": f"Bearer {KEY}"}) as http:
+        plain = http.post("/embed", content=body, headers={"content-type": "application/json"})
+        assert plain.status_code == 200
+        for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)), ("GZIP", gzip.compress(body))):
+            response = http.post("/embed", content=packed, headers={"content-type": "application/json", "content-encoding": encoding})
+            assert response.status_code == 200, (encoding, response.text)
+            np.testing.assert_allclose(np.array(response.json()), np.array(plain.json()), rtol=1e-6, atol=1e-7)
+        openai = http.post("/v1/embeddings", content=gzip.compress(orjson.dumps({"input": "hi"})), headers={"content-encoding": "gzip"})
+        assert openai.status_code == 200 and len(openai.json()["data"]) == 1
+
+        bomb = gzip.compress(b'{"inputs": "' + b"a" * 50_000_000 + b'"}')  # 50 MB of JSON in about 50 KB
+        assert len(bomb) < 100_000
+        refused = http.post("/embed", content=bomb, headers={"content-encoding": "gzip"})
+        assert refused.status_code == 413 and refused.json()["error_type"] == "payload_limit"
+        assert "once decompressed" in refused.json()["error"]
+
+        for encoding in ("br", "zstd", "gzip, br"):
+            unsupported = http.post("/embed", content=body, headers={"content-encoding": encoding})
+            assert unsupported.status_code == 415, (encoding, unsupported.text)
+            assert unsupported.json()["error_type"] == "unsupported_media_type" and "gzip" in unsupported.json()["error"]
+        cohere = http.post("/v1/embed", content=body, headers={"content-encoding": "br"})
+        assert cohere.status_code == 415 and "message" in cohere.json()  # in the route's own error shape
+
+        for broken in (b"not gzip at all", gzip.compress(body)[:-12]):
+            bad = http.post("/embed", content=broken, headers={"content-encoding": "gzip"})
+            assert bad.status_code == 422 and "not valid gzip" in bad.json()["error"], bad.text
+
+
 # --- huge inputs: bounded before tokenizing ------------------------------------------------------
 def test_huge_inputs_are_cut_or_refused_quickly(keyed: str) -> None:
     good = {"authorization": f"Bearer {KEY}"}

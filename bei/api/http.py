@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.responses import Response
 
-from bei.errors import BeiError, PayloadTooLargeError, RequestTimeoutError, ValidationError, http_status
+from bei.errors import BeiError, PayloadTooLargeError, RequestTimeoutError, UnsupportedEncodingError, ValidationError, http_status
 from bei.inference import Outcome
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,22 +30,71 @@ ErrorStyle = Literal["tei", "openai", "cohere"]
 
 
 async def read_json(request: Request, payload_limit: int) -> Any:
-    """The request body as JSON: 413 over the limit, 422 when it is not JSON."""
+    """The request body as JSON: 413 over the limit (a gzip or deflate body: compressed, and once
+    decompressed), 415 in another Content-Encoding, 422 when it is not JSON."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > payload_limit:
         raise PayloadTooLargeError(f"request body of {declared} bytes is over the {payload_limit}-byte limit")
+    decoder = BodyDecoder.for_encoding(request.headers.get("content-encoding"), payload_limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():  # a chunked body has no content-length: count as it comes
         size += len(chunk)
         if size > payload_limit:
             raise PayloadTooLargeError(f"request body is over the {payload_limit}-byte limit")
-        chunks.append(chunk)
+        chunks.append(decoder.feed(chunk) if decoder else chunk)
+    if decoder:
+        chunks.append(decoder.finish())
     body = b"".join(chunks)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as err:
         raise ValidationError(f"request body is not valid JSON: {err}") from None
+
+
+class BodyDecoder:
+    """Decompresses a gzip or deflate request body as it arrives, never past `limit` bytes: a small
+    body that inflates past the payload limit (a gzip bomb) is refused with 413 before it does."""
+
+    WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self.produced = 0
+        self._inflate = zlib.decompressobj(self.WBITS[encoding])
+
+    @classmethod
+    def for_encoding(cls, header: str | None, limit: int) -> BodyDecoder | None:
+        """None for an identity body; 415 for an encoding other than gzip and deflate (or a chain of them)."""
+        encoding = (header or "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        if encoding not in cls.WBITS:
+            raise UnsupportedEncodingError(f"Content-Encoding {header!r} is not supported: send the body as is, gzip or deflate")
+        return cls(encoding, limit)
+
+    def feed(self, data: bytes) -> bytes:
+        pieces = []
+        try:
+            while data:
+                piece = self._inflate.decompress(data, self.limit - self.produced + 1)
+                self._count(piece)
+                pieces.append(piece)
+                data = self._inflate.unconsumed_tail
+        except zlib.error as err:
+            raise ValidationError(f"request body is not valid {self.encoding}: {err}") from None
+        return b"".join(pieces)
+
+    def finish(self) -> bytes:
+        if not self._inflate.eof:
+            raise ValidationError(f"request body is not valid {self.encoding}: the stream ends early")
+        return b""
+
+    def _count(self, piece: bytes) -> None:
+        self.produced += len(piece)
+        if self.produced > self.limit:
+            raise PayloadTooLargeError(f"request body is over the {self.limit}-byte limit once decompressed ({self.encoding})")
 
 
 async def read_json_within(request: Request, payload_limit: int, timeout: float) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,14 +70,23 @@ class InferenceService:
         prompt: str | None = None,
     ) -> list[Encoded]:
         truncate = truncate or self.settings.auto_truncate
+        abandoned = threading.Event()  # set when the request goes away: the thread stops at the next input
 
         def work() -> list[Encoded]:
             started = time.perf_counter()
-            encoded = [self.tokenizer.encode(item, truncate=truncate, direction=direction, prompt=prompt) for item in items]
+            encoded = []
+            for item in items:
+                if abandoned.is_set():
+                    return []
+                encoded.append(self.tokenizer.encode(item, truncate=truncate, direction=direction, prompt=prompt))
             self.tokenization_time.observe(time.perf_counter() - started)
             return encoded
 
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, work)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizers, work)
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
 
     async def on_tokenizer_thread(self, work: Callable[[], T]) -> T:
         """`work` on the tokenizer threads: tokenizing holds the GIL, the event loop must not wait on it."""

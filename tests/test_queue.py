@@ -178,3 +178,15 @@ def test_packed_batches_stay_within_the_real_token_budget(seed: int) -> None:
         assert len(batch) == 1 or sum(n for _, n in batch) <= 256
         served += len(batch)
     assert served == 200
+
+
+def test_discard_removes_only_the_given_payloads() -> None:
+    q: TokenBudgetQueue[list[str]] = TokenBudgetQueue(max_batch_tokens=1000, max_batch_requests=100)
+    gone = [["gone", str(i)] for i in range(3)]
+    kept = [["kept", str(i)] for i in range(3)]
+    for a, b in zip(gone, kept, strict=True):
+        q.push(5, a)
+        q.push(5, b)
+    assert q.discard([*gone, ["gone", "0"]]) == 3  # by identity: an equal list that was never queued is not removed
+    assert len(q) == 3 and q.next_batch() == kept
+    assert q.discard(gone) == 0

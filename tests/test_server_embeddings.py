@@ -460,7 +460,8 @@ def test_metrics_parse_as_prometheus(http: httpx.Client) -> None:
     assert ok.status_code == 200, ok.text
     after = families(http.get("/metrics"))
 
-    counters, gauges = ("bei_requests", "bei_tokens", "bei_batches"), ("bei_queue_depth", "bei_requests_in_flight")
+    counters = ("bei_requests", "bei_tokens", "bei_batches", "bei_dropped_inputs")
+    gauges = ("bei_queue_depth", "bei_requests_in_flight")
     histograms = ("bei_queue_seconds", "bei_inference_seconds", "bei_request_seconds", "bei_request_tokens")
     histograms += ("bei_tokenization_seconds", "bei_batch_size", "bei_batch_tokens")
     expected = {name: "counter" for name in counters} | {name: "gauge" for name in gauges} | {name: "histogram" for name in histograms}

@@ -23,9 +23,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
-from tests.servers import Server, assert_close_rows
+from tests.servers import Server, assert_close_rows, metric_value
 
 EMBED = "tiny-embed"
 RERANK = "tiny-rerank"
@@ -326,11 +327,14 @@ def test_limits(servers: dict[str, Server], st: Any) -> None:
 # --- in-process servers whose backend we control ------------------------------------------------
 @dataclass
 class Probe:
-    """Wraps a loaded engine's `backend.infer`: records the rows it sees (ids without padding), raises
-    on `fail_id`, blocks on `block_id` until `gate` is set."""
+    """Wraps a loaded engine's `backend.infer`: records the rows it sees (ids without padding) and the
+    calls (`calls`: the rows of each), raises on `fail_id`, blocks on `block_id` until `gate` is set,
+    takes `delay` seconds more per call (an engine as slow as a large model's)."""
 
     fail_id: int | None = None
     block_id: int | None = None
+    delay: float = 0.0
+    calls: list[list[tuple[int, ...]]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
     blocked: threading.Event = field(default_factory=threading.Event)
     rows: list[tuple[int, ...]] = field(default_factory=list)
@@ -343,6 +347,8 @@ class Probe:
             seen = [tuple(int(t) for t in row[:n]) for row, n in zip(batch.input_ids, batch.lengths, strict=False)]
             with self.lock:
                 self.rows.extend(seen)
+                self.calls.append(seen)
+            time.sleep(self.delay)
             if self.fail_id is not None and (batch.input_ids == self.fail_id).any():
                 raise RuntimeError("injected engine failure")
             if self.block_id is not None and (batch.input_ids == self.block_id).any():
@@ -355,16 +361,16 @@ class Probe:
 
 
 @contextlib.contextmanager
-def inprocess_server(engine_dir: Path, probe: Probe) -> Iterator[tuple[str, Any]]:
-    """The real app under uvicorn on a thread, its engine's backend wrapped by `probe`; yields
-    (base URL, AppState) once /health answers 200."""
+def inprocess_server(engine_dir: Path, probe: Probe, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """The real app under uvicorn on a thread, its engine's backend wrapped by `probe`, with
+    `ServeSettings(**settings)`; yields (base URL, AppState) once /health answers 200."""
     import uvicorn
 
     from bei.api.app import create_app, state_for_engines
     from bei.settings import ServeSettings
     from bei.targets.loading import load_engine
 
-    state = state_for_engines([engine_dir], ServeSettings(log_level="warning"))
+    state = state_for_engines([engine_dir], ServeSettings(log_level="warning", **settings))
     for model in state.models.values():
         model.load = lambda: probe.wrap(load_engine(engine_dir, threads=1))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -473,6 +479,87 @@ def test_disconnected_client_leaves_the_queue(built: Built, st: Any) -> None:
         seen = list(probe.rows)
     assert any(marker in row for row in seen)
     assert ids_b not in seen, "the engine computed the inputs of a client that had disconnected"
+
+
+# --- 5b. abandoned heavy requests: their work is dropped before it runs -------------------------
+def _post_and_keep_open(base_url: str, path: str, body: Any) -> socket.socket:
+    """A whole POST sent on a raw socket whose answer nobody reads: close it to hang up."""
+    data = orjson.dumps(body)
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def test_abandoned_requests_are_dropped_before_they_run(built: Built) -> None:
+    """Eight heavy requests (one engine call each, on an engine slowed to `delay` a call) whose clients
+    hang up while the second runs: that call finishes, the one prepared meanwhile and the queued ones
+    never run (bei_dropped_inputs_total counts them), and a small request is answered within about one
+    call, not after all of them."""
+    from tokenizers import Tokenizer
+
+    delay, count, rows = 0.5, 8, 256  # 256 rows of 64 tokens: one engine call of the default budget each
+    tokenizer = Tokenizer.from_file(str(built.embed_dir / "tokenizer.json"))
+    heavy = [[f"abandoned request {r} holds text {i} " * 6 for i in range(rows)] for r in range(count)]
+    marks = [tuple(tokenizer.encode(texts[0]).ids[:6]) for texts in heavy]
+
+    def heavy_calls() -> list[list[tuple[int, ...]]]:
+        with probe.lock:
+            return [call for call in probe.calls if any(row[:6] in marks for row in call)]
+
+    probe = Probe(delay=delay)
+    with inprocess_server(built.embed_dir, probe, max_batch_requests=rows) as (base_url, state):
+        service = state.models[EMBED].service
+        started = time.perf_counter()
+        small = httpx.post(f"{base_url}/embed", json={"inputs": ["a small request"]}, timeout=60)
+        idle = time.perf_counter() - started
+        assert small.status_code == 200
+        tokenized = service.tokenization_time.snapshot()[2]
+        sockets = [_post_and_keep_open(base_url, "/embed", {"inputs": heavy[r], "truncate": True}) for r in range(count)]
+        wait_until(lambda: service.tokenization_time.snapshot()[2] == tokenized + count, 60, "the heavy requests were not tokenized")
+        wait_until(lambda: len(heavy_calls()) >= 2, 60, "the second heavy request never reached the engine")
+        for sock in sockets:
+            sock.close()
+        wait_until(lambda: state.in_flight == 0, 30, "the server did not notice the hang-ups")
+        assert state.metrics.requests[("/embed", 499)] >= count - 2  # the first may have been answered before
+        ran = len(heavy_calls())  # the calls begun before the hang-ups, the one running then included
+        started = time.perf_counter()
+        after = httpx.post(f"{base_url}/embed", json={"inputs": ["a small request"]}, timeout=60)
+        latency = time.perf_counter() - started
+        assert after.status_code == 200
+        np.testing.assert_allclose(np.array(after.json()), np.array(small.json()), rtol=1e-5, atol=1e-6)
+        wait_until(lambda: len(service.batcher.queue) == 0, 15, "the queue did not drain")
+        time.sleep(2 * delay)  # a call prepared for them, were it to run, would have begun by now
+        dropped = metric_value(httpx.get(f"{base_url}/metrics", timeout=10).text, "bei_dropped_inputs_total")
+    calls = heavy_calls()
+    assert ran < count and len(calls) == ran, f"{len(calls) - ran} engine calls ran after their clients had gone"
+    assert dropped == count * rows - sum(len(call) for call in calls)
+    abandoned_work = (count - ran) * delay  # what running the abandoned calls would have taken
+    assert latency < abandoned_work / 2 + 1, f"a small request took {latency:.2f}s after the hang-ups (idle: {idle:.3f}s)"
+
+
+def test_an_abandoned_request_stops_being_tokenized(built: Built) -> None:
+    """A request of 2048 long inputs whose client hangs up while it is tokenized: the tokenizer thread
+    stops at its next input, so a small request does not wait for the rest of it."""
+    texts = [f"a long input number {i} that the tokenizer cuts to the model's limit " * 12 for i in range(2048)]
+    with inprocess_server(built.embed_dir, Probe()) as (base_url, state):
+        started = time.perf_counter()
+        whole = httpx.post(f"{base_url}/embed", json={"inputs": texts, "truncate": True}, timeout=120)
+        full = time.perf_counter() - started  # tokenizing it, and its engine calls
+        assert whole.status_code == 200
+        tokenized = state.models[EMBED].service.tokenization_time.snapshot()[2]
+        sock = _post_and_keep_open(base_url, "/embed", {"inputs": texts, "truncate": True})
+        time.sleep(full / 10)  # its body is read and its tokenization under way
+        sock.close()
+        wait_until(lambda: state.metrics.requests[("/embed", 499)] >= 1, 30, "the server did not notice the hang-up")
+        started = time.perf_counter()
+        after = httpx.post(f"{base_url}/embed", json={"inputs": ["a small request"]}, timeout=60)
+        latency = time.perf_counter() - started
+        assert after.status_code == 200
+        finished = state.models[EMBED].service.tokenization_time.snapshot()[2] - tokenized
+    assert finished == 1, f"{finished} tokenizations finished: the abandoned one ran to its end"  # the small request's only
+    assert latency < full / 2, f"a small request took {latency:.2f}s after the hang-up; the whole request took {full:.2f}s"
 
 
 # --- 6. SIGTERM under load: drain, then exit 0 ---------------------------------------------------

@@ -50,6 +50,7 @@ class EngineFigures:
     """The workers' figures at scrape time, summed over the engines that are loaded."""
 
     batches: int
+    dropped: int
     queue_depth: int
     in_flight: int
     batch_sizes: Histogram
@@ -83,6 +84,9 @@ class BeiCollector(Collector):
         yield requests
         yield CounterMetricFamily("bei_tokens", "Tokens of the requests answered with 200.", value=m.tokens)
         yield CounterMetricFamily("bei_batches", "Engine calls run.", value=e.batches)
+        yield CounterMetricFamily(
+            "bei_dropped_inputs", "Inputs dropped before their engine call because their request went away.", value=e.dropped
+        )
         yield GaugeMetricFamily("bei_queue_depth", "Inputs waiting in the engines' queues.", value=e.queue_depth)
         yield GaugeMetricFamily("bei_requests_in_flight", "Requests being answered.", value=e.in_flight)
         yield _histogram("bei_queue_seconds", "Time a request's inputs waited for the engine.", m.queue_time)

@@ -53,6 +53,7 @@ class AppState:
         services = [m.service for m in self.models.values() if m.service is not None]
         return EngineFigures(
             batches=sum(s.batcher.batches_run for s in services),
+            dropped=sum(s.batcher.dropped for s in services),
             queue_depth=sum(len(s.batcher.queue) for s in services),
             in_flight=self.in_flight,
             batch_sizes=Histogram.combined([s.batcher.batch_sizes for s in services], SIZE_BUCKETS),

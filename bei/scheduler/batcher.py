@@ -67,6 +67,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.batches_run = 0
+        self.dropped = 0  # inputs whose request went away (client disconnected) before their engine call
         self.batch_sizes = Histogram(SIZE_BUCKETS)
         self.batch_tokens = Histogram(SIZE_BUCKETS)
 
@@ -90,7 +91,11 @@ class Batcher:
         for item in pending:
             self.queue.push(len(item.encoded), item)
         self._wakeup.set()
-        rows = list(await asyncio.gather(*(p.future for p in pending)))
+        try:
+            rows = list(await asyncio.gather(*(p.future for p in pending)))
+        except asyncio.CancelledError:  # the request went away: its inputs leave the queue now, in one pass
+            self.dropped += self.queue.discard(pending)
+            raise
         return Result(
             rows=rows,
             queue_time=max(p.queue_time for p in pending),
@@ -99,7 +104,9 @@ class Batcher:
 
     def _take(self) -> _Taken | None:
         """The next batch of live requests, its preparation started on the preparer thread."""
-        group = [item for item in self.queue.next_batch() if not item.future.done()]
+        taken = self.queue.next_batch()
+        group = [item for item in taken if not item.future.done()]
+        self.dropped += len(taken) - len(group)
         if not group:  # every request of this batch went away (client disconnected)
             return None
         encoded = [p.encoded for p in group]
@@ -132,6 +139,9 @@ class Batcher:
                 item.queue_time = started - item.enqueued
             try:
                 batch, prepared = await taken.prepared
+                if all(item.future.done() for item in group):  # prepared while the last call ran; its requests went away since
+                    self.dropped += len(group)
+                    continue
                 running = loop.run_in_executor(self._executor, self.backend.run, prepared)
                 if len(self.queue):  # prepare the next batch while this one runs
                     upcoming = self._take()

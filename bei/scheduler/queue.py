@@ -42,6 +42,14 @@ class TokenBudgetQueue(Generic[T]):
     def push(self, tokens: int, payload: T) -> None:
         self._jobs.append(Job(tokens=tokens, seq=next(self._counter), payload=payload))
 
+    def discard(self, payloads: list[T]) -> int:
+        """Remove the jobs of these payloads (a request whose client went away), in one pass; returns how many."""
+        gone = {id(payload) for payload in payloads}
+        kept = [job for job in self._jobs if id(job.payload) not in gone]
+        removed = len(self._jobs) - len(kept)
+        self._jobs = kept
+        return removed
+
     def _fits(self, count: int, longest: int, total: int) -> bool:
         """Whether `count` jobs, the longest `longest` tokens and `total` tokens in all, fit one call."""
         tokens = count * longest if self.padded else total

@@ -471,6 +471,20 @@ def test_remote_url_tar_bomb_is_refused_and_nothing_kept(tmp_path: Path, serve) 
     assert not cache.exists() or not any(cache.iterdir())
 
 
+def test_remote_url_full_disk_is_a_clear_error_and_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    archive = make_tarball(tmp_path / "m.tar.gz", make_model(tmp_path / "src"))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", disk_full)
+    with pytest.raises(CheckpointError, match="no space left extracting REMOTE_URL"):
+        resolve_checkpoint("REMOTE_URL", archive.as_uri(), cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 # --- other sources --------------------------------------------------------------------------
 @pytest.mark.parametrize("source", ["S3", "GCS", "AZURE"])
 def test_cloud_sources_not_supported(source: str) -> None:

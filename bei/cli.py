@@ -12,6 +12,15 @@ from bei.errors import BeiError, ExportError
 from bei.settings import add_arguments, engines_dir_default, settings_from
 from bei.targets import registry
 
+RAY_SERVE_OPTIONS = (
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "ray_address",
+    "num_gpus_per_replica",
+    "num_cpus_per_replica",
+)
 BUILD_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
 
 
@@ -115,7 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
     add_arguments(serve)
     serve.add_argument("--ray", action="store_true", help="serve as a Ray Serve application of --replicas replicas (docs/scale.md)")
-    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each loading every engine (default 1)")
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="with --ray: replicas, each loading every engine (default 1; with autoscaling, how many start)",
+    )
+    serve.add_argument(
+        "--min-replicas", type=int, default=None, help="with --ray: autoscale, down to this many replicas (default 1; 0: scale to zero)"
+    )
+    serve.add_argument(
+        "--max-replicas", type=int, default=None, help="with --ray: autoscale, up to this many replicas (turns autoscaling on)"
+    )
+    serve.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
+        help="with --ray and --max-replicas: requests in flight per replica that autoscaling aims at (default 2, Ray Serve's)",
+    )
     serve.add_argument("--ray-address", default=None, help="with --ray: auto (a running cluster) or host:6379 (default: a local Ray)")
     serve.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica holds (default 0)")
     serve.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica holds (default 1)")
@@ -187,13 +213,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
                 engine_dir = _build(args.config, engines_root, "auto", quiet=False)
             engine_dirs = [engine_dir]
+        ray_only = [name for name in RAY_SERVE_OPTIONS if getattr(args, name) != serve.get_default(name)]
+        if not args.ray and ray_only:
+            parser.error(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} only apply with --ray")
         if args.ray:
-            from bei.ray_serve import start
+            from bei.ray_serve import Scaling, start
 
+            scaling = Scaling.of({name: getattr(args, name) for name in Scaling.model_fields}, settings.max_concurrent_requests)
             start(
                 engine_dirs,
                 settings,
-                replicas=args.replicas,
+                scaling=scaling,
                 address=args.ray_address,
                 num_gpus=args.num_gpus_per_replica,
                 num_cpus=args.num_cpus_per_replica,

@@ -1,9 +1,12 @@
-"""`bei serve --ray --replicas N`: bei's own Starlette app as a Ray Serve application.
+"""`bei serve --ray`: bei's own Starlette app as a Ray Serve application.
 
 Each replica is a Ray actor that builds the app of `bei serve` (`create_app(state_for_engines(...))`: the
 same routes, batcher, metrics and errors) and runs its lifespan, which loads the engines; Ray Serve's
 proxy on every node routes HTTP requests to the replicas. `build_app` is the application builder for a
 Ray Serve config file (KubeRay's RayService: `import_path: bei.ray_serve:build_app`, docs/scale.md).
+
+scaling: fixed replicas or Ray Serve's autoscaling, checked before Ray starts; metrics: /metrics of every
+replica from any replica.
 
 HTTP itself is Ray Serve's proxy's, not uvicorn's: --header-timeout does not apply; --drain-timeout is the
 replicas' graceful shutdown. Every node reads the engine folders at the same path (a shared filesystem) and has the same bei
@@ -12,11 +15,18 @@ installed (`pip install 'bei[ray]'` plus `ray[serve]`). Nothing here imports ray
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from bei.api.app import create_app, state_for_engines
+from bei.ray_serve.metrics import Publisher
+from bei.ray_serve.scaling import Scaling
 from bei.settings import ServeSettings
+
+APP_NAME = "bei"
 
 
 class BeiReplica:
@@ -27,10 +37,31 @@ class BeiReplica:
         self.settings = ServeSettings.model_validate(settings)
 
     def __serve_build_asgi_app__(self) -> Any:  # Ray Serve calls it once per replica, then runs the app's lifespan
-        return create_app(state_for_engines(self.engine_dirs, self.settings))
+        from ray import serve
+
+        state = state_for_engines(self.engine_dirs, self.settings)
+        context = serve.get_replica_context()
+        publisher = Publisher(state.registry, context.replica_tag, context.app_name)
+        state.registry = publisher.registry  # /metrics: every replica's figures, labelled by replica
+        app = create_app(state)
+        served = app.router.lifespan_context
+
+        @contextlib.asynccontextmanager
+        async def lifespan(scope: Any) -> AsyncIterator[None]:
+            async with served(scope):
+                task = asyncio.get_running_loop().create_task(publisher.run())
+                try:
+                    yield
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        app.router.lifespan_context = lifespan
+        return app
 
 
-def application(engine_dirs: list[Path], settings: ServeSettings, *, replicas: int, num_gpus: float = 0.0, num_cpus: float = 1.0) -> Any:
+def application(engine_dirs: list[Path], settings: ServeSettings, *, scaling: Scaling, num_gpus: float = 0.0, num_cpus: float = 1.0) -> Any:
     """The Ray Serve application (a bound deployment) of these engines."""
     from ray import serve
 
@@ -38,28 +69,31 @@ def application(engine_dirs: list[Path], settings: ServeSettings, *, replicas: i
     values = settings.model_dump() | {"engine_threads": threads}
     deployment: Any = serve.deployment(
         name="bei",
-        num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=settings.max_concurrent_requests,
         graceful_shutdown_timeout_s=settings.drain_timeout,  # a replica stopped finishes its requests first, as bei serve drains
+        **scaling.deployment_options(),
     )(serve.ingress()(BeiReplica))
     return deployment.bind([str(Path(d).resolve()) for d in engine_dirs], values)
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Ray Serve application builder: `args` = {"engines": [...], "replicas": N, "num_gpus": g, "num_cpus": c, **ServeSettings}."""
+    """Ray Serve application builder: `args` = {"engines": [...], "replicas": N (or "min_replicas", "max_replicas",
+    "target_ongoing_requests"), "num_gpus": g, "num_cpus": c, **ServeSettings}."""
     args = dict(args)
     engines = [Path(p) for p in args.pop("engines")]
-    replicas = int(args.pop("replicas", 1))
+    scaling_values = {name: args.pop(name, None) for name in Scaling.model_fields}
     num_gpus, num_cpus = float(args.pop("num_gpus", 0)), float(args.pop("num_cpus", 1))
-    return application(engines, ServeSettings.model_validate(args), replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus)
+    settings = ServeSettings.model_validate(args)
+    scaling = Scaling.of(scaling_values, settings.max_concurrent_requests)
+    return application(engines, settings, scaling=scaling, num_gpus=num_gpus, num_cpus=num_cpus)
 
 
 def start(
     engine_dirs: list[Path],
     settings: ServeSettings,
     *,
-    replicas: int,
+    scaling: Scaling,
     address: str | None = None,
     num_gpus: float = 0.0,
     num_cpus: float = 1.0,
@@ -72,5 +106,5 @@ def start(
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False) if address is None else ray.init(address=address)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = application(engine_dirs, settings, replicas=replicas, num_gpus=num_gpus, num_cpus=num_cpus)
-    serve.run(app, name="bei", route_prefix="/", blocking=blocking)
+    app = application(engine_dirs, settings, scaling=scaling, num_gpus=num_gpus, num_cpus=num_cpus)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)

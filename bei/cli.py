@@ -146,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica holds (default 0)")
     serve.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica holds (default 1)")
 
+    from bei.batch.command import add_arguments as add_batch_arguments
+
     for name, what in (("embed", "embed a file's texts"), ("rerank", "score a file's texts against a query")):
-        how = "in process with --engine (a batch job), or through a running server" if name == "embed" else "through a running server"
-        files = commands.add_parser(name, help=f"{what} {how} (bei, BEI or TEI)")
+        files = commands.add_parser(
+            name, help=f"{what} in process with --engine (a batch job), or through a running server (bei, BEI or TEI)"
+        )
         files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without --engine)")
         files.add_argument(
             "--input",
@@ -161,12 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         files.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8); with --ray, actors (default 2)")
         files.add_argument("--api-key", default=None, help="the server's API key (default: env BEI_API_KEY)")
         if name == "embed":
-            from bei.batch.command import add_arguments as add_batch_arguments
-
             files.add_argument("--model", default=None, help="model name, where the server serves several")
-            add_batch_arguments(files)
         else:
-            files.add_argument("--query", required=True, help="the query every text is scored against")
+            files.add_argument("--query", default=None, help="the query every text is scored against (with --engine: else each row's own)")
+        add_batch_arguments(files, name)
 
     args = parser.parse_args(argv)
     engines_root = getattr(args, "engines_dir", None) or engines_dir_default()
@@ -177,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _build(args.config, engines_root, args.target, args.quiet)
             return 0
-        if args.command == "embed" and args.engine is not None:
+        if args.command in ("embed", "rerank") and args.engine is not None:
             from bei.batch.command import run as run_batch
 
             return run_batch(args)
-        if args.command == "embed" and args.ray:
+        if args.command in ("embed", "rerank") and args.ray:
             parser.error("--ray runs a batch job: give the engine with --engine")
+        if args.command == "rerank" and args.query is None:
+            parser.error("bei rerank through a server needs --query (each row's own query needs --engine)")
         if args.command in ("embed", "rerank"):
             from bei.client import ClientError
             from bei.files_cli import embed_file, rerank_file

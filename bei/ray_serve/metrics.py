@@ -47,7 +47,7 @@ def board(app_name: str) -> Any:
     """The board of this application (created by the first replica that asks)."""
     import ray
 
-    actor: Any = ray.remote(num_cpus=0)(MetricsBoard)
+    actor: Any = ray.remote(num_cpus=0, max_restarts=-1)(MetricsBoard)  # restarted empty: the replicas refill it within PUBLISH_S
     return actor.options(name=f"metrics-{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
 
 

@@ -47,8 +47,8 @@ class BeiReplica:
         served = app.router.lifespan_context
 
         @contextlib.asynccontextmanager
-        async def lifespan(scope: Any) -> AsyncIterator[None]:
-            async with served(scope):
+        async def lifespan(starlette: Any) -> AsyncIterator[None]:  # the app's own lifespan, plus the metrics publisher
+            async with served(starlette):
                 task = asyncio.get_running_loop().create_task(publisher.run())
                 try:
                     yield

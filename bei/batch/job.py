@@ -62,24 +62,21 @@ def reads_queries(spec: JobSpec) -> bool:
     return isinstance(spec.options, RerankOptions) and spec.options.query is None
 
 
+def worker_class(spec: JobSpec) -> type[Worker]:
+    """What loads the job's engine: an Embedder, or a Scorer for a rerank job."""
+    return Scorer if isinstance(spec.options, RerankOptions) else Embedder
+
+
 def worker_for(spec: JobSpec) -> Worker:
-    """The engine loaded for this job: an Embedder, or a Scorer for a rerank job."""
-    if isinstance(spec.options, RerankOptions):
-        return Scorer(spec.engine, spec.options)
-    return Embedder(spec.engine, spec.options)
-
-
-def _check_task(spec: JobSpec) -> None:
-    """The engine's task is the job's, before anything is written (the workers check it again when they load it)."""
-    worker = Scorer if isinstance(spec.options, RerankOptions) else Embedder
-    worker.check_task(spec.engine, read_manifest(spec.engine).task)
+    """The job's engine, loaded in this process."""
+    return worker_class(spec)(spec.engine, spec.options)
 
 
 def plan_job(spec: JobSpec) -> Plan:
     """Check the engine, input and output, and list the parts that are still to be computed."""
     if not (spec.engine / "manifest.json").exists():
         raise ValidationError(f"--engine: {spec.engine} is not an engine folder (no manifest.json)")
-    _check_task(spec)
+    worker_class(spec).check_task(spec.engine, read_manifest(spec.engine).task)  # before anything is written
     files = input_files(spec.input)
     if reads_queries(spec) and any(p.suffix == ".txt" for p in files):
         raise ValidationError(f"--query: {spec.input} holds .txt files, which have no query field: give --query")

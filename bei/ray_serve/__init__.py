@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,9 @@ def start(
     num_cpus: float = 1.0,
     blocking: bool = True,
 ) -> None:
-    """Deploy on Ray (a local one without `address`) and serve on settings.host:settings.port until Ctrl-C."""
+    """Deploy on Ray (a local one without `address`) and serve on settings.host:settings.port; with `blocking`, until
+    SIGTERM or Ctrl-C, then drain: the application is deleted, which stops its routes taking requests and lets each
+    replica finish those in flight (up to --drain-timeout), as `bei serve` drains."""
     import ray
     from ray import serve
 
@@ -107,4 +111,20 @@ def start(
         ray.init(address=address, include_dashboard=False) if address is None else ray.init(address=address)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     app = application(engine_dirs, settings, scaling=scaling, num_gpus=num_gpus, num_cpus=num_cpus)
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    if blocking:
+        _wait_for_stop()
+        serve.delete(APP_NAME)
+
+
+def _wait_for_stop() -> None:
+    """Until SIGTERM or Ctrl-C. Ray's own SIGTERM handler would end this process at once, and the local Ray with it,
+    requests in flight and all; a second signal while draining gets the handlers back (Ctrl-C: stop now)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -12,6 +12,15 @@ from bei.errors import BeiError, ExportError
 from bei.settings import add_arguments, engines_dir_default, settings_from
 from bei.targets import registry
 
+RAY_SERVE_OPTIONS = (
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "ray_address",
+    "num_gpus_per_replica",
+    "num_cpus_per_replica",
+)
 BUILD_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
 
 
@@ -115,14 +124,34 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--engines-dir", type=Path, default=None, help="where engines go (default: ./engines)")
     add_arguments(serve)
     serve.add_argument("--ray", action="store_true", help="serve as a Ray Serve application of --replicas replicas (docs/scale.md)")
-    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each loading every engine (default 1)")
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="with --ray: replicas, each loading every engine (default 1; with autoscaling, how many start)",
+    )
+    serve.add_argument(
+        "--min-replicas", type=int, default=None, help="with --ray: autoscale, down to this many replicas (default 1; 0: scale to zero)"
+    )
+    serve.add_argument(
+        "--max-replicas", type=int, default=None, help="with --ray: autoscale, up to this many replicas (turns autoscaling on)"
+    )
+    serve.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
+        help="with --ray and --max-replicas: requests in flight per replica that autoscaling aims at (default 2, Ray Serve's)",
+    )
     serve.add_argument("--ray-address", default=None, help="with --ray: auto (a running cluster) or host:6379 (default: a local Ray)")
     serve.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica holds (default 0)")
     serve.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica holds (default 1)")
 
+    from bei.batch.command import add_arguments as add_batch_arguments
+
     for name, what in (("embed", "embed a file's texts"), ("rerank", "score a file's texts against a query")):
-        how = "in process with --engine (a batch job), or through a running server" if name == "embed" else "through a running server"
-        files = commands.add_parser(name, help=f"{what} {how} (bei, BEI or TEI)")
+        files = commands.add_parser(
+            name, help=f"{what} in process with --engine (a batch job), or through a running server (bei, BEI or TEI)"
+        )
         files.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without --engine)")
         files.add_argument(
             "--input",
@@ -135,12 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         files.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8); with --ray, actors (default 2)")
         files.add_argument("--api-key", default=None, help="the server's API key (default: env BEI_API_KEY)")
         if name == "embed":
-            from bei.batch.command import add_arguments as add_batch_arguments
-
             files.add_argument("--model", default=None, help="model name, where the server serves several")
-            add_batch_arguments(files)
         else:
-            files.add_argument("--query", required=True, help="the query every text is scored against")
+            files.add_argument("--query", default=None, help="the query every text is scored against (with --engine: else each row's own)")
+        add_batch_arguments(files, name)
 
     args = parser.parse_args(argv)
     engines_root = getattr(args, "engines_dir", None) or engines_dir_default()
@@ -151,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _build(args.config, engines_root, args.target, args.quiet)
             return 0
-        if args.command == "embed" and args.engine is not None:
+        if args.command in ("embed", "rerank") and args.engine is not None:
             from bei.batch.command import run as run_batch
 
             return run_batch(args)
-        if args.command == "embed" and args.ray:
+        if args.command in ("embed", "rerank") and args.ray:
             parser.error("--ray runs a batch job: give the engine with --engine")
+        if args.command == "rerank" and args.query is None:
+            parser.error("bei rerank through a server needs --query (each row's own query needs --engine)")
         if args.command in ("embed", "rerank"):
             from bei.client import ClientError
             from bei.files_cli import embed_file, rerank_file
@@ -187,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no up-to-date engine for {args.config}: building it first", file=sys.stderr)
                 engine_dir = _build(args.config, engines_root, "auto", quiet=False)
             engine_dirs = [engine_dir]
+        ray_only = [name for name in RAY_SERVE_OPTIONS if getattr(args, name) != serve.get_default(name)]
+        if not args.ray and ray_only:
+            parser.error(f"{', '.join('--' + n.replace('_', '-') for n in ray_only)} only apply with --ray")
         if args.ray:
-            from bei.ray_serve import start
+            from bei.ray_serve import Scaling, start
 
+            scaling = Scaling.of({name: getattr(args, name) for name in Scaling.model_fields}, settings.max_concurrent_requests)
             start(
                 engine_dirs,
                 settings,
-                replicas=args.replicas,
+                scaling=scaling,
                 address=args.ray_address,
                 num_gpus=args.num_gpus_per_replica,
                 num_cpus=args.num_cpus_per_replica,

@@ -117,12 +117,12 @@ def test_resume_after_an_interruption_gives_the_same_output(
     real_write = batch_job.write_part
     written: list[int] = []
 
-    def killed_after_two(out: Path, index: int, *args: Any) -> Path:
+    def killed_after_two(out: Path, index: int, *args: Any, **kwargs: Any) -> Path:
         if len(written) == 2:  # the process dies while writing its third part: a temporary file is left behind
             (out / f".{part_name(index)}.tmp-dead").write_bytes(b"PAR1 half a file")
             raise KeyboardInterrupt
         written.append(index)
-        return real_write(out, index, *args)
+        return real_write(out, index, *args, **kwargs)
 
     monkeypatch.setattr(batch_job, "write_part", killed_after_two)
     with pytest.raises(KeyboardInterrupt):

@@ -95,3 +95,18 @@ def test_ray_resumes_a_local_job(local_ray: None, job: tuple[Path, Path, Path], 
     assert _embed_on_ray(engine, source, output) == 0
     assert {i: os.stat(output / part_name(i)).st_mtime_ns for i in kept} == kept
     _check(output, reference)
+
+
+def test_rerank_on_ray_equals_the_local_job(local_ray: None, tmp_path: Path) -> None:
+    """`bei rerank --engine ... --ray`: the same parts through the same pipeline (PartWorker loads a Scorer)."""
+    from bei.batch.options import RerankOptions
+
+    _, engine, _ = make_and_build(str(tmp_path), "tiny-rerank-ray", "bert", "rerank", {"seed": 2}, {"target": "onnxruntime"})
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"query": f"q {i % 5}", "text": t}) + "\n" for i, t in enumerate(texts(300, seed=6))))
+    run_local(JobSpec(Path(engine), source, tmp_path / "local", chunk_size=100, options=RerankOptions(), quiet=True))
+    argv = ["rerank", "--engine", engine, "--input", str(source), "--output", str(tmp_path / "ray"), "--chunk-size", "100"]
+    assert cli.main([*argv, "--ray", "--concurrency", "2", "--num-cpus-per-worker", "1", "--quiet"]) == 0
+    local, on_ray = read_output(tmp_path / "local"), read_output(tmp_path / "ray")
+    assert on_ray.column("row").to_pylist() == list(range(300))
+    np.testing.assert_allclose(on_ray.column("score").to_numpy(), local.column("score").to_numpy(), atol=1e-6)

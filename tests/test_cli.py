@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bei import __version__
+from bei import __version__, cli
 from tests.servers import MINILM_CONFIG, MINILM_NAME, STAGES, BuiltEngine, Server, run_bei
 
 
@@ -131,3 +131,27 @@ def test_serve_needs_engine_or_config() -> None:
     done = run_bei("serve", timeout=60)
     assert done.returncode == 2  # argparse usage error
     assert "--config" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas (3) is more than --max-replicas (2)"),
+        (["--ray", "--target-ongoing-requests", "4"], "needs --max-replicas"),
+        (["--ray", "--max-replicas", "0"], "--max-replicas: 0"),
+        (["--ray", "--replicas", "5", "--max-replicas", "2"], "--replicas (5)"),
+        (
+            ["--ray", "--max-replicas", "4", "--target-ongoing-requests", "64", "--max-concurrent-requests", "8"],
+            "--target-ongoing-requests (64)",
+        ),
+    ],
+)
+def test_bad_scaling_flags_are_refused_before_ray_starts(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "engines/none", *flags]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_scaling_flags_need_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "engines/none", "--max-replicas", "3"])
+    assert "--max-replicas only apply with --ray" in capsys.readouterr().err

@@ -1,6 +1,6 @@
-"""The flags of `bei embed --engine ...` (the batch job) and the command itself.
+"""The flags of `bei embed --engine ...` and `bei rerank --engine ...` (the batch jobs) and the commands themselves.
 
-Without --engine, `bei embed` stays the HTTP client of a running server (bei/files_cli.py, --url).
+Without --engine, `bei embed` and `bei rerank` stay the HTTP clients of a running server (bei/files_cli.py, --url).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bei.batch.options import DEFAULT_CHUNK, EmbedOptions
+from bei.batch.options import DEFAULT_CHUNK, EmbedOptions, RerankOptions
 from bei.batch.sources import Fields
 from bei.errors import BeiError
 
@@ -18,15 +18,22 @@ if TYPE_CHECKING:
     from bei.batch.job import JobSpec
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The batch job's flags of `bei embed` or `bei rerank` (`command`)."""
     job = parser.add_argument_group("batch job (--engine: in process, no server; --output is then a folder of Parquet parts)")
     job.add_argument("--engine", type=Path, default=None, help="engine folder (engines/<name>): run the job in process, no server")
     job.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help=f"rows per part file (default {DEFAULT_CHUNK})")
     job.add_argument("--text-field", default="text", help=".jsonl field / Parquet column of the text (default text)")
     job.add_argument("--id-field", default="id", help=".jsonl field / Parquet column carried over as `id` (default id)")
-    job.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalize (default: as the model does)")
-    job.add_argument("--prompt-name", default=None, help="the model's prompt to prefix (default: its default prompt, if any)")
-    job.add_argument("--dimensions", type=int, default=None, help="keep the first N dimensions (Matryoshka models)")
+    if command == "embed":
+        job.add_argument(
+            "--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalize (default: as the model does)"
+        )
+        job.add_argument("--prompt-name", default=None, help="the model's prompt to prefix (default: its default prompt, if any)")
+        job.add_argument("--dimensions", type=int, default=None, help="keep the first N dimensions (Matryoshka models)")
+    else:
+        job.add_argument("--query-field", default="query", help="without --query: the .jsonl field / Parquet column of each row's query")
+        job.add_argument("--raw-scores", action="store_true", help="the reranker's logits, without the sigmoid")
     job.add_argument("--no-truncate", dest="truncate", action="store_false", help="fail on a text over the model's limit")
     job.add_argument("--engine-threads", type=int, default=None, help="threads of one engine call (default: all cores)")
     job.add_argument("--overwrite", action="store_true", help="--output holds another job's parts: delete them and start over")
@@ -41,37 +48,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from(args: argparse.Namespace) -> JobSpec:
     from bei.batch.job import JobSpec
 
-    return JobSpec(
-        engine=args.engine,
-        input=args.input,
-        output=args.output,
-        chunk_size=args.chunk_size,
-        fields=Fields(text=args.text_field, id=args.id_field),
-        embed=EmbedOptions(
+    options: EmbedOptions | RerankOptions
+    if args.command == "embed":
+        options = EmbedOptions(
             normalize=args.normalize,
             prompt_name=args.prompt_name,
             dimensions=args.dimensions,
             truncate=args.truncate,
             engine_threads=args.engine_threads,
-        ),
+        )
+    else:
+        options = RerankOptions(query=args.query, raw_scores=args.raw_scores, truncate=args.truncate, engine_threads=args.engine_threads)
+    return JobSpec(
+        engine=args.engine,
+        input=args.input,
+        output=args.output,
+        chunk_size=args.chunk_size,
+        fields=Fields(text=args.text_field, id=args.id_field, query=getattr(args, "query_field", "query")),
+        options=options,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
 
 
-def _require(module: str, extra: str) -> None:
+def _require(module: str, extra: str, command: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
         raise BeiError(
-            f"bei embed {'--ray ' if extra == 'ray' else ''}needs {module}, which this install lacks: pip install 'bei[{extra}]'"
+            f"{command} {'--ray ' if extra == 'ray' else ''}needs {module}, which this install lacks: pip install 'bei[{extra}]'"
         )
 
 
 def run(args: argparse.Namespace) -> int:
-    _require("pyarrow", "batch")
+    command = f"bei {args.command}"
+    _require("pyarrow", "batch", command)
     if args.ray:
-        _require("ray", "ray")
+        _require("ray", "ray", command)
     spec = spec_from(args)
     if args.ray:
         from bei.batch.ray_job import RayOptions, run_ray

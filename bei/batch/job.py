@@ -1,4 +1,5 @@
-"""A batch embedding job on this machine: plan the parts, skip the finished ones, embed and write the rest."""
+"""A batch job on this machine (`bei embed --engine`, `bei rerank --engine`): plan the parts, skip the finished
+ones, compute and write the rest."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Any
 from bei.batch.embedder import Embedder
 from bei.batch.faults import maybe_exit
 from bei.batch.meter import Meter
-from bei.batch.options import DEFAULT_CHUNK, EmbedOptions
+from bei.batch.options import DEFAULT_CHUNK, RUNTIME_ONLY, EmbedOptions, RerankOptions
 from bei.batch.parts import done_parts, prepare_output, write_part
+from bei.batch.scorer import Scorer
 from bei.batch.sources import Fields, Part, id_type, input_files, plan_parts, read_part
+from bei.batch.worker import Worker
 from bei.engine.manifest import read_manifest
 from bei.errors import ValidationError
 
@@ -25,7 +28,7 @@ class JobSpec:
     output: Path
     chunk_size: int = DEFAULT_CHUNK
     fields: Fields = field(default_factory=Fields)
-    embed: EmbedOptions = field(default_factory=EmbedOptions)
+    options: EmbedOptions | RerankOptions = field(default_factory=EmbedOptions)  # what the job computes: vectors or scores
     overwrite: bool = False
     quiet: bool = False
 
@@ -41,23 +44,42 @@ class Plan:
 def _record(spec: JobSpec, files: list[Path]) -> dict[str, Any]:
     """What makes two runs the same job: a rerun with this record resumes, another record is refused."""
     manifest = read_manifest(spec.engine)
-    options = asdict(spec.embed)
-    for runtime_only in ("engine_threads", "tokenization_workers"):
-        options.pop(runtime_only)
-    return {
+    options = {k: v for k, v in asdict(spec.options).items() if k not in RUNTIME_ONLY}
+    record: dict[str, Any] = {
         "input": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in files],
         "chunk_size": spec.chunk_size,
         "fields": asdict(spec.fields),
         "engine": {"name": manifest.name, "config_fingerprint": manifest.config_fingerprint, "target": manifest.target.name},
         "options": options,
     }
+    if isinstance(spec.options, RerankOptions):  # an embed job's record stays as it was: its outputs resume
+        record["task"] = "rerank"
+    return record
+
+
+def reads_queries(spec: JobSpec) -> bool:
+    """A rerank job without --query: each row brings its own query."""
+    return isinstance(spec.options, RerankOptions) and spec.options.query is None
+
+
+def worker_class(spec: JobSpec) -> type[Worker]:
+    """What loads the job's engine: an Embedder, or a Scorer for a rerank job."""
+    return Scorer if isinstance(spec.options, RerankOptions) else Embedder
+
+
+def worker_for(spec: JobSpec) -> Worker:
+    """The job's engine, loaded in this process."""
+    return worker_class(spec)(spec.engine, spec.options)
 
 
 def plan_job(spec: JobSpec) -> Plan:
     """Check the engine, input and output, and list the parts that are still to be computed."""
     if not (spec.engine / "manifest.json").exists():
         raise ValidationError(f"--engine: {spec.engine} is not an engine folder (no manifest.json)")
+    worker_class(spec).check_task(spec.engine, read_manifest(spec.engine).task)  # before anything is written
     files = input_files(spec.input)
+    if reads_queries(spec) and any(p.suffix == ".txt" for p in files):
+        raise ValidationError(f"--query: {spec.input} holds .txt files, which have no query field: give --query")
     parts = plan_parts(files, spec.chunk_size)
     prepare_output(spec.output, _record(spec, files), overwrite=spec.overwrite)
     done = done_parts(spec.output)
@@ -68,12 +90,12 @@ def plan_job(spec: JobSpec) -> Plan:
     return Plan(parts, todo, id_type(files, spec.fields), sum(p.count for p in parts))
 
 
-def embed_part(embedder: Embedder, part: Part, spec: JobSpec, ids: Any, progress: Callable[[int], None] | None = None) -> int:
-    """Read, embed and write one part (`ids`: the id column's type, or None); the rows it wrote. `progress(rows)` as
-    its rows are embedded."""
-    rows = read_part(part, spec.fields, ids is not None)
-    vectors = embedder.embed(rows.texts, progress)
-    write_part(spec.output, part.index, part.start, vectors, rows.ids, ids)
+def run_part(worker: Worker, part: Part, spec: JobSpec, ids: Any, progress: Callable[[int], None] | None = None) -> int:
+    """Read, compute and write one part (`ids`: the id column's type, or None); the rows it wrote. `progress(rows)` as
+    its rows are computed."""
+    rows = read_part(part, spec.fields, ids is not None, with_queries=reads_queries(spec))
+    values = worker.run(rows, progress)
+    write_part(spec.output, part.index, part.start, values, rows.ids, ids, column=worker.column)
     return len(rows.texts)
 
 
@@ -85,12 +107,12 @@ def run_local(spec: JobSpec) -> int:
         print(f"{plan.total} rows in {len(plan.parts)} parts; {len(plan.parts) - len(plan.todo)} parts already done", file=sys.stderr)
     if plan.todo:
         meter = Meter(plan.total, done=kept, enabled=not spec.quiet)
-        embedder = Embedder(spec.engine, spec.embed)
+        worker = worker_for(spec)
         try:
             for started, part in enumerate(plan.todo, 1):
                 maybe_exit(started)
-                embed_part(embedder, part, spec, plan.id_type, meter.add)
+                run_part(worker, part, spec, plan.id_type, meter.add)
         finally:
-            embedder.close()
+            worker.close()
         meter.finish()
     return plan.total

@@ -1,4 +1,5 @@
-"""The output folder of a batch job: `_bei_job.json` (what the job is) and `part-NNNNNN.parquet` files.
+"""The output folder of a batch job: `_bei_job.json` (what the job is) and `part-NNNNNN.parquet` files (`row`, then
+`embedding` or `score`, and `id`).
 
 Each part is written to a hidden temporary file and renamed into place, so a part file that exists is
 complete: a rerun of the same job keeps the parts it finds and computes the missing ones. The job record
@@ -76,19 +77,28 @@ def _id_array(ids: list[Any], id_type: Any) -> Any:
         raise ValidationError(f"--id-field: an id is not of the first record's id type {id_type}: {err}") from None
 
 
-def write_part(output: Path, index: int, start: int, vectors: np.ndarray, ids: list[Any] | None, id_type: Any = None) -> Path:
-    """Write part `index` (rows `start`, `start + 1`, ...) atomically: temporary file, then rename. `ids` in `id_type`."""
+def _values_array(values: np.ndarray) -> Any:
+    """float32 [rows] -> a float32 column; float32 [rows, dim] -> a list<float32> column."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim == 1:
+        return pa.array(values, type=pa.float32())
+    count, dim = values.shape
+    offsets = pa.array(np.arange(0, count * dim + 1, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
+
+
+def write_part(
+    output: Path, index: int, start: int, values: np.ndarray, ids: list[Any] | None, id_type: Any = None, column: str = "embedding"
+) -> Path:
+    """Write part `index` (rows `start`, `start + 1`, ...) atomically: temporary file, then rename. `values` (a vector or
+    a score a row) in `column`, `ids` in `id_type`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    count, dim = vectors.shape
-    columns: dict[str, Any] = {
-        "row": pa.array(np.arange(start, start + count, dtype=np.int64)),
-        "embedding": pa.ListArray.from_arrays(
-            pa.array(np.arange(0, count * dim + 1, dim, dtype=np.int32)), pa.array(vectors.reshape(-1), type=pa.float32())
-        ),
-    }
+    count = len(values)
+    columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + count, dtype=np.int64)), column: _values_array(values)}
     if ids is not None:
         columns["id"] = _id_array(ids, id_type)
     table = pa.table(columns)

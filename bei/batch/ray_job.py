@@ -2,8 +2,8 @@
 
 The driver plans the job as the local job does (bei/batch/job.py: the parts, the finished ones skipped),
 then Ray Data runs: the parts still to do (`from_items`, one descriptor a row) -> `map_batches` with
-`PartEmbedder`, an actor class that loads the engine once per actor and, per part, reads the part's
-rows, embeds them and writes the part's Parquet file (temporary file + rename) -> one summary row per
+`PartWorker`, an actor class that loads the engine once per actor and, per part, reads the part's
+rows, embeds (or scores) them and writes the part's Parquet file (temporary file + rename) -> one summary row per
 part back to the driver, which counts rows/s and checks that every part is there.
 
 Parts are written by the actors rather than by `Dataset.write_parquet` so that the output is the local
@@ -51,24 +51,24 @@ def _decode(text: str) -> Part:
     return Part(data["index"], data["start"], tuple(Segment(**s) for s in data["segments"]))
 
 
-class PartEmbedder:
-    """A Ray Data actor: the engine loaded once, then one part per call (batch_size=1)."""
+class PartWorker:
+    """A Ray Data actor: the engine loaded once (bei.batch.job.worker_for), then one part per call (batch_size=1)."""
 
     def __init__(self, spec: Any, id_type: Any) -> None:
-        from bei.batch.embedder import Embedder
+        from bei.batch.job import worker_for
 
         self.spec = spec
         self.id_type = id_type
-        self.embedder = Embedder(spec.engine, spec.embed)
+        self.worker = worker_for(spec)
         self.calls = 0
 
     def __del__(self) -> None:  # Ray Data deletes the actor's instance when the pool shuts down
-        embedder = getattr(self, "embedder", None)
-        if embedder is not None:
-            embedder.close()
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from bei.batch.job import embed_part
+        from bei.batch.job import run_part
 
         indices, rows = [], []
         for text in batch["part"]:
@@ -78,7 +78,7 @@ class PartEmbedder:
             if (self.spec.output / part_name(part.index)).exists():  # a retried block: its parts written before the crash stand
                 rows.append(part.count)
             else:
-                rows.append(embed_part(self.embedder, part, self.spec, self.id_type))
+                rows.append(run_part(self.worker, part, self.spec, self.id_type))
             indices.append(part.index)
         return {"part": np.array(indices, dtype=np.int64), "rows": np.array(rows, dtype=np.int64)}
 
@@ -107,8 +107,8 @@ def run_ray(spec: Any, options: RayOptions) -> int:
     from bei.batch.job import plan_job
 
     spec = replace(spec, engine=spec.engine.resolve(), input=spec.input.resolve(), output=spec.output.resolve())
-    if spec.embed.engine_threads is None:  # an engine call uses the CPUs its actor holds, not the node's
-        spec = replace(spec, embed=replace(spec.embed, engine_threads=max(1, int(options.num_cpus))))
+    if spec.options.engine_threads is None:  # an engine call uses the CPUs its actor holds, not the node's
+        spec = replace(spec, options=replace(spec.options, engine_threads=max(1, int(options.num_cpus))))
     plan = plan_job(spec)
     kept = plan.total - sum(p.count for p in plan.todo)
     if not spec.quiet:
@@ -121,7 +121,7 @@ def run_ray(spec: Any, options: RayOptions) -> int:
     blocks = min(len(plan.todo), MAX_BLOCKS)  # one part a block (a block is what a dead actor's retry redoes), up to MAX_BLOCKS
     dataset = ray.data.from_items([{"part": _encode(p)} for p in plan.todo], override_num_blocks=blocks)
     results = dataset.map_batches(
-        PartEmbedder,
+        PartWorker,
         fn_constructor_kwargs={"spec": spec, "id_type": plan.id_type},
         batch_size=1,
         concurrency=options.concurrency,

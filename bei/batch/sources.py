@@ -25,10 +25,11 @@ READ_BATCH = 4096  # Parquet rows decoded at a time
 
 @dataclass(frozen=True)
 class Fields:
-    """Where a record keeps its text and its id (.jsonl fields, Parquet columns)."""
+    """Where a record keeps its text, its id and (`bei rerank` without --query) its query (.jsonl fields, Parquet columns)."""
 
     text: str = "text"
     id: str = "id"
+    query: str = "query"
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,12 @@ class Part:
 
 @dataclass(frozen=True)
 class Rows:
-    """One part's texts, with their ids where the input has an id field (None where a record has none)."""
+    """One part's texts, with their ids where the input has an id field (None where a record has none), and their
+    queries where the job reads them (`bei rerank` without --query)."""
 
     texts: list[str]
     ids: list[Any] | None
+    queries: list[str] | None = None
 
 
 def input_files(path: Path) -> list[Path]:
@@ -160,7 +163,7 @@ def id_type(files: list[Path], fields: Fields) -> Any:
     return None
 
 
-def _text_rows(segment: Segment, fields: Fields, with_ids: bool, texts: list[str], ids: list[Any]) -> None:
+def _text_rows(segment: Segment, fields: Fields, with_ids: bool, texts: list[str], ids: list[Any], queries: list[str] | None) -> None:
     path = Path(segment.path)
     jsonl = path.suffix == ".jsonl"
     with path.open("rb") as stream:
@@ -178,6 +181,13 @@ def _text_rows(segment: Segment, fields: Fields, with_ids: bool, texts: list[str
                 texts.append(line)
                 continue
             record = json.loads(line)
+            if queries is not None:
+                if not isinstance(record, dict) or not isinstance(record.get(fields.query), str):
+                    raise ValidationError(
+                        f'--input: {path}: a record without a string "{fields.query}" field (--query-field), and no --query: '
+                        f"{line.strip()[:200]}"
+                    )
+                queries.append(record[fields.query])
             if isinstance(record, str):
                 texts.append(record)
                 ids.append(None)
@@ -189,15 +199,17 @@ def _text_rows(segment: Segment, fields: Fields, with_ids: bool, texts: list[str
                 ids.append(record.get(fields.id))
 
 
-def _parquet_segment(segment: Segment, fields: Fields, with_ids: bool, texts: list[str], ids: list[Any]) -> None:
+def _parquet_segment(segment: Segment, fields: Fields, with_ids: bool, texts: list[str], ids: list[Any], queries: list[str] | None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = pq.ParquetFile(segment.path)
     names = source.schema_arrow.names
-    if fields.text not in names:
-        raise ValidationError(f"--input: {segment.path} has no column {fields.text!r} (it has {', '.join(names)})")
-    columns = [fields.text] + ([fields.id] if with_ids and fields.id in names else [])
+    wanted = [fields.text] + ([fields.query] if queries is not None else [])
+    for name in wanted:
+        if name not in names:
+            raise ValidationError(f"--input: {segment.path} has no column {name!r} (it has {', '.join(names)})")
+    columns = wanted + ([fields.id] if with_ids and fields.id in names else [])
     end = segment.offset + segment.count
     groups: list[int] = []
     first = row = 0
@@ -222,22 +234,29 @@ def _parquet_segment(segment: Segment, fields: Fields, with_ids: bool, texts: li
     table = pa.Table.from_batches(pieces, schema=pieces[0].schema if pieces else None)
     if table.num_rows != segment.count:
         raise ValidationError(f"--input: {segment.path} changed since the job started (fewer rows than planned)")
-    column = table.column(fields.text).to_pylist()
-    if any(not isinstance(t, str) for t in column):
-        raise ValidationError(f"--input: {segment.path}: column {fields.text!r} holds a value that is not a string")
-    texts.extend(column)
+    for name, into in ((fields.text, texts), (fields.query, queries)):
+        if into is None:
+            continue
+        column = table.column(name).to_pylist()
+        if any(not isinstance(t, str) for t in column):
+            raise ValidationError(f"--input: {segment.path}: column {name!r} holds a value that is not a string")
+        into.extend(column)
     if with_ids:
         ids.extend(table.column(fields.id).to_pylist() if fields.id in table.column_names else [None] * segment.count)
 
 
-def read_part(part: Part, fields: Fields, with_ids: bool) -> Rows:
+def read_part(part: Part, fields: Fields, with_ids: bool, with_queries: bool = False) -> Rows:
+    """One part's rows; `with_queries`: each row's query too (`fields.query`; a .txt file has none)."""
     texts: list[str] = []
     ids: list[Any] = []
+    queries: list[str] | None = [] if with_queries else None
     for segment in part.segments:
         if segment.path.endswith(".parquet"):
-            _parquet_segment(segment, fields, with_ids, texts, ids)
+            _parquet_segment(segment, fields, with_ids, texts, ids, queries)
         else:
-            _text_rows(segment, fields, with_ids, texts, ids)
+            if queries is not None and segment.path.endswith(".txt"):
+                raise ValidationError(f"--input: {segment.path} is a .txt file, which holds no queries: give --query")
+            _text_rows(segment, fields, with_ids, texts, ids, queries)
             if with_ids and segment.path.endswith(".txt"):
                 ids.extend([None] * segment.count)
-    return Rows(texts, ids if with_ids else None)
+    return Rows(texts, ids if with_ids else None, queries)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from bei.api.app import app_for_engine
+from bei.api.app import create_app, state_for_engines
 from bei.settings import ServeSettings
 
 HEALTH_TIMEOUT_S = 60.0
@@ -36,8 +36,9 @@ def _bound_socket(port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_engine(engine_dir: Path | str, **settings: Any) -> Iterator[str]:
-    """Run the app for `engine_dir` with `ServeSettings(**settings)`; yields the base URL once healthy.
+def serve_engine(engine_dir: Path | str | list[Path], **settings: Any) -> Iterator[str]:
+    """Run the app for `engine_dir` (or several, served together as `bei serve A B` does) with
+    `ServeSettings(**settings)`; yields the base URL once healthy.
 
     The server runs on a daemon thread (uvicorn installs no signal handlers off the main thread);
     on exit it is asked to stop (`should_exit`) and joined, forced if a connection keeps it busy.
@@ -48,7 +49,8 @@ def serve_engine(engine_dir: Path | str, **settings: Any) -> Iterator[str]:
     port = int(sock.getsockname()[1])
     serve_settings = ServeSettings(host="127.0.0.1", port=port, **settings)
     try:
-        app = app_for_engine(Path(engine_dir), serve_settings)
+        folders = engine_dir if isinstance(engine_dir, list) else [Path(engine_dir)]
+        app = create_app(state_for_engines(folders, serve_settings))
     except BaseException:
         sock.close()
         raise

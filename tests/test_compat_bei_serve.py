@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -10,13 +11,37 @@ import numpy as np
 import pytest
 
 from bei.testing.tiny_models import TEXTS
-from tests.servers import MINILM_NAME, Server, assert_close_rows
+from tests.servers import MINILM_NAME, BuiltEngine, Server, assert_close_rows
 
 ATOL = 1e-4
 
 
 def st_vectors(st: Any, texts: list[str]) -> np.ndarray:
     return np.asarray(st.encode(texts, convert_to_numpy=True, batch_size=64), dtype=np.float64)  # MiniLM normalizes
+
+
+@pytest.fixture(scope="module")
+def h2c_server(minilm_build: BuiltEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`bei serve --http2` of the session's MiniLM engine: hypercorn, HTTP/1.1 and h2c on one port."""
+    server = Server([str(minilm_build.engine_dir), "--http2", "--log-level", "warning"], tmp_path_factory.mktemp("h2c") / "serve.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("server", "http_version"), [("uvicorn", 1), ("hypercorn", 1), ("hypercorn", 2)])
+def test_baseten_performance_client(server: str, http_version: int, request: pytest.FixtureRequest, st_model: Any) -> None:
+    """Baseten's client as its README calls it; `http_version=2` opens h2c with prior knowledge, which
+    `bei serve --http2` answers (uvicorn, the default, speaks HTTP/1.1 only)."""
+    from baseten_performance_client import PerformanceClient, RequestProcessingPreference
+
+    base_url = request.getfixturevalue("minilm_server" if server == "uvicorn" else "h2c_server").base_url
+    client = PerformanceClient(base_url=base_url, api_key="unused", http_version=http_version)
+    texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(100)]
+    answer = client.embed(texts, model=MINILM_NAME, preference=RequestProcessingPreference(batch_size=16, max_concurrent_requests=8))
+    assert_close_rows(answer.numpy(), st_vectors(st_model, texts), what=f"{server} over HTTP/{http_version}")
 
 
 def test_huggingface_hub(minilm_server: Server, st_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:

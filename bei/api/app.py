@@ -239,7 +239,7 @@ def create_app(state: AppState) -> Starlette:
         Route("/info/models", get(lambda: info.every_model(state)), methods=["GET"]),
         Route("/v1/models", get(lambda: info.model_list(state)), methods=["GET"]),
         Route("/v1/models/{model_id:path}", model, methods=["GET"]),
-        Route("/models", get(lambda: info.model_list(state, owned_by=False)), methods=["GET"]),
+        Route("/models", get(lambda: info.model_list(state)), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", get(lambda: openapi_schema(state)), methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),

@@ -13,16 +13,59 @@ bound holds between streams. uvicorn with httptools stays the default: its HTTP/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
 from typing import Any
 
+import h2.events
+import hypercorn.protocol
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from starlette.types import ASGIApp
+from hypercorn.protocol.h2 import H2Protocol
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bei.api.state import ABANDON_GRACE_S, AppState
+
+
+class EarlyAnswerH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 protocol, surviving an answer sent before the whole request body came (401,
+    413): hypercorn 0.18 looks up the finished stream for the body's next DATA frame, and the KeyError
+    closes the connection and every other stream on it (pgjones/hypercorn#329; fixes proposed in #312,
+    #334). The rest of that body is dropped, its bytes given back to the connection's flow control."""
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        for event in events:  # one at a time: a RequestReceived earlier in `events` opens the stream of later DATA
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                await self._flush()
+            else:
+                await super()._handle_events([event])
+
+
+def reading_unread_bodies(app: ASGIApp, timeout: float) -> ASGIApp:
+    """`app`, then the rest of a request body it answered without reading (401, 413), read and dropped
+    for up to `timeout` seconds: hypercorn hands body chunks to the app through a bounded queue, and a
+    chunk that nobody takes blocks the whole connection (and, under HTTP/2, every stream on it)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        finished = scope["type"] != "http"
+
+        async def tracked() -> Message:
+            nonlocal finished
+            message = await receive()
+            finished = finished or message["type"] == "http.disconnect" or not message.get("more_body", False)
+            return message
+
+        await app(scope, tracked, send)
+        if not finished:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while not finished:
+                        await tracked()
+
+    return wrapped
 
 
 def config_for(state: AppState) -> Config:
@@ -69,7 +112,9 @@ async def _serve(app: ASGIApp, state: AppState) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    hypercorn.protocol.H2Protocol = EarlyAnswerH2Protocol  # type: ignore[misc]  # what its ProtocolWrapper starts for h2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     state.on_load_failure = stop.set
+    app = reading_unread_bodies(app, state.settings.body_timeout)
     await serve(app, config_for(state), shutdown_trigger=stop.wait, mode="asgi")  # type: ignore[arg-type]

@@ -44,7 +44,8 @@ class ServeSettings(BaseModel):
     http2: bool = Field(
         False,
         description="serve HTTP/2 cleartext (h2c, prior knowledge) beside HTTP/1.1 on the same port, with hypercorn instead of "
-        "uvicorn (slower HTTP/1.1; every guard holds; --header-timeout is also the idle keep-alive timeout; docs/api.md)",
+        "uvicorn (slower HTTP/1.1; every guard holds, but --header-timeout is also the idle keep-alive timeout and an HTTP/2 "
+        "request refused before its body is read (401, 413) may stall its connection; docs/api.md)",
     )
     drain_timeout: float = Field(20.0, gt=0, le=600, description="seconds SIGTERM waits for requests in flight (503 after)")
 

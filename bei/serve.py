@@ -1,4 +1,5 @@
-"""Process lifecycle of `bei serve`: check the engines, start uvicorn, drain on SIGTERM.
+"""Process lifecycle of `bei serve`: check the engines, start uvicorn (HTTP/1.1) or, with `--http2`,
+hypercorn (HTTP/1.1 and HTTP/2 cleartext on one port, bei/h2c.py), drain on SIGTERM.
 
 On SIGTERM (or Ctrl-C) the server first drains: /health answers 503 and new requests get 503
 while the requests already accepted finish (up to `--drain-timeout`, 20 s by default); those still
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,11 +25,10 @@ from typing import Any
 import uvicorn
 
 from bei.api.app import create_app, state_for_engines
-from bei.api.state import AppState
+from bei.api.state import ABANDON_GRACE_S, AppState
 from bei.errors import EngineError
 from bei.settings import ServeSettings
 
-ABANDON_GRACE_S = 2.0  # after the drain timeout: for the abandoned requests' 503s to go out
 log = logging.getLogger("bei")
 
 
@@ -43,20 +42,10 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.state.draining = True
-        log.info("draining: %d requests in flight", self.state.in_flight)
-        asyncio.get_event_loop().create_task(self._exit_when_drained(sig, frame))
+        asyncio.get_event_loop().create_task(self._exit_when_drained())
 
-    async def _exit_when_drained(self, sig: int, frame: FrameType | None) -> None:
-        state = self.state
-        deadline = time.monotonic() + state.settings.drain_timeout
-        while state.in_flight + state.receiving > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if state.in_flight + state.receiving > 0:
-            log.warning("drain timeout: answering %d requests still in flight with 503", state.in_flight + state.receiving)
-            state.abandon.set()
-            deadline = time.monotonic() + ABANDON_GRACE_S
-            while state.in_flight > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+    async def _exit_when_drained(self) -> None:
+        await self.state.drain()
         # not super().handle_exit: uvicorn would re-raise the signal once stopped, so a clean drain
         # would end with "killed by SIGTERM" (-15 / 143) instead of exit status 0
         self.should_exit = True
@@ -116,7 +105,21 @@ def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = state_for_engines(engine_dirs, settings)
     loop, http = loop_and_http()
-    log.info("event loop %s, HTTP parser %s", loop, http)
+    if settings.http2:
+        from bei.h2c import serve_h2c
+
+        log.info("event loop %s, HTTP/1.1 and HTTP/2 cleartext by hypercorn", loop)
+        serve_h2c(create_app(state), state, uvloop=loop == "uvloop")
+    else:
+        log.info("event loop %s, HTTP parser %s", loop, http)
+        serve_uvicorn(state, loop, http)
+    failed = [m.load_detail for m in state.models.values() if m.load_detail]
+    if failed:  # a broken engine never serves: `bei serve` exits non-zero, naming what failed
+        raise EngineError(failed[0])
+
+
+def serve_uvicorn(state: AppState, loop: str, http: str) -> None:
+    settings = state.settings
     config = uvicorn.Config(
         create_app(state),
         host=settings.host,
@@ -133,6 +136,3 @@ def serve(engine_dirs: list[Path], settings: ServeSettings) -> None:
 
     state.on_load_failure = stop_on_load_failure
     server.run()
-    failed = [m.load_detail for m in state.models.values() if m.load_detail]
-    if failed:  # a broken engine never serves: `bei serve` exits non-zero, naming what failed
-        raise EngineError(failed[0])

@@ -41,6 +41,12 @@ class ServeSettings(BaseModel):
     api_key_on_metrics: bool = Field(False, description="with --api-key: require the key on /metrics too")
     body_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive (408 after)")
     header_timeout: float = Field(10.0, gt=0, description="seconds a request line and headers may take to arrive (closed after)")
+    http2: bool = Field(
+        False,
+        description="serve HTTP/2 cleartext (h2c, prior knowledge) beside HTTP/1.1 on the same port, with hypercorn instead of "
+        "uvicorn (slower HTTP/1.1; every guard holds, but --header-timeout is also the idle keep-alive timeout and an HTTP/2 "
+        "request refused before its body is read (401, 413) may stall its connection; docs/api.md)",
+    )
     drain_timeout: float = Field(20.0, gt=0, le=600, description="seconds SIGTERM waits for requests in flight (503 after)")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -10,13 +11,37 @@ import numpy as np
 import pytest
 
 from bei.testing.tiny_models import TEXTS
-from tests.servers import MINILM_NAME, Server, assert_close_rows
+from tests.servers import MINILM_NAME, BuiltEngine, Server, assert_close_rows
 
 ATOL = 1e-4
 
 
 def st_vectors(st: Any, texts: list[str]) -> np.ndarray:
     return np.asarray(st.encode(texts, convert_to_numpy=True, batch_size=64), dtype=np.float64)  # MiniLM normalizes
+
+
+@pytest.fixture(scope="module")
+def h2c_server(minilm_build: BuiltEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`bei serve --http2` of the session's MiniLM engine: hypercorn, HTTP/1.1 and h2c on one port."""
+    server = Server([str(minilm_build.engine_dir), "--http2", "--log-level", "warning"], tmp_path_factory.mktemp("h2c") / "serve.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("server", "http_version"), [("uvicorn", 1), ("hypercorn", 1), ("hypercorn", 2)])
+def test_baseten_performance_client(server: str, http_version: int, request: pytest.FixtureRequest, st_model: Any) -> None:
+    """Baseten's client as its README calls it; `http_version=2` opens h2c with prior knowledge, which
+    `bei serve --http2` answers (uvicorn, the default, speaks HTTP/1.1 only)."""
+    from baseten_performance_client import PerformanceClient, RequestProcessingPreference
+
+    base_url = request.getfixturevalue("minilm_server" if server == "uvicorn" else "h2c_server").base_url
+    client = PerformanceClient(base_url=base_url, api_key="unused", http_version=http_version)
+    texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(100)]
+    answer = client.embed(texts, model=MINILM_NAME, preference=RequestProcessingPreference(batch_size=16, max_concurrent_requests=8))
+    assert_close_rows(answer.numpy(), st_vectors(st_model, texts), what=f"{server} over HTTP/{http_version}")
 
 
 def test_huggingface_hub(minilm_server: Server, st_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,7 +88,7 @@ def test_infinity_embeddings(minilm_server: Server, st_model: Any) -> None:
     assert answer.status_code == 200, answer.text
     assert_close_rows([d["embedding"] for d in answer.json()["data"]], st_vectors(st_model, TEXTS[:4]), what="/embeddings")
     models = httpx.get(f"{minilm_server.base_url}/models", timeout=60).json()
-    assert [(m["id"], m["stats"], "owned_by" in m) for m in models["data"]] == [(MINILM_NAME, {}, False)]
+    assert [(m["id"], m["stats"], m["owned_by"]) for m in models["data"]] == [(MINILM_NAME, {}, "infinity")]
 
 
 def test_openapi_lists_the_compat_routes(minilm_server: Server) -> None:
@@ -76,3 +101,31 @@ def test_openapi_lists_the_compat_routes(minilm_server: Server) -> None:
     assert len(schema["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"]) == 2
     error = schema["paths"]["/v2/embed"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert error == {"$ref": "#/components/schemas/CohereErrorBody"}
+
+
+def test_langchain_openai_embeddings(minilm_server: Server, st_model: Any) -> None:
+    """langchain's OpenAIEmbeddings with `check_embedding_ctx_length=False` sends the texts themselves."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model=MINILM_NAME, base_url=f"{minilm_server.base_url}/v1", api_key="unused", check_embedding_ctx_length=False, max_retries=0
+    )
+    texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(40)]
+    assert_close_rows(embeddings.embed_documents(texts, chunk_size=16), st_vectors(st_model, texts), what="embed_documents")
+    assert_close_rows([embeddings.embed_query(TEXTS[1])], st_vectors(st_model, [TEXTS[1]]), what="embed_query")
+
+
+def test_langchain_default_token_ids_fail_loudly(minilm_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """langchain's defaults tokenize with tiktoken and send its ids, never the model's. tiktoken's cl100k
+    file is downloaded at first use (not here, offline): a byte-level tiktoken encoding stands in for it.
+    bei refuses ids that cannot be the model's tokenization (422), so langchain raises, never embeds wrong."""
+    import openai
+    import tiktoken
+    from langchain_openai import OpenAIEmbeddings
+
+    foreign = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda _: foreign)
+    embeddings = OpenAIEmbeddings(model=MINILM_NAME, base_url=f"{minilm_server.base_url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError, match="token") as raised:
+        embeddings.embed_documents([TEXTS[1], TEXTS[3]])
+    assert raised.value.status_code == 422

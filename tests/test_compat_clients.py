@@ -241,7 +241,8 @@ def test_openai_models_retrieve_and_2048_inputs(urls: dict[str, str], st_model: 
 
     client = openai.OpenAI(base_url=urls["embed"] + "/v1", api_key="unused", max_retries=0, timeout=120)
     model = client.models.retrieve("compat-embed")
-    assert model.id == "compat-embed" and model.owned_by == "bei"
+    assert model.id == "compat-embed" and model.owned_by == "infinity"  # the value Infinity's client needs too
+    assert [m.id for m in client.models.list()] == ["compat-embed"]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     texts = [f"{SHORT[i % len(SHORT)]} {i}" for i in range(2048)]  # OpenAI's limit: one request, split by the batcher
@@ -328,11 +329,12 @@ def test_infinity_routes(urls: dict[str, str], base: str, st_model: Any, cross_e
         np.testing.assert_allclose(sorted(r["score"] for r in row), sorted(want_row), atol=MAX_ABS_DIFF)
 
 
-def test_infinity_models(urls: dict[str, str]) -> None:
+@pytest.mark.parametrize("base", ["", "/v1"])
+def test_infinity_models(urls: dict[str, str], base: str) -> None:
     # OpenAIModelInfo: data [ModelInfo]; ModelInfo needs id and stats, and refuses an owned_by other than "infinity"
-    listed = ok(httpx.get(urls["rerank"] + "/models"))
+    # (at the root and at /v1); OpenAI's Model needs id, object, created, owned_by (a string)
+    listed = ok(httpx.get(urls["rerank"] + base + "/models"))
     assert listed["object"] == "list"
     [card] = listed["data"]
-    assert card["id"] == "compat-rerank" and card["stats"] == {} and card["object"] == "model" and "owned_by" not in card
-    assert card["capabilities"] == ["rerank"]
-    assert ok(httpx.get(urls["rerank"] + "/v1/models"))["data"][0]["owned_by"] == "bei"  # OpenAI's list keeps owned_by
+    assert card["id"] == "compat-rerank" and card["stats"] == {} and card["object"] == "model"
+    assert card["owned_by"] == "infinity" and card["created"] == 0 and card["capabilities"] == ["rerank"]

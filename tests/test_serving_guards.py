@@ -335,10 +335,11 @@ def test_a_client_hanging_up_mid_body_costs_one_log_line(engine: Path, caplog: p
     assert not any(r.exc_info or "Traceback" in r.getMessage() or "Exception in ASGI" in r.getMessage() for r in records)
 
 
-def test_a_trickling_request_head_is_closed(engine: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_flags", [[], ["--http2"]], ids=["uvicorn", "hypercorn"])
+def test_a_trickling_request_head_is_closed(engine: Path, tmp_path: Path, server_flags: list[str]) -> None:
     """--header-timeout 1: a connection that sends half a head, or nothing, is closed; keep-alive
-    requests on one connection are unaffected."""
-    server = Server([str(engine), "--log-level", "warning", "--header-timeout", "1"], tmp_path / "serve.log").start()
+    requests on one connection are unaffected (on either server: with --http2, hypercorn's keep-alive timeout)."""
+    server = Server([str(engine), "--log-level", "warning", "--header-timeout", "1", *server_flags], tmp_path / "serve.log").start()
     try:
         host, port = "127.0.0.1", server.port
         half = socket.create_connection((host, port), timeout=30)
@@ -359,12 +360,14 @@ def test_a_trickling_request_head_is_closed(engine: Path, tmp_path: Path) -> Non
 
 
 # --- SIGTERM: a configurable drain; stalled requests answered 503 --------------------------------
-def test_sigterm_answers_a_stalled_request_503_within_the_drain_timeout(engine: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_flags", [[], ["--http2"]], ids=["uvicorn", "hypercorn"])
+def test_sigterm_answers_a_stalled_request_503_within_the_drain_timeout(engine: Path, tmp_path: Path, server_flags: list[str]) -> None:
     port = free_port()
     log = tmp_path / "drain.log"
+    flags = ["--port", str(port), "--drain-timeout", "2", "--body-timeout", "60", "--log-level", "warning", *server_flags]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            bei_command("serve", engine, "--port", str(port), "--drain-timeout", "2", "--body-timeout", "60", "--log-level", "warning"),
+            bei_command("serve", engine, *flags),
             env=bei_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -395,3 +398,36 @@ def test_sigterm_answers_a_stalled_request_503_within_the_drain_timeout(engine: 
     assert response.startswith(b"HTTP/1.1 503") and b'"error_type":"unhealthy"' in response, response[:300]
     assert status == 0 and took < 10, (status, took, log.read_text())
     assert "Traceback" not in log.read_text()
+
+
+# --- --http2: hypercorn, HTTP/1.1 and h2c on one port, with the same guards ---------------------------
+def test_http2_server_keeps_the_guards(engine: Path, tmp_path: Path) -> None:
+    """`bei serve --http2`: over h2c (prior knowledge) and HTTP/1.1 on one port, the API key (401), the
+    payload limit (413), the body timeout (408, holding no slot of --max-concurrent-requests 1)."""
+    flags = ["--http2", "--api-key", KEY, "--body-timeout", "1", "--max-concurrent-requests", "1", "--payload-limit", "5000"]
+    server = Server([str(engine), "--log-level", "warning", *flags], tmp_path / "serve.log").start()
+    good = {"authorization": f"Bearer {KEY}"}
+    try:
+        # a connection of its own for each answer given before the body is read (docs/api.md: hypercorn can stall it)
+        with httpx.Client(base_url=server.base_url, http1=False, http2=True, timeout=30) as h2:
+            refused = h2.post("/embed", json={"inputs": "hi"})
+        assert refused.http_version == "HTTP/2" and refused.status_code == 401, refused.text
+        assert refused.json()["error_type"] == "unauthorized" and refused.headers["www-authenticate"] == "Bearer"
+        with httpx.Client(base_url=server.base_url, http1=False, http2=True, timeout=30) as h2:
+            too_big = h2.post("/embed", json={"inputs": "x" * 6000}, headers=good)
+        assert too_big.status_code == 413 and too_big.json()["error_type"] == "payload_limit", too_big.text
+        with httpx.Client(base_url=server.base_url, http1=False, http2=True, timeout=30) as h2:
+            sock = _raw_post(server.base_url, "/embed", 100, b'{"inputs": ', f"authorization: Bearer {KEY}\r\n")
+            started = time.monotonic()
+            try:
+                answer = h2.post("/embed", json={"inputs": "hi"}, headers=good)
+                assert answer.status_code == 200 and np.asarray(answer.json()).shape[0] == 1, answer.text
+                response = _read_response(sock)
+            finally:
+                sock.close()
+            took = time.monotonic() - started
+        assert response.startswith(b"HTTP/1.1 408") and b'"error_type":"timeout"' in response and 0.5 < took < 15, (response, took)
+        assert httpx.post(f"{server.base_url}/embed", json={"inputs": "hi"}, headers=good, timeout=30).http_version == "HTTP/1.1"
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()

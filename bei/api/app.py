@@ -24,6 +24,7 @@ from bei.api.http import (
     ErrorStyle,
     JSONResponse,
     Timing,
+    close_connection,
     describe_validation_error,
     error_response,
     json_response,
@@ -33,7 +34,7 @@ from bei.api.http import (
 from bei.api.metrics import exposition
 from bei.api.openapi import openapi_schema
 from bei.api.routes import DEFAULT_ROUTE, TaskRoute, root_variants, served_paths, variants
-from bei.api.search import SearchRequest, search
+from bei.api.search import SearchRequest, check_corpus, search
 from bei.api.state import AppState, ServedModel
 from bei.errors import BeiError, InputTooLongError, ModelNotFoundError, NotReadyError, OverloadedError, RequestTimeoutError, ValidationError
 from bei.inference import InferenceService
@@ -121,12 +122,12 @@ def _endpoint(state: AppState, path: str, work: RouteWork, errors: ErrorStyle) -
             response = error_response(error, errors)
             response.headers.update(timing.headers())
             if isinstance(error, RequestTimeoutError):  # the rest of the body is never read
-                response.headers["connection"] = "close"
+                close_connection(response, request)
         finally:
             if counted:
                 state.in_flight -= 1
         if state.draining:  # the server is going away: clients should not reuse this connection
-            response.headers["connection"] = "close"
+            close_connection(response, request)
         state.metrics.observe(path, response.status_code, timing.compute_tokens, timing.queue_time, timing.inference_time, timing.elapsed)
         return response
 
@@ -175,6 +176,7 @@ def _task_work(path: str, routes: list[TaskRoute]) -> RouteWork:
 async def _search_work(state: AppState, request: Request, data: Any, timing: Timing) -> tuple[Any, dict[str, str]]:
     body = validate(SearchRequest, data)
     embedder = state.ready(state.pick(variants("/v1/embeddings")[0], body.embed_model))
+    check_corpus(body, embedder.engine.manifest.embedding_dim or 0)
     reranker = state.ready(state.pick(variants("/rerank")[0], body.rerank_model)) if body.rerank else None
     return await search(embedder, reranker, body, timing)
 
@@ -182,14 +184,14 @@ async def _search_work(state: AppState, request: Request, data: Any, timing: Tim
 def create_app(state: AppState) -> Starlette:
     first = next(iter(state.models.values()))
 
-    async def health(_: Request) -> Response:
+    async def health(request: Request) -> Response:
         if state.all_ready:
             return JSONResponse({"status": "ok"})
         failed = [m.load_error for m in state.models.values() if m.load_error]
         reason = "the server is shutting down" if state.draining else (failed[0] if failed else "the model is loading")
         response = error_response(NotReadyError(reason), "tei")
         if state.draining:
-            response.headers["connection"] = "close"
+            close_connection(response, request)
         return response
 
     async def model(request: Request) -> Response:
@@ -237,7 +239,7 @@ def create_app(state: AppState) -> Starlette:
         Route("/info/models", get(lambda: info.every_model(state)), methods=["GET"]),
         Route("/v1/models", get(lambda: info.model_list(state)), methods=["GET"]),
         Route("/v1/models/{model_id:path}", model, methods=["GET"]),
-        Route("/models", get(lambda: info.model_list(state, owned_by=False)), methods=["GET"]),
+        Route("/models", get(lambda: info.model_list(state)), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", get(lambda: openapi_schema(state)), methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),

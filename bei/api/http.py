@@ -29,6 +29,13 @@ M = TypeVar("M", bound=BaseModel)
 ErrorStyle = Literal["tei", "openai", "cohere"]
 
 
+def close_connection(response: Response, request: Request) -> None:
+    """Ask an HTTP/1.x client not to reuse the connection (HTTP/2 has no `connection` header: the
+    server's GOAWAY says it there)."""
+    if str(request.scope.get("http_version", "1.1")).startswith("1"):
+        response.headers["connection"] = "close"
+
+
 async def read_json(request: Request, payload_limit: int) -> Any:
     """The request body as JSON: 413 over the limit (a gzip or deflate body: compressed, and once
     decompressed), 415 in another Content-Encoding, 422 when it is not JSON."""

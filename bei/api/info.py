@@ -64,15 +64,25 @@ def every_model(state: AppState) -> dict[str, Any]:
     return {"models": [info(state, m) for m in state.models.values()], "version": __version__}
 
 
-def model_card(model: ServedModel, *, owned_by: bool = True) -> dict[str, Any]:
-    """OpenAI's model object, with Infinity's fields (`stats`, `backend`, `capabilities`). Infinity's client
-    refuses an `owned_by` other than "infinity": its /models leaves the field out."""
-    card: dict[str, Any] = {"id": model.name, "object": "model", "created": 0}
-    if owned_by:
-        card["owned_by"] = "bei"
-    card.update(task=model.task.value, backend=model.manifest.target.name, capabilities=CAPABILITIES[model.task], stats={})
-    return card
+# the `owned_by` of every model object: OpenAI's clients read it as free text, Infinity's client
+# (`infinity_client.models.ModelInfo`) refuses any value but "infinity", so one shape serves both at
+# /v1/models, /v1/models/{id} and /models
+OWNED_BY = "infinity"
 
 
-def model_list(state: AppState, *, owned_by: bool = True) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(m, owned_by=owned_by) for m in state.models.values()]}
+def model_card(model: ServedModel) -> dict[str, Any]:
+    """OpenAI's model object, with Infinity's fields (`stats`, `backend`, `capabilities`)."""
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": OWNED_BY,
+        "task": model.task.value,
+        "backend": model.manifest.target.name,
+        "capabilities": CAPABILITIES[model.task],
+        "stats": {},
+    }
+
+
+def model_list(state: AppState) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(m) for m in state.models.values()]}

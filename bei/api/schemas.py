@@ -333,7 +333,7 @@ class ModelsInfo(BaseModel):
 class ModelCard(TypedDict):
     id: str
     object: Literal["model"]
-    owned_by: NotRequired[str]  # not on Infinity's /models
+    owned_by: Literal["infinity"]  # the one value Infinity's client takes; OpenAI's read any
     created: int
     task: str
     backend: str

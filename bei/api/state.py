@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +19,9 @@ from bei.kinds import Task
 from bei.settings import ServeSettings
 from bei.targets.loading import LoadedEngine
 from bei.telemetry import SIZE_BUCKETS, TIME_BUCKETS, Histogram
+
+ABANDON_GRACE_S = 2.0  # after the drain timeout: for the abandoned requests' 503s to go out
+log = logging.getLogger("bei")
 
 
 @dataclass
@@ -67,6 +72,22 @@ class AppState:
         if model.service is None:
             raise NotReadyError(model.load_error or f"model {model.name!r} is loading")
         return model.service
+
+    async def drain(self) -> None:
+        """SIGTERM's drain, whichever server runs: new requests already get 503 (`draining`); wait for
+        those being read or answered, up to --drain-timeout; then answer those left 503 (`abandon`)
+        and give their answers ABANDON_GRACE_S to go out."""
+        self.draining = True
+        log.info("draining: %d requests in flight", self.in_flight)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.in_flight + self.receiving > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight + self.receiving > 0:
+            log.warning("drain timeout: answering %d requests still in flight with 503", self.in_flight + self.receiving)
+            self.abandon.set()
+            deadline = time.monotonic() + ABANDON_GRACE_S
+            while self.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
 
     @property
     def all_ready(self) -> bool:

@@ -212,6 +212,6 @@ def test_eurobert_sequence_head_stays_unquantized(tiny_checkpoint_factory: Calla
 
     spec = read_model_spec(tiny_checkpoint_factory("eurobert", "classify"))
     tensorrt = quantized_layer_names(linear_layers(spec), "fp8")
-    torch_target = fp8_layers(PackedEngineModule(spec, make_body(spec, read_config(spec.path)), load_dense=False))
+    torch_target = fp8_layers(PackedEngineModule(spec, make_body(spec, read_config(spec.path)), load_heads=False))
     for names in (tensorrt, torch_target):
         assert names and not any(part in name for name in names for part in ("dense", "classifier")), names

@@ -58,6 +58,13 @@ class EmbedRequest(_Request, TruncationMixin):
     prompt_name: str | None = None
 
 
+class EmbedAllRequest(_Request, TruncationMixin):
+    """TEI's /embed_all: per-token vectors (bge-m3's ColBERT vectors)."""
+
+    inputs: EmbeddingInput
+    prompt_name: str | None = None
+
+
 class SimilarityInputs(BaseModel):
     source_sentence: str
     sentences: list[str]

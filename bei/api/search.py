@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool
 
-from bei.api.embeddings import finish
+from bei.api.embeddings import dense_rows, finish
 from bei.api.http import Timing
 from bei.api.schemas import _Request
 from bei.api.scoring import activate, check_count
@@ -35,7 +35,8 @@ async def search(
     items: list[TextInput] = [request.query, *request.documents]
     outcome = await embedder.run(items, truncate=True)
     timing.record(outcome)
-    vectors = finish(np.stack(outcome.rows), normalize=True, dimensions=None, full_dim=outcome.rows[0].shape[0])
+    dense = dense_rows(embedder, outcome.rows)
+    vectors = finish(dense, normalize=True, dimensions=None, full_dim=dense.shape[1])
     cosines = vectors[1:] @ vectors[0]
     candidates = [int(i) for i in np.argsort(-cosines, kind="stable")[: request.top_k]]
     embed_time = time.perf_counter() - started

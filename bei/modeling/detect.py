@@ -9,6 +9,7 @@ from typing import Any
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.files import read_json
+from bei.modeling.m3 import has_m3_heads, read_colbert_dim
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
@@ -244,6 +245,10 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
                 normalize = True
     elif task is Task.SPARSE:
         pooling = PoolingConfig(modes=(PoolingMode.SPLADE_MAX,))
+    hidden_size = int(config.get("hidden_size") or config.get("dim") or 0)
+    colbert_dim = 0
+    if task is Task.EMBED and has_m3_heads(path):
+        task, colbert_dim = Task.EMBED_M3, _m3_heads(path, family, pooling, dense, hidden_size)
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
     st_config = path / "config_sentence_transformers.json"
@@ -257,7 +262,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         model_type=model_type,
         base_model=family,
         task=task,
-        hidden_size=int(config.get("hidden_size") or config.get("dim") or 0),
+        hidden_size=hidden_size,
         num_heads=int(config.get("num_attention_heads") or config.get("n_heads") or 0),
         max_seq_len=_max_seq_len(path, config, max_seq_len),
         pooling=pooling,
@@ -269,4 +274,20 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         chat_template=_chat_template(path, family, task),
+        colbert_dim=colbert_dim,
     )
+
+
+def _m3_heads(path: Path, family: str, pooling: PoolingConfig | None, dense: list[DenseLayer], hidden: int) -> int:
+    """A bge-m3 checkpoint (sparse_linear.pt, colbert_linear.pt): its ColBERT width, once what bei
+    implements of it is checked: an encoder, CLS pooling (its dense vector), no Dense module."""
+    if family != "encoder_bert":
+        raise ModelError(f"{path}: bge-m3's sparse and ColBERT heads are built on bidirectional encoders only, not on a {family}")
+    if pooling is None or pooling.modes != (PoolingMode.CLS,):
+        name = pooling.name if pooling else "none"
+        raise ModelError(
+            f"{path}: a bge-m3 checkpoint (sparse_linear.pt, colbert_linear.pt) pools CLS for its dense vector; its pooling is {name}"
+        )
+    if dense:
+        raise ModelError(f"{path}: a bge-m3 checkpoint with a Dense module is not supported (its dense vector is the CLS row)")
+    return read_colbert_dim(path, hidden)

@@ -273,12 +273,15 @@ def make_checkpoint(
     padding_side: str | None = None,
     max_seq_length: int | None = None,
     seed: int = 0,
+    bge_m3: bool = False,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
     pooling: a mode ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken") or a list of
     them, written in the legacy `pooling_mode_*` flag spelling; "new:<mode>" or "new:<mode>+<mode>" writes
     the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module.
+    bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
+    dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size).
     """
     import transformers
 
@@ -341,6 +344,11 @@ def make_checkpoint(
             )
             modules.append({"idx": idx, "name": str(idx), "path": sub, "type": "sentence_transformers.models.Dense"})
             in_features = out_features
+        if bge_m3:
+            for name, out in (("sparse_linear.pt", 1), ("colbert_linear.pt", hidden)):
+                head = torch.nn.Linear(hidden, out)
+                torch.nn.init.normal_(head.weight, std=0.2)
+                torch.save(head.state_dict(), folder / name)
         if normalize:
             idx = len(modules)
             (folder / f"{idx}_Normalize").mkdir(exist_ok=True)

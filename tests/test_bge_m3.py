@@ -175,3 +175,24 @@ def test_checkpoints_bei_refuses(tmp_path: Path, built: dict[str, tuple[Path, Pa
     torch.save(torch.nn.Linear(7, 1).state_dict(), wrong / "sparse_linear.pt")
     with pytest.raises(ModelError, match=r"sparse_linear.pt: needs a Linear's `weight` of shape \[out, 32\]"):
         read_model_spec(wrong)
+
+
+def test_gpu_targets_plan_it(built: dict[str, tuple[Path, Path]]) -> None:
+    from bei.buildsteps.plan import TargetChoice
+    from bei.hardware import Host
+    from bei.targets.plan import make_plan
+
+    spec = read_model_spec(built["onnxruntime"][0])
+    for target in ("tensorrt", "torch"):
+        plan = make_plan(
+            spec,
+            target=TargetChoice(target, "test"),
+            base_model="encoder_bert",
+            quantization="fp8",
+            max_num_tokens=16384,
+            max_batch_size=256,
+            accelerator="H100",
+            host=Host(versions={"onnxruntime": "1.32.0"}),
+        )
+        assert plan.precision == "fp8" and len(plan.quantized_layers) >= 8, plan.quantized_layers
+        assert not any("sparse_linear" in name or "colbert_linear" in name for name in plan.quantized_layers)

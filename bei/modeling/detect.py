@@ -200,23 +200,24 @@ def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, 
     raise ModelError(
         f"{config_path}: auto_map names custom code ({', '.join(sorted(str(c) for c in classes))[:300]}) for {architecture or model_type}; "
         "bei runs no remote code and builds only the architectures it implements: "
-        f"{', '.join(ARCHITECTURES)}; of those, {', '.join(sorted(REMOTE_CODE_NATIVE))} "
-        "also from checkpoints written for their authors' code"
+        f"{', '.join(ARCHITECTURES)}; also from checkpoints written for their authors' code: "
+        f"{', '.join(sorted(REMOTE_CODE_NATIVE))} (`new`: GTE's own format)"
     )
 
 
 def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
     """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
     config_path = path / "config.json"
-    config = native_config(_read_json(config_path))
-    model_type = str(config.get("model_type", ""))
-    architecture = (config.get("architectures") or [""])[0]
+    written = _read_json(config_path)
+    architecture = (written.get("architectures") or [""])[0]
+    _check_auto_map(written, config_path, str(written.get("model_type", "")), architecture)
+    config = native_config(written)
+    model_type = str(config.get("model_type", ""))  # transformers' native one (`new` -> `gte`)
     if model_type not in ARCHITECTURES:
         raise ModelError(
             f"{config_path}: model_type {model_type!r} ({architecture or 'no architectures'}) is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
-    _check_auto_map(config, config_path, model_type, architecture)
     family = ARCHITECTURES[model_type]
     if base_model is not None and base_model != family:
         raise ModelError(

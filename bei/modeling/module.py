@@ -80,9 +80,10 @@ def transformers_config(spec: ModelSpec) -> Any:
     (bei/modeling/remote_code.py), its config.json rewritten in transformers' native spelling."""
     import transformers
 
-    if spec.model_type not in REMOTE_CODE_NATIVE:
+    written = read_json(spec.path / "config.json")
+    if written.get("model_type") not in REMOTE_CODE_NATIVE:
         return transformers.AutoConfig.from_pretrained(str(spec.path))
-    native = native_config(read_json(spec.path / "config.json"))
+    native = native_config(written)
     native.pop("auto_map", None)
     return transformers.CONFIG_MAPPING[spec.model_type].from_dict(native)
 

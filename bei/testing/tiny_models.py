@@ -238,6 +238,37 @@ def _nomic_public_config(folder: Path, config: Any) -> None:
     )  # fmt: skip
 
 
+# GTE in its authors' format (Alibaba-NLP/new-impl), as gte-base-en-v1.5 / gte-multilingual-base write it
+_NEW_ARCHITECTURES = {"GteModel": "NewModel", "GteForSequenceClassification": "NewForSequenceClassification",
+                      "GteForTokenClassification": "NewForTokenClassification"}  # fmt: skip
+GTE_NTK = {"type": "ntk", "factor": 2.0}
+
+
+def _gte_authors_format(folder: Path, rope_scaling: dict[str, Any] | None) -> None:
+    """A native `gte` checkpoint rewritten as the authors' `new`: the heads' base model under `new.`,
+    config.json in NewConfig's keys (rope_theta, rope_scaling, pack_qkv, ...) with its auto_map."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    state = {("new." + k.removeprefix("gte.") if k.startswith("gte.") else k): v for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    code = "Alibaba-NLP/new-impl--modeling."
+    architecture = _NEW_ARCHITECTURES[config["architectures"][0]]
+    edit_config(
+        folder,
+        {
+            "model_type": "new", "architectures": [architecture], "rope_parameters": None,
+            "auto_map": {"AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig", "AutoModel": code + "NewModel",
+                         "AutoModelForSequenceClassification": code + "NewForSequenceClassification",
+                         "AutoModelForTokenClassification": code + "NewForTokenClassification"},
+            "rope_theta": 20000.0, "rope_scaling": rope_scaling, "position_embedding_type": "rope", "layer_norm_type": "layer_norm",
+            "pack_qkv": True, "unpad_inputs": False, "use_memory_efficient_attention": False,
+            "logn_attention_scale": False, "logn_attention_clip1": False,
+        },
+    )  # fmt: skip
+
+
 def edit_config(folder: Path, edits: dict[str, Any]) -> None:
     """Set keys of `folder/config.json` (a None value removes the key)."""
     path = folder / "config.json"
@@ -274,6 +305,7 @@ def make_checkpoint(
     max_seq_length: int | None = None,
     seed: int = 0,
     bge_m3: bool = False,
+    gte_new: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
@@ -281,7 +313,9 @@ def make_checkpoint(
     them, written in the legacy `pooling_mode_*` flag spelling; "new:<mode>" or "new:<mode>+<mode>" writes
     the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module.
     bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
-    dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size).
+    dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size). gte_new (model_type gte
+    only): the checkpoint in GTE's authors' format (`model_type: new`), `rope_scaling` from this
+    mapping's key of that name (e.g. `GTE_NTK`; None: none).
     """
     import transformers
 
@@ -311,6 +345,8 @@ def make_checkpoint(
         code = "EuroBERT/EuroBERT-210m--modeling_eurobert."
         auto_map = {"AutoConfig": "EuroBERT/EuroBERT-210m--configuration_eurobert.EuroBertConfig", "AutoModel": code + "EuroBertModel"}
         edit_config(folder, {"auto_map": auto_map, "clf_pooling": config.classifier_pooling, "classifier_pooling": None})
+    elif model_type == "gte" and gte_new is not None:
+        _gte_authors_format(folder, gte_new.get("rope_scaling"))
 
     st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":

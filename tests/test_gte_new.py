@@ -251,3 +251,23 @@ def test_detection_and_refusals(built: dict[tuple[str, str], tuple[Path, Path]],
         edit_config(changed, edits)
         with pytest.raises(ModelError, match=match):
             read_model_spec(changed)
+
+
+def test_gpu_targets_plan_it(built: dict[tuple[str, str], tuple[Path, Path]]) -> None:
+    from bei.buildsteps.plan import TargetChoice
+    from bei.hardware import Host
+    from bei.targets.plan import make_plan
+
+    spec = read_model_spec(built[("rerank", "onnxruntime")][0])
+    for target in ("tensorrt", "torch"):
+        plan = make_plan(
+            spec,
+            target=TargetChoice(target, "test"),
+            base_model="encoder_bert",
+            quantization="fp8",
+            max_num_tokens=16384,
+            max_batch_size=256,
+            accelerator="H100",
+            host=Host(versions={"onnxruntime": "1.32.0"}),
+        )
+        assert plan.precision == "fp8" and plan.parameters > 0 and len(plan.quantized_layers) >= 8, plan.quantized_layers

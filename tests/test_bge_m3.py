@@ -19,7 +19,6 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -31,8 +30,9 @@ from bei.kinds import Task
 from bei.modeling.detect import read_model_spec
 from bei.testing.inproc_server import make_and_build, serve_engine
 from bei.testing.tiny_models import TEXTS, make_checkpoint
+from tests.compat import ok
+from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu
 
-MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4
 # repeated token ids (the sparse weight is the largest of their weights) and special tokens in the text
 INPUTS = [*TEXTS[:6], "the cat and the dog and the bird and the cat", "<s> a </s> b"]
@@ -78,14 +78,6 @@ def m3_reference(folder: Path, texts: list[str]) -> Reference:
     return Reference(dense.numpy(), sparse, vectors)
 
 
-def assert_cosine(got: Any, want: Any, what: str) -> None:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != reference {want.shape}"
-    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert cosine.min() >= MIN_COSINE, f"{what}: min cosine {cosine.min():.7f} (row {cosine.argmin()})"
-    assert np.abs(got - want).max() <= MAX_ABS_DIFF, f"{what}: max abs diff {np.abs(got - want).max():.2e}"
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, tuple[Path, Path]]:
     """(checkpoint, engine) of the bge-m3 tiny checkpoint, per CPU target."""
@@ -108,12 +100,6 @@ def client(request: pytest.FixtureRequest, built: dict[str, tuple[Path, Path]]) 
         yield http
 
 
-def post(client: httpx.Client, path: str, body: dict[str, Any]) -> Any:
-    response = client.post(path, json=body)
-    assert response.status_code == 200, f"{path}: {response.status_code} {response.text}"
-    return response.json()
-
-
 def test_detected_as_bge_m3(built: dict[str, tuple[Path, Path]]) -> None:
     spec = read_model_spec(built["onnxruntime"][0])
     assert (spec.task, spec.colbert_dim, spec.embedding_dim) == (Task.EMBED_M3, spec.hidden_size, spec.hidden_size)
@@ -123,18 +109,18 @@ def test_dense(client: httpx.Client, reference: Reference, built: dict[str, tupl
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(built["onnxruntime"][0]), device="cpu").encode(INPUTS, convert_to_numpy=True)
-    assert_cosine(reference.dense, st, "the reference's dense vectors vs sentence-transformers")
-    openai = post(client, "/v1/embeddings", {"input": INPUTS})
-    assert_cosine([d["embedding"] for d in openai["data"]], reference.dense, "/v1/embeddings")
-    assert_cosine(post(client, "/embed", {"inputs": INPUTS}), reference.dense, "/embed")
+    assert_fp32_parity(reference.dense, st, "the reference's dense vectors vs sentence-transformers")
+    openai = ok(client.post("/v1/embeddings", json={"input": INPUTS}))
+    assert_fp32_parity([d["embedding"] for d in openai["data"]], reference.dense, "/v1/embeddings")
+    assert_fp32_parity(ok(client.post("/embed", json={"inputs": INPUTS})), reference.dense, "/embed")
     info = client.get("/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "cls"}}
 
 
 def test_sparse(client: httpx.Client, reference: Reference) -> None:
-    answer = post(client, "/embed_sparse", {"inputs": INPUTS})
+    answer = ok(client.post("/embed_sparse", json={"inputs": INPUTS}))
     assert len(answer) == len(INPUTS)
-    repeated = post(client, "/tokenize", {"inputs": INPUTS[-2], "add_special_tokens": False})[0]
+    repeated = ok(client.post("/tokenize", json={"inputs": INPUTS[-2], "add_special_tokens": False}))[0]
     assert len({t["id"] for t in repeated}) < len(repeated), "the text must repeat token ids"
     assert all(reference.sparse)
     for i, (row, want) in enumerate(zip(answer, reference.sparse, strict=True)):
@@ -147,12 +133,12 @@ def test_sparse(client: httpx.Client, reference: Reference) -> None:
 
 
 def test_colbert(client: httpx.Client, reference: Reference) -> None:
-    answer = post(client, "/embed_all", {"inputs": INPUTS})
+    answer = ok(client.post("/embed_all", json={"inputs": INPUTS}))
     assert len(answer) == len(INPUTS)
     for i, (vectors, want) in enumerate(zip(answer, reference.colbert, strict=True)):
-        assert_cosine(vectors, want, f"/embed_all row {i}")
-    single = post(client, "/embed_all", {"inputs": INPUTS[1]})
-    assert_cosine(single[0], reference.colbert[1], "/embed_all of one string")
+        assert_fp32_parity(vectors, want, f"/embed_all row {i}")
+    single = ok(client.post("/embed_all", json={"inputs": INPUTS[1]}))
+    assert_fp32_parity(single[0], reference.colbert[1], "/embed_all of one string")
 
 
 def test_routes_of_other_tasks_are_refused(client: httpx.Client) -> None:
@@ -178,21 +164,8 @@ def test_checkpoints_bei_refuses(tmp_path: Path, built: dict[str, tuple[Path, Pa
 
 
 def test_gpu_targets_plan_it(built: dict[str, tuple[Path, Path]]) -> None:
-    from bei.buildsteps.plan import TargetChoice
-    from bei.hardware import Host
-    from bei.targets.plan import make_plan
-
     spec = read_model_spec(built["onnxruntime"][0])
     for target in ("tensorrt", "torch"):
-        plan = make_plan(
-            spec,
-            target=TargetChoice(target, "test"),
-            base_model="encoder_bert",
-            quantization="fp8",
-            max_num_tokens=16384,
-            max_batch_size=256,
-            accelerator="H100",
-            host=Host(versions={"onnxruntime": "1.32.0"}),
-        )
+        plan = fp8_plan_away_from_gpu(spec, target)
         assert plan.precision == "fp8" and len(plan.quantized_layers) >= 8, plan.quantized_layers
         assert not any("sparse_linear" in name or "colbert_linear" in name for name in plan.quantized_layers)

@@ -32,9 +32,9 @@ from bei.modeling.detect import read_model_spec
 from bei.testing.inproc_server import make_and_build, serve_engine
 from bei.testing.tiny_models import GTE_NTK, TEXTS, edit_config
 from bei.text.tokenizer import TokenizerRuntime
+from tests.compat import ok
+from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu
 
-MIN_COSINE = 0.99999
-MAX_ABS_DIFF = 1e-4
 PAIRS = [(TEXTS[i], TEXTS[(i * 5 + 3) % len(TEXTS)]) for i in range(6)]
 CASES = {  # name -> (task, make_checkpoint kwargs)
     "embed": ("embed", {"pooling": "cls", "normalize": True, "gte_new": {"rope_scaling": GTE_NTK}}),
@@ -163,21 +163,6 @@ def serve(built: dict[tuple[str, str], tuple[Path, Path]], target: str) -> Itera
     yield start
 
 
-def post(client: httpx.Client, path: str, body: dict[str, Any]) -> Any:
-    response = client.post(path, json=body)
-    assert response.status_code == 200, f"{path}: {response.status_code} {response.text}"
-    return response.json()
-
-
-def assert_close(got: Any, want: Any, what: str) -> None:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != reference {want.shape}"
-    assert np.abs(got - want).max() <= MAX_ABS_DIFF, f"{what}: max abs diff {np.abs(got - want).max():.2e}"
-    flat_got, flat_want = got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1)
-    cosine = (flat_got * flat_want).sum(1) / (np.linalg.norm(flat_got, axis=1) * np.linalg.norm(flat_want, axis=1))
-    assert cosine.min() >= MIN_COSINE, f"{what}: min cosine {cosine.min():.7f}"
-
-
 @pytest.mark.parametrize("name", ["embed", "embed-no-scaling"])
 def test_embed(name: str, serve: Any, built: dict[tuple[str, str], tuple[Path, Path]]) -> None:
     folder = built[(name, "onnxruntime")][0]
@@ -186,7 +171,7 @@ def test_embed(name: str, serve: Any, built: dict[tuple[str, str], tuple[Path, P
         cls = reference.hidden(*padded(tokenizer, TEXTS))[:, 0]
     want = nn.functional.normalize(cls, dim=-1).numpy()
     with serve(name) as base_url, httpx.Client(base_url=base_url, timeout=60.0) as client:
-        assert_close(post(client, "/embed", {"inputs": TEXTS}), want, f"{name} /embed")
+        assert_fp32_parity(ok(client.post("/embed", json={"inputs": TEXTS})), want, f"{name} /embed")
         info = client.get("/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "cls"}}
 
@@ -211,11 +196,11 @@ def test_rerank(serve: Any, built: dict[tuple[str, str], tuple[Path, Path]]) -> 
     with torch.no_grad():
         want_query = reference.sequence_logits(*padded(tokenizer, [(query, d) for _, d in PAIRS]))[:, 0].numpy()
     with serve("rerank") as base_url, httpx.Client(base_url=base_url, timeout=60.0) as client:
-        predicted = post(client, "/predict", {"inputs": [[q, d] for q, d in PAIRS], "raw_scores": True})
-        assert_close([[row[0]["score"]] for row in predicted], want[:, None], "/predict raw scores")
-        ranked = post(client, "/rerank", {"query": query, "texts": [d for _, d in PAIRS], "raw_scores": True})
+        predicted = ok(client.post("/predict", json={"inputs": [[q, d] for q, d in PAIRS], "raw_scores": True}))
+        assert_fp32_parity([[row[0]["score"]] for row in predicted], want[:, None], "/predict raw scores")
+        ranked = ok(client.post("/rerank", json={"query": query, "texts": [d for _, d in PAIRS], "raw_scores": True}))
         by_index = sorted(ranked, key=lambda r: r["index"])
-        assert_close([[r["score"]] for r in by_index], want_query[:, None], "/rerank raw scores")
+        assert_fp32_parity([[r["score"]] for r in by_index], want_query[:, None], "/rerank raw scores")
 
 
 def test_ner(serve: Any, built: dict[tuple[str, str], tuple[Path, Path]]) -> None:
@@ -226,11 +211,11 @@ def test_ner(serve: Any, built: dict[tuple[str, str], tuple[Path, Path]]) -> Non
     with torch.no_grad():
         logits = reference.token_logits(*padded(tokenizer, [text]))[0].numpy()
     with serve("ner") as base_url, httpx.Client(base_url=base_url, timeout=60.0) as client:
-        tokens = post(client, "/predict_tokens", {"inputs": text, "raw_scores": True})
+        tokens = ok(client.post("/predict_tokens", json={"inputs": text, "raw_scores": True}))
     got = np.array([[token["results"][label] for label in labels] for token in tokens])
     special = tokenizer.encode(text, truncate=True).special
     want = logits[[i for i, s in enumerate(special) if not s]]  # /predict_tokens leaves special tokens out
-    assert_close(got, want, "/predict_tokens raw scores")
+    assert_fp32_parity(got, want, "/predict_tokens raw scores")
 
 
 def test_detection_and_refusals(built: dict[tuple[str, str], tuple[Path, Path]], tmp_path: Path) -> None:
@@ -254,20 +239,7 @@ def test_detection_and_refusals(built: dict[tuple[str, str], tuple[Path, Path]],
 
 
 def test_gpu_targets_plan_it(built: dict[tuple[str, str], tuple[Path, Path]]) -> None:
-    from bei.buildsteps.plan import TargetChoice
-    from bei.hardware import Host
-    from bei.targets.plan import make_plan
-
     spec = read_model_spec(built[("rerank", "onnxruntime")][0])
     for target in ("tensorrt", "torch"):
-        plan = make_plan(
-            spec,
-            target=TargetChoice(target, "test"),
-            base_model="encoder_bert",
-            quantization="fp8",
-            max_num_tokens=16384,
-            max_batch_size=256,
-            accelerator="H100",
-            host=Host(versions={"onnxruntime": "1.32.0"}),
-        )
+        plan = fp8_plan_away_from_gpu(spec, target)
         assert plan.precision == "fp8" and plan.parameters > 0 and len(plan.quantized_layers) >= 8, plan.quantized_layers

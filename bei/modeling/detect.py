@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "encoder",
     "qwen3": "encoder",
     "gemma2": "encoder",
+    "gemma3_text": "encoder",
 }
 
 # model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them

@@ -25,7 +25,7 @@ from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
 ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
 
@@ -46,6 +46,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "qwen2": ("embed", "rerank", "classify", "ner"),
     "qwen3": ("embed", "rerank", "classify", "ner"),
     "gemma2": ("embed", "rerank", "classify", "ner"),
+    "gemma3_text": ("embed",),  # EmbeddingGemma: bidirectional attention
 }
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -158,6 +159,11 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
         return transformers.Qwen3Config(**dec, head_dim=8, use_sliding_window=False)
     if model_type == "gemma2":
         return transformers.Gemma2Config(**dec, head_dim=8, query_pre_attn_scalar=8, sliding_window=64)
+    if model_type == "gemma3_text":  # EmbeddingGemma's settings: bidirectional, a window (|i - j| <= 4) the texts exceed
+        return transformers.Gemma3TextConfig(
+            **dec, head_dim=8, query_pre_attn_scalar=8, sliding_window=8, use_bidirectional_attention=True,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
     raise ValueError(f"unknown model_type {model_type!r}; one of {', '.join(MODEL_TYPES)}")
 
 
@@ -306,12 +312,14 @@ def make_checkpoint(
     seed: int = 0,
     bge_m3: bool = False,
     gte_new: dict[str, Any] | None = None,
+    dense_bias: bool = True,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
     pooling: a mode ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken") or a list of
     them, written in the legacy `pooling_mode_*` flag spelling; "new:<mode>" or "new:<mode>+<mode>" writes
-    the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module.
+    the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module, with a
+    bias unless `dense_bias` is False (EmbeddingGemma's are bias-free).
     bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
     dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size). gte_new (model_type gte
     only): the checkpoint in GTE's authors' format (`model_type: new`), `rope_scaling` from this
@@ -362,22 +370,22 @@ def make_checkpoint(
             sub = f"{idx}_Dense"
             if activation not in ("tanh", "identity"):
                 raise ValueError(f"dense activation {activation!r} is not 'tanh' or 'identity'")
-            linear = torch.nn.Linear(in_features, out_features, bias=True)
+            linear = torch.nn.Linear(in_features, out_features, bias=dense_bias)
             _write_json(
                 folder / sub / "config.json",
                 {
                     "in_features": in_features,
                     "out_features": out_features,
-                    "bias": True,
+                    "bias": dense_bias,
                     "activation_function": "torch.nn.modules.activation.Tanh"
                     if activation == "tanh"
                     else "torch.nn.modules.linear.Identity",
                 },
             )
-            save_file(
-                {"linear.weight": linear.weight.detach().contiguous(), "linear.bias": linear.bias.detach().contiguous()},
-                str(folder / sub / "model.safetensors"),
-            )
+            weights = {"linear.weight": linear.weight.detach().contiguous()}
+            if linear.bias is not None:
+                weights["linear.bias"] = linear.bias.detach().contiguous()
+            save_file(weights, str(folder / sub / "model.safetensors"))
             modules.append({"idx": idx, "name": str(idx), "path": sub, "type": "sentence_transformers.models.Dense"})
             in_features = out_features
         if bge_m3:

@@ -264,6 +264,10 @@ class SparseResponse(RootModel[list[list[SparseValue]]]):
     """The non-zero weights of each input, by vocabulary index."""
 
 
+class EmbedAllResponse(RootModel[list[list[list[float]]]]):
+    """Per input, one vector per token (bge-m3: the normalized ColBERT vector of every token after CLS)."""
+
+
 class Token(TypedDict):
     id: int
     text: str

@@ -12,7 +12,7 @@ import numpy as np
 
 from bei.backend import Batch
 from bei.errors import ExportError
-from bei.kinds import Task
+from bei.kinds import PER_TOKEN_TASKS, Task
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def accuracy_of_outputs(reference: np.ndarray, output: np.ndarray, batch: Batch,
         raise ExportError(f"quantized output shape {got.shape} differs from the reference's {ref.shape}")
     if not np.isfinite(got).all():
         raise ExportError("quantized output has NaN or infinite values")
-    if task is Task.NER:  # real tokens only
+    if task in PER_TOKEN_TASKS:  # real tokens only
         ref = np.concatenate([batch.row_tokens(ref, r) for r in range(ref.shape[0])])
         got = np.concatenate([batch.row_tokens(got, r) for r in range(got.shape[0])])
     ref, got = ref.reshape(ref.shape[0], -1), got.reshape(got.shape[0], -1)

@@ -71,6 +71,7 @@ class Route(enum.StrEnum):
     PREDICT = "/predict"
     PREDICT_TOKENS = "/predict_tokens"
     EMBED_SPARSE = "/embed_sparse"
+    EMBED_ALL = "/embed_all"
 
 
 # Top-level keys of a Truss config.yaml; bei reads some and ignores the others.

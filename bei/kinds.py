@@ -13,6 +13,9 @@ class Task(StrEnum):
     CLASSIFY = "classify"  # sequence classification with id2label: /predict
     NER = "ner"  # token classification: /predict_tokens
     SPARSE = "sparse"  # SPLADE: /embed_sparse
+    # bge-m3: dense (/v1/embeddings, /embed), sparse lexical weights (/embed_sparse) and ColBERT
+    # vectors (/embed_all), from one forward
+    EMBED_M3 = "embed_m3"
 
 
 # the graph output each task's engine computes (its name in the ONNX graph / TensorRT plan)
@@ -22,7 +25,12 @@ GRAPH_OUTPUTS: dict[Task, str] = {
     Task.CLASSIFY: "logits",
     Task.NER: "logits",
     Task.SPARSE: "sparse_embedding",
+    Task.EMBED_M3: "token_embeddings",
 }
+# tasks whose graph output is per token [batch, seq, ...]: the runtime hands each input its real tokens' rows
+PER_TOKEN_TASKS: frozenset[Task] = frozenset({Task.NER, Task.EMBED_M3})
+# tasks that answer dense embeddings (/v1/embeddings, /embed, Cohere's embed)
+DENSE_TASKS: frozenset[Task] = frozenset({Task.EMBED, Task.EMBED_M3})
 
 
 class Precision(StrEnum):

@@ -400,7 +400,7 @@ def bei_module(config: dict[str, Any], reference: Any, device: str, dtype: Any) 
     missing, unexpected = body.load_state_dict(body.convert_hf_state(reference.state_dict()), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"transformers weights do not fit bei's module: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return PackedEngineModule(spec, body, load_dense=False).to(device=device, dtype=dtype).eval()
+    return PackedEngineModule(spec, body, load_heads=False).to(device=device, dtype=dtype).eval()
 
 
 def pooled(hidden: Any, mask: Any, mode: str) -> Any:

@@ -181,6 +181,35 @@ def assert_close_rows(actual: Any, expected: Any, min_cosine: float = MIN_COSINE
         np.testing.assert_allclose(np.linalg.norm(a), np.linalg.norm(e), rtol=1e-3, err_msg=f"{what} row {i}: norm")
 
 
+def assert_fp32_parity(got: Any, want: Any, what: str, max_abs_diff: float = 1e-4) -> None:
+    """The fp32 parity of the architecture tests: same shape, max abs diff <= 1e-4 and each row's
+    cosine (rows = first axis, flattened) >= MIN_COSINE."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != reference {want.shape}"
+    assert np.abs(got - want).max() <= max_abs_diff, f"{what}: max abs diff {np.abs(got - want).max():.2e}"
+    flat_got, flat_want = got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1)
+    cosines = (flat_got * flat_want).sum(1) / (np.linalg.norm(flat_got, axis=1) * np.linalg.norm(flat_want, axis=1))
+    assert cosines.min() >= MIN_COSINE, f"{what}: min cosine {cosines.min():.7f} (row {cosines.argmin()})"
+
+
+def fp8_plan_away_from_gpu(spec: Any, target: str) -> Any:
+    """The FP8 build plan of `spec` for a GPU `target` (tensorrt, torch), made on a machine without one."""
+    from bei.buildsteps.plan import TargetChoice
+    from bei.hardware import Host
+    from bei.targets.plan import make_plan
+
+    return make_plan(
+        spec,
+        target=TargetChoice(target, "test"),
+        base_model=spec.base_model,
+        quantization="fp8",
+        max_num_tokens=16384,
+        max_batch_size=256,
+        accelerator="H100",
+        host=Host(versions={"onnxruntime": "1.32.0"}),
+    )
+
+
 def metric_value(text: str, name: str) -> float:
     """The value of an unlabelled metric in Prometheus text."""
     for line in text.splitlines():

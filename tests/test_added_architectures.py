@@ -212,6 +212,24 @@ def test_eurobert_sequence_head_stays_unquantized(tiny_checkpoint_factory: Calla
 
     spec = read_model_spec(tiny_checkpoint_factory("eurobert", "classify"))
     tensorrt = quantized_layer_names(linear_layers(spec), "fp8")
-    torch_target = fp8_layers(PackedEngineModule(spec, make_body(spec, read_config(spec.path)), load_dense=False))
+    torch_target = fp8_layers(PackedEngineModule(spec, make_body(spec, read_config(spec.path)), load_heads=False))
     for names in (tensorrt, torch_target):
         assert names and not any(part in name for name in names for part in ("dense", "classifier")), names
+
+
+def test_embeddinggemma_detected_and_planned(tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    """EmbeddingGemma's layout (bidirectional gemma3_text, bias-free Dense layers) is read as such and planned
+    for the GPU targets (its parity with sentence-transformers: tests/test_task_matrix.py's embeddinggemma rows)."""
+    from tests.servers import fp8_plan_away_from_gpu
+
+    folder = tiny_checkpoint_factory(
+        "gemma3_text", "embed", pooling="mean", dense=[(96, "identity"), (32, "identity")], dense_bias=False, normalize=True
+    )
+    spec = read_model_spec(folder)
+    assert (spec.base_model, spec.task, spec.embedding_dim, spec.normalize) == ("encoder", Task.EMBED, 32, True)
+    assert [(d.in_features, d.out_features, d.bias) for d in spec.dense] == [(32, 96, False), (96, 32, False)]
+    assert json.loads((folder / "config.json").read_text())["use_bidirectional_attention"] is True
+    for target in ("tensorrt", "torch"):
+        plan = fp8_plan_away_from_gpu(spec, target)
+        assert plan.precision == "fp8" and len(plan.quantized_layers) >= 8
+        assert not any(name.startswith("dense.") for name in plan.quantized_layers)

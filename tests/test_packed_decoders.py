@@ -101,6 +101,7 @@ VARIANTS = [
     _case("qwen2", "rerank", "jitter", JITTER),
     _case("qwen3", "classify", "jitter", JITTER),
     _case("gemma2", "ner", "jitter", JITTER),
+    _case("gemma3_text", "embed", "jitter", JITTER),
 ]
 # q and k 20x larger: attention logits of a few units, which a soft cap of 2 bends (the tiny models' are ~0.01)
 SOFTCAP = Edit(config={"sliding_window": 4, "attn_logit_softcapping": 2.0}, scale={"q_proj": 20.0, "k_proj": 20.0})
@@ -111,6 +112,8 @@ SLIDING = [
     (_case("gemma2", "classify", "window", Edit(config={"sliding_window": 3})), 3),
     (_case("mistral", "rerank", "window", Edit(config={"sliding_window": 5})), 5),
     (_case("qwen2", "ner", "window", Edit(config=QWEN_WINDOW)), 4),
+    # EmbeddingGemma's bidirectional window: transformers attends |i - j| <= sliding_window // 2
+    (_case("gemma3_text", "embed", "window", Edit(config={"sliding_window": 6})), 3),
 ]
 
 

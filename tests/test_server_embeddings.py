@@ -365,6 +365,7 @@ OTHER_TASK_BODIES: dict[str, dict[str, Any]] = {
     "/v1/classify": {"input": ["a"]},
     "/predict_tokens": {"inputs": "a"},
     "/embed_sparse": {"inputs": "a"},
+    "/embed_all": {"inputs": "a"},
 }
 
 
@@ -375,7 +376,7 @@ def test_other_task_routes_are_listed() -> None:
 
 @pytest.mark.parametrize("path", list(OTHER_TASK_BODIES))
 def test_wrong_route_for_an_embedding_engine(http: httpx.Client, path: str) -> None:
-    """The route exists (for rerank, classify, NER or sparse engines): an embedding engine answers 400
+    """The route exists (for rerank, classify, NER, sparse or bge-m3 engines): an embedding engine answers 400
     naming the routes that fit (api.md, "Routes")."""
     response = http.post(path, json=OTHER_TASK_BODIES[path])
     assert response.status_code == 400, response.text

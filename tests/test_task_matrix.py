@@ -14,7 +14,9 @@ reference library on the same weights, at fp32 tolerances:
 - sparse:   /embed_sparse vs `SparseEncoder.encode` (same non-zero indices, values within 1e-4)
 
 Beyond the (model_type, task) grid: BERT embedders with cls / max / weightedmean pooling, Dense +
-Normalize modules, prompts excluded from pooling, a default prompt; a right-padded causal reranker.
+Normalize modules, prompts excluded from pooling, a default prompt; EmbeddingGemma's layout (bidirectional
+gemma3_text, mean pooling, bias-free Dense 32 -> 96 -> 32, Normalize, prompts) on both CPU targets; a
+right-padded causal reranker.
 Tiny qwen2 checkpoints get the tokenizer.json transformers actually loads for qwen2 (see
 `sync_tokenizer_json` in bei/testing/inproc_server.py), as real Qwen2 repos ship it.
 
@@ -41,7 +43,7 @@ import torch
 from bei.testing.inproc_server import EngineBuilder, serve_engine
 from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
-pytestmark = pytest.mark.slow  # 143 engines built and served: about 12 minutes on two cores
+pytestmark = pytest.mark.slow  # 147 engines built and served: about 12 minutes on two cores
 
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4
@@ -104,6 +106,23 @@ EMBED_VARIANTS = [
     _case("bert", "embed", "dense-normalize", pooling="mean", dense=[(24, "tanh"), (16, "identity")], normalize=True),
     _case("bert", "embed", "prompt-excluded", pooling="mean", include_prompt=False, prompts=PROMPTS),
     _case("bert", "embed", "default-prompt", pooling="mean", prompts=PROMPTS, default_prompt_name="query"),
+    # EmbeddingGemma: bidirectional Gemma3, mean pooling, bias-free Dense layers up and back down, Normalize, prompts
+    *[
+        _case(
+            "gemma3_text",
+            "embed",
+            "embeddinggemma",
+            target=target,
+            pooling="mean",
+            dense=[(96, "identity"), (32, "identity")],
+            dense_bias=False,
+            normalize=True,
+            prompts=PROMPTS,
+            padding_side="right",
+            max_seq_length=128,
+        )
+        for target in TARGETS
+    ],  # fmt: skip
 ]
 
 

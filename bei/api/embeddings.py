@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from bei.api.schemas import EmbeddingInput, EmbedRequest, OpenAIEmbeddingsReques
 from bei.api.scoring import check_count
 from bei.errors import ValidationError
 from bei.inference import InferenceService
+from bei.kinds import Task
 from bei.text.tokenizer import Direction, TextInput
 
 
@@ -74,6 +76,15 @@ def finish(vectors: np.ndarray, *, normalize: bool, dimensions: int | None, full
     return vectors.astype(np.float32, copy=False)
 
 
+def dense_rows(service: InferenceService, rows: Sequence[np.ndarray]) -> np.ndarray:
+    """[inputs, dim]: each input's dense embedding; of a bge-m3 engine (per-token rows, bei/api/m3.py),
+    its CLS row's first `embedding_dim` columns, the last hidden state."""
+    manifest = service.engine.manifest
+    if manifest.task is not Task.EMBED_M3:
+        return np.stack(rows)
+    return np.stack([row[0, : manifest.embedding_dim] for row in rows])
+
+
 async def embed(
     service: InferenceService,
     items: list[TextInput],
@@ -85,7 +96,7 @@ async def embed(
 ) -> np.ndarray:
     outcome = await service.run(items, truncate=truncate, direction=direction, prompt=prompt)
     timing.record(outcome)
-    return np.stack(outcome.rows).astype(np.float32, copy=False)
+    return dense_rows(service, outcome.rows).astype(np.float32, copy=False)
 
 
 async def openai_embeddings(service: InferenceService, request: OpenAIEmbeddingsRequest, timing: Timing) -> Any:

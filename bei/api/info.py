@@ -14,17 +14,25 @@ from bei.kinds import Task
 TEI_MODEL_TYPE = {
     Task.EMBED: "embedding",
     Task.SPARSE: "embedding",
+    Task.EMBED_M3: "embedding",
     Task.RERANK: "reranker",
     Task.CLASSIFY: "classifier",
     Task.NER: "classifier",
 }
 # the capabilities Infinity's /models reports
-CAPABILITIES = {Task.EMBED: ["embed"], Task.SPARSE: ["embed"], Task.RERANK: ["rerank"], Task.CLASSIFY: ["classify"], Task.NER: ["classify"]}
+CAPABILITIES = {
+    Task.EMBED: ["embed"],
+    Task.SPARSE: ["embed"],
+    Task.EMBED_M3: ["embed"],
+    Task.RERANK: ["rerank"],
+    Task.CLASSIFY: ["classify"],
+    Task.NER: ["classify"],
+}
 
 
 def model_type(model: ServedModel) -> dict[str, Any]:
     m = model.manifest
-    if model.task in (Task.EMBED, Task.SPARSE):
+    if model.task in (Task.EMBED, Task.SPARSE, Task.EMBED_M3):
         pooling = "splade" if model.task == Task.SPARSE else "+".join(m.pooling.modes) if m.pooling else None
         return {"embedding": {"pooling": pooling}}
     id2label = {str(i): label for i, label in enumerate(m.labels)}

@@ -29,6 +29,7 @@ RESPONSES: dict[str, tuple[type[BaseModel], ...]] = {
     "/v1/classify": (schemas.InfinityClassifyResponse,),
     "/predict_tokens": (schemas.PredictTokensResponse,),
     "/embed_sparse": (schemas.SparseResponse,),
+    "/embed_all": (schemas.EmbedAllResponse,),
     "/tokenize": (schemas.TokenizeResponse,),
     "/v1/search": (schemas.SearchResponse,),
 }

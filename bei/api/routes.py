@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bei.api import cohere, embeddings, infinity, scoring, sparse, tokenize, tokens
+from bei.api import cohere, embeddings, infinity, m3, scoring, sparse, tokenize, tokens
 from bei.api.http import ErrorStyle, Timing
 from bei.api.schemas import (
     CohereRerankRequest,
+    EmbedAllRequest,
     EmbedRequest,
     OpenAIEmbeddingsRequest,
     PredictRequest,
@@ -27,7 +28,7 @@ from bei.api.schemas import (
     TokenizeRequest,
 )
 from bei.inference import InferenceService
-from bei.kinds import Task
+from bei.kinds import DENSE_TASKS, Task
 
 Handler = Callable[[InferenceService, Any, Timing], Awaitable[Any]]
 
@@ -53,7 +54,7 @@ class TaskRoute:
         return (self.path, *self.aliases)
 
 
-EMBED = frozenset({Task.EMBED})
+EMBED = DENSE_TASKS
 RERANK = frozenset({Task.RERANK})
 
 TASK_ROUTES: tuple[TaskRoute, ...] = (
@@ -117,7 +118,14 @@ TASK_ROUTES: tuple[TaskRoute, ...] = (
         tokens.predict_tokens,
         "token classification (NER), per token or aggregated into entities",
     ),
-    TaskRoute("/embed_sparse", frozenset({Task.SPARSE}), SparseRequest, sparse.embed_sparse, "SPLADE sparse embeddings"),
+    TaskRoute(
+        "/embed_sparse",
+        frozenset({Task.SPARSE, Task.EMBED_M3}),
+        SparseRequest,
+        sparse.embed_sparse,
+        "sparse embeddings: SPLADE's, bge-m3's lexical weights",
+    ),
+    TaskRoute("/embed_all", frozenset({Task.EMBED_M3}), EmbedAllRequest, m3.embed_all, "TEI's per-token vectors: bge-m3's ColBERT vectors"),
     TaskRoute("/tokenize", frozenset(Task), TokenizeRequest, tokenize.tokenize, "token ids and offsets"),
 )
 
@@ -128,9 +136,10 @@ DEFAULT_ROUTE: dict[Task, str] = {
     Task.CLASSIFY: "/predict",
     Task.NER: "/predict_tokens",
     Task.SPARSE: "/embed_sparse",
+    Task.EMBED_M3: "/v1/embeddings",
 }
 # after the default route, `POST /` takes TEI's bodies, as TEI's `/` does
-ROOT_ROUTES = ("/embed", "/similarity", "/rerank", "/predict", "/predict_tokens", "/embed_sparse")
+ROOT_ROUTES = ("/embed", "/similarity", "/rerank", "/predict", "/predict_tokens", "/embed_sparse", "/embed_all")
 
 
 def variants(path: str) -> list[TaskRoute]:

@@ -58,6 +58,13 @@ class EmbedRequest(_Request, TruncationMixin):
     prompt_name: str | None = None
 
 
+class EmbedAllRequest(_Request, TruncationMixin):
+    """TEI's /embed_all: per-token vectors (bge-m3's ColBERT vectors)."""
+
+    inputs: EmbeddingInput
+    prompt_name: str | None = None
+
+
 class SimilarityInputs(BaseModel):
     source_sentence: str
     sentences: list[str]
@@ -255,6 +262,10 @@ class SparseValue(TypedDict):
 
 class SparseResponse(RootModel[list[list[SparseValue]]]):
     """The non-zero weights of each input, by vocabulary index."""
+
+
+class EmbedAllResponse(RootModel[list[list[list[float]]]]):
+    """Per input, one vector per token (bge-m3: the normalized ColBERT vector of every token after CLS)."""
 
 
 class Token(TypedDict):

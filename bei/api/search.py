@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool
 
-from bei.api.embeddings import finish
+from bei.api.embeddings import dense_rows, finish
 from bei.api.http import Timing
 from bei.api.schemas import _Request
 from bei.api.scoring import activate
@@ -70,7 +70,7 @@ async def corpus_vectors(embedder: InferenceService, request: SearchRequest, tim
         outcome = await embedder.run(items, truncate=True)
         timing.record(outcome)
         rows += outcome.rows
-    embedded = np.stack(rows)
+    embedded = dense_rows(embedder, rows)
     full_dim = embedded.shape[1]
     if request.document_embeddings is not None:
         embedded = np.vstack([embedded, np.asarray(request.document_embeddings, dtype=np.float32)])

@@ -57,6 +57,7 @@ def manifest_for(
         else None,
         normalize=spec.normalize,
         embedding_dim=spec.embedding_dim,
+        colbert_dim=spec.colbert_dim or None,
         labels=list(spec.labels),
         max_input_tokens=spec.max_seq_len,
         max_num_tokens=build.max_num_tokens,

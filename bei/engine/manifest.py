@@ -12,7 +12,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from bei.engine.profiles import Profile
 from bei.errors import EngineError
-from bei.kinds import GRAPH_OUTPUTS, Precision, Task
+from bei.kinds import DENSE_TASKS, GRAPH_OUTPUTS, Precision, Task
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -103,6 +103,7 @@ class Manifest(BaseModel):
     pooling: PoolingInfo | None = None
     normalize: bool = False
     embedding_dim: int | None = None
+    colbert_dim: int | None = None  # embed_m3 (bge-m3): its ColBERT vectors' width (bei/modeling/m3.py)
     labels: list[str] = Field(default_factory=list)
     max_input_tokens: int
     max_num_tokens: int
@@ -153,8 +154,10 @@ class Manifest(BaseModel):
                 f"task {self.task.value!r} does not fit the engine's graph output {self.graph_output!r} "
                 f"(a {self.task.value} engine computes {GRAPH_OUTPUTS[self.task]!r}); was manifest.json edited?"
             )
-        if self.task is Task.EMBED and not self.embedding_dim:
-            raise ValueError("an embed engine needs embedding_dim")
+        if self.task in DENSE_TASKS and not self.embedding_dim:
+            raise ValueError(f"an {self.task.value} engine needs embedding_dim")
+        if (self.task is Task.EMBED_M3) != bool(self.colbert_dim):
+            raise ValueError("colbert_dim is set for embed_m3 engines (bge-m3), and only for them")
         return self
 
     def write(self, folder: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.files import read_json
+from bei.modeling.m3 import has_m3_heads, read_colbert_dim
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
@@ -34,6 +35,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "encoder",
     "qwen3": "encoder",
     "gemma2": "encoder",
+    "gemma3_text": "encoder",
 }
 
 # model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
@@ -199,23 +201,24 @@ def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, 
     raise ModelError(
         f"{config_path}: auto_map names custom code ({', '.join(sorted(str(c) for c in classes))[:300]}) for {architecture or model_type}; "
         "bei runs no remote code and builds only the architectures it implements: "
-        f"{', '.join(ARCHITECTURES)}; of those, {', '.join(sorted(REMOTE_CODE_NATIVE))} "
-        "also from checkpoints written for their authors' code"
+        f"{', '.join(ARCHITECTURES)}; also from checkpoints written for their authors' code: "
+        f"{', '.join(sorted(REMOTE_CODE_NATIVE))} (`new`: GTE's own format)"
     )
 
 
 def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
     """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
     config_path = path / "config.json"
-    config = native_config(_read_json(config_path))
-    model_type = str(config.get("model_type", ""))
-    architecture = (config.get("architectures") or [""])[0]
+    written = _read_json(config_path)
+    architecture = (written.get("architectures") or [""])[0]
+    _check_auto_map(written, config_path, str(written.get("model_type", "")), architecture)
+    config = native_config(written)
+    model_type = str(config.get("model_type", ""))  # transformers' native one (`new` -> `gte`)
     if model_type not in ARCHITECTURES:
         raise ModelError(
             f"{config_path}: model_type {model_type!r} ({architecture or 'no architectures'}) is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
-    _check_auto_map(config, config_path, model_type, architecture)
     family = ARCHITECTURES[model_type]
     if base_model is not None and base_model != family:
         raise ModelError(
@@ -244,6 +247,10 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
                 normalize = True
     elif task is Task.SPARSE:
         pooling = PoolingConfig(modes=(PoolingMode.SPLADE_MAX,))
+    hidden_size = int(config.get("hidden_size") or config.get("dim") or 0)
+    colbert_dim = 0
+    if task is Task.EMBED and has_m3_heads(path):
+        task, colbert_dim = Task.EMBED_M3, _m3_heads(path, family, pooling, dense, hidden_size)
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
     st_config = path / "config_sentence_transformers.json"
@@ -257,7 +264,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         model_type=model_type,
         base_model=family,
         task=task,
-        hidden_size=int(config.get("hidden_size") or config.get("dim") or 0),
+        hidden_size=hidden_size,
         num_heads=int(config.get("num_attention_heads") or config.get("n_heads") or 0),
         max_seq_len=_max_seq_len(path, config, max_seq_len),
         pooling=pooling,
@@ -269,4 +276,20 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         chat_template=_chat_template(path, family, task),
+        colbert_dim=colbert_dim,
     )
+
+
+def _m3_heads(path: Path, family: str, pooling: PoolingConfig | None, dense: list[DenseLayer], hidden: int) -> int:
+    """A bge-m3 checkpoint (sparse_linear.pt, colbert_linear.pt): its ColBERT width, once what bei
+    implements of it is checked: an encoder, CLS pooling (its dense vector), no Dense module."""
+    if family != "encoder_bert":
+        raise ModelError(f"{path}: bge-m3's sparse and ColBERT heads are built on bidirectional encoders only, not on a {family}")
+    if pooling is None or pooling.modes != (PoolingMode.CLS,):
+        name = pooling.name if pooling else "none"
+        raise ModelError(
+            f"{path}: a bge-m3 checkpoint (sparse_linear.pt, colbert_linear.pt) pools CLS for its dense vector; its pooling is {name}"
+        )
+    if dense:
+        raise ModelError(f"{path}: a bge-m3 checkpoint with a Dense module is not supported (its dense vector is the CLS row)")
+    return read_colbert_dim(path, hidden)

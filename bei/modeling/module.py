@@ -6,6 +6,7 @@ Outputs, by task (batch-first, so the runtime can split any output by row):
 - rerank / classify: `logits` [batch, labels]
 - ner:      `logits` [batch, seq, labels]
 - sparse:   `sparse_embedding` [batch, vocab]
+- embed_m3: `token_embeddings` [batch, seq, hidden + 1 + colbert] (bge-m3: bei/modeling/m3.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from bei.errors import ModelError
 from bei.kinds import GRAPH_OUTPUTS, Task
 from bei.modeling.files import read_json
+from bei.modeling.m3 import m3_heads
 from bei.modeling.pooling import pool
 from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
@@ -65,6 +67,7 @@ def auto_class(task: Task) -> Any:
 
     return {
         Task.EMBED: transformers.AutoModel,
+        Task.EMBED_M3: transformers.AutoModel,
         Task.RERANK: transformers.AutoModelForSequenceClassification,
         Task.CLASSIFY: transformers.AutoModelForSequenceClassification,
         Task.NER: transformers.AutoModelForTokenClassification,
@@ -77,9 +80,10 @@ def transformers_config(spec: ModelSpec) -> Any:
     (bei/modeling/remote_code.py), its config.json rewritten in transformers' native spelling."""
     import transformers
 
-    if spec.model_type not in REMOTE_CODE_NATIVE:
+    written = read_json(spec.path / "config.json")
+    if written.get("model_type") not in REMOTE_CODE_NATIVE:
         return transformers.AutoConfig.from_pretrained(str(spec.path))
-    native = native_config(read_json(spec.path / "config.json"))
+    native = native_config(written)
     native.pop("auto_map", None)
     return transformers.CONFIG_MAPPING[spec.model_type].from_dict(native)
 
@@ -105,6 +109,7 @@ class EngineModule(torch.nn.Module):
         self.spec = spec
         self.transformer = transformer
         self.dense = torch.nn.Sequential(*[dense_module(layer) for layer in spec.dense])
+        self.m3 = m3_heads(spec.m3_columns, spec.path) if spec.task is Task.EMBED_M3 else None
 
     def forward(
         self,
@@ -125,6 +130,8 @@ class EngineModule(torch.nn.Module):
         if self.spec.task is Task.SPARSE:
             assert self.spec.pooling is not None
             return pool(self.spec.pooling, out.logits, attention_mask)
+        if self.m3 is not None:
+            return self.m3(out.last_hidden_state)
         return out.logits
 
 

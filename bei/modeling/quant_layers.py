@@ -20,6 +20,7 @@ HEAD_PATTERNS = (
     "*vocab_transform*", "*vocab_projector*", "transformer.head.*", "transformer.decoder.*",
     "body.head.*", "body.decoder.*",
     "transformer.dense.*", "body.dense.*",  # EuroBERT's sequence head: dense -> GELU -> classifier
+    "m3.*",  # bge-m3's sparse and ColBERT heads (bei/modeling/m3.py)
 )  # fmt: skip
 # attention projections (BERT/RoBERTa `attention.*`, DistilBERT `attention.*_lin`, ModernBERT `attn.*`,
 # Llama/Qwen/Mistral/Gemma `self_attn.*_proj`): excluded by fp4_mlp_only

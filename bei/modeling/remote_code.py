@@ -12,6 +12,17 @@ Settings of the authors' code that neither implementation has are refused by nam
 
 EuroBERT (`model_type: eurobert`) writes Llama's keys, which transformers' native EuroBertConfig
 reads, except its classifier's pooling: `clf_pooling` there, `classifier_pooling` here.
+
+GTE in its authors' format (`model_type: new`, Alibaba-NLP/new-impl's modeling.py: gte-base-en-v1.5,
+gte-large-en-v1.5, gte-multilingual-base / -reranker-base) is transformers' native `gte` (the same
+layers and weight names; transformers drops the `new.` prefix of the heads) but for the config: a
+`rope_theta` and the authors' fixed NTK scaling `rope_scaling: {type: ntk, factor: f}`. Their
+`NTKScalingRotaryEmbedding` (without `mixed_b`) computes inv_freq_i = 1 / (theta f)^(2i/d) / f^(2/d)
+(d the head size): the default frequencies of base theta * f, all divided by f^(2/d), which is
+transformers' `linear` rope type with factor f^(2/d). So `native_config` writes
+`rope_parameters: {rope_type: linear, rope_theta: theta * f, factor: f^(2/d)}` (without scaling:
+`default`, theta) and `model_type: gte`; the settings of the authors' code that neither
+implementation has are refused by name (`_NEW_FIXED`, mixed NTK's `mixed_b`, other scaling types).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from typing import Any
 from bei.errors import ModelError
 
 # model types whose public checkpoints name custom code in auto_map, built by bei itself
-REMOTE_CODE_NATIVE: frozenset[str] = frozenset({"nomic_bert", "eurobert"})
+REMOTE_CODE_NATIVE: frozenset[str] = frozenset({"nomic_bert", "eurobert", "new"})
 
 _NOMIC_NAMES = {
     "n_embd": "hidden_size",
@@ -50,8 +61,50 @@ _NOMIC_FIXED: dict[str, tuple[Any, ...]] = {
 }
 
 
+# settings of the authors' GTE code (Alibaba-NLP/new-impl): the value bei and transformers' `gte` implement
+_NEW_FIXED: dict[str, tuple[Any, ...]] = {
+    "position_embedding_type": ("rope",),
+    "layer_norm_type": ("layer_norm",),
+    "pack_qkv": (True,),
+    "logn_attention_scale": (False,),
+}
+# keys of the authors' config that only choose how their code computes (xformers, unpadding): dropped
+_NEW_COMPUTE_ONLY = ("unpad_inputs", "use_memory_efficient_attention", "logn_attention_clip1", "rope_theta", "rope_scaling")
+
+
+def _refuse_unsupported(config: dict[str, Any], fixed: dict[str, tuple[Any, ...]], what: str) -> None:
+    for key, allowed in fixed.items():
+        if key in config and config[key] not in allowed:
+            raise ModelError(
+                f"config.json {key}={config[key]!r} is not supported for {what} "
+                f"(bei's {what} and transformers' implement {key}={allowed[0]!r})"
+            )
+
+
+def _gte_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """The authors' `rope_theta` / `rope_scaling` as transformers' `rope_parameters` (module docstring)."""
+    theta = float(config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    kind = (scaling.get("type") or scaling.get("rope_type")) if isinstance(scaling, dict) else None
+    if kind != "ntk" or not isinstance(scaling.get("factor"), (int, float)) or scaling["factor"] < 1:
+        fixed = "bei implements the fixed NTK scaling, {type: ntk, factor >= 1}"
+        raise ModelError(f"config.json rope_scaling={scaling!r} is not supported for new (GTE): {fixed}")
+    if scaling.get("mixed_b") is not None:
+        mixed = f"rope_scaling.mixed_b={scaling['mixed_b']!r} (mixed NTK)"
+        raise ModelError(f"config.json {mixed} is not supported for new (GTE); bei implements the fixed NTK scaling")
+    factor = float(scaling["factor"])
+    head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return {"rope_type": "linear", "rope_theta": theta * factor, "factor": factor ** (2 / head_dim)}
+
+
 def native_config(config: dict[str, Any]) -> dict[str, Any]:
     """`config` in transformers' native spelling (unchanged for a model type that needs none)."""
+    if config.get("model_type") == "new":  # GTE in its authors' format
+        _refuse_unsupported(config, _NEW_FIXED, "new (GTE)")
+        out = {k: v for k, v in config.items() if k not in _NEW_FIXED and k not in _NEW_COMPUTE_ONLY}
+        return {**out, "model_type": "gte", "rope_parameters": _gte_rope(config)}
     if config.get("model_type") == "eurobert":  # EuroBERT's code reads Llama's keys, and `clf_pooling`
         out = {k: v for k, v in config.items() if k != "clf_pooling"}
         if config.get("clf_pooling") is not None:
@@ -59,12 +112,7 @@ def native_config(config: dict[str, Any]) -> dict[str, Any]:
         return out
     if config.get("model_type") != "nomic_bert":
         return config
-    for key, allowed in _NOMIC_FIXED.items():
-        if key in config and config[key] not in allowed:
-            raise ModelError(
-                f"config.json {key}={config[key]!r} is not supported for nomic_bert "
-                f"(bei's NomicBERT and transformers' implement {key}={allowed[0]!r})"
-            )
+    _refuse_unsupported(config, _NOMIC_FIXED, "nomic_bert")
     out = {k: v for k, v in config.items() if k not in _NOMIC_NAMES}
     for old, new in _NOMIC_NAMES.items():
         if config.get(old) is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bei.kinds import Task
+from bei.modeling.m3 import M3Columns
 from bei.modeling.pooling import PoolingConfig
 
 
@@ -42,12 +43,20 @@ class ModelSpec:
     default_prompt_name: str | None = None
     # causal rerankers / classifiers whose checkpoint defines one: inputs are rendered through it (as ST does)
     chat_template: str | None = None
+    # bge-m3 (task embed_m3): the width of its ColBERT vectors (bei/modeling/m3.py)
+    colbert_dim: int = 0
 
     @property
     def embedding_dim(self) -> int | None:
+        if self.task is Task.EMBED_M3:
+            return self.hidden_size  # the CLS row of the last hidden state
         if self.task is not Task.EMBED:
             return None
         if self.dense:
             return self.dense[-1].out_features
         n_modes = len(self.pooling.modes) if self.pooling else 1
         return self.hidden_size * n_modes
+
+    @property
+    def m3_columns(self) -> M3Columns:
+        return M3Columns(self.hidden_size, self.colbert_dim)

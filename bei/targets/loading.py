@@ -9,7 +9,7 @@ from pathlib import Path
 from bei.backend import Backend
 from bei.engine.integrity import TOKENIZER_FILE, engine_path, verify_engine
 from bei.engine.manifest import Manifest, read_manifest
-from bei.kinds import Task
+from bei.kinds import PER_TOKEN_TASKS
 from bei.targets import registry
 from bei.text.tokenizer import TokenizerRuntime
 
@@ -25,7 +25,7 @@ class LoadedEngine:
 
     @property
     def per_token_output(self) -> bool:
-        return self.manifest.task is Task.NER
+        return self.manifest.task in PER_TOKEN_TASKS
 
 
 def open_backend(folder: Path, manifest: Manifest, threads: int | None = None) -> Backend:

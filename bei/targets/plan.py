@@ -54,11 +54,10 @@ class ModelSize:
 def model_size(spec: ModelSpec) -> ModelSize:
     """Parameter count, hidden and intermediate sizes, without loading weights."""
     import torch
-    import transformers
 
-    from bei.modeling.module import auto_class
+    from bei.modeling.module import auto_class, transformers_config
 
-    config = transformers.AutoConfig.from_pretrained(str(spec.path))
+    config = transformers_config(spec)
     with torch.device("meta"):
         model = auto_class(spec.task).from_config(config)
     params = sum(p.numel() for p in model.parameters())

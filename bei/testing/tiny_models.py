@@ -25,7 +25,7 @@ from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
 ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
 
@@ -46,6 +46,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "qwen2": ("embed", "rerank", "classify", "ner"),
     "qwen3": ("embed", "rerank", "classify", "ner"),
     "gemma2": ("embed", "rerank", "classify", "ner"),
+    "gemma3_text": ("embed",),  # EmbeddingGemma: bidirectional attention
 }
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -158,6 +159,11 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
         return transformers.Qwen3Config(**dec, head_dim=8, use_sliding_window=False)
     if model_type == "gemma2":
         return transformers.Gemma2Config(**dec, head_dim=8, query_pre_attn_scalar=8, sliding_window=64)
+    if model_type == "gemma3_text":  # EmbeddingGemma's settings: bidirectional, a window (|i - j| <= 4) the texts exceed
+        return transformers.Gemma3TextConfig(
+            **dec, head_dim=8, query_pre_attn_scalar=8, sliding_window=8, use_bidirectional_attention=True,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
     raise ValueError(f"unknown model_type {model_type!r}; one of {', '.join(MODEL_TYPES)}")
 
 
@@ -238,6 +244,37 @@ def _nomic_public_config(folder: Path, config: Any) -> None:
     )  # fmt: skip
 
 
+# GTE in its authors' format (Alibaba-NLP/new-impl), as gte-base-en-v1.5 / gte-multilingual-base write it
+_NEW_ARCHITECTURES = {"GteModel": "NewModel", "GteForSequenceClassification": "NewForSequenceClassification",
+                      "GteForTokenClassification": "NewForTokenClassification"}  # fmt: skip
+GTE_NTK = {"type": "ntk", "factor": 2.0}
+
+
+def _gte_authors_format(folder: Path, rope_scaling: dict[str, Any] | None) -> None:
+    """A native `gte` checkpoint rewritten as the authors' `new`: the heads' base model under `new.`,
+    config.json in NewConfig's keys (rope_theta, rope_scaling, pack_qkv, ...) with its auto_map."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    state = {("new." + k.removeprefix("gte.") if k.startswith("gte.") else k): v for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    code = "Alibaba-NLP/new-impl--modeling."
+    architecture = _NEW_ARCHITECTURES[config["architectures"][0]]
+    edit_config(
+        folder,
+        {
+            "model_type": "new", "architectures": [architecture], "rope_parameters": None,
+            "auto_map": {"AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig", "AutoModel": code + "NewModel",
+                         "AutoModelForSequenceClassification": code + "NewForSequenceClassification",
+                         "AutoModelForTokenClassification": code + "NewForTokenClassification"},
+            "rope_theta": 20000.0, "rope_scaling": rope_scaling, "position_embedding_type": "rope", "layer_norm_type": "layer_norm",
+            "pack_qkv": True, "unpad_inputs": False, "use_memory_efficient_attention": False,
+            "logn_attention_scale": False, "logn_attention_clip1": False,
+        },
+    )  # fmt: skip
+
+
 def edit_config(folder: Path, edits: dict[str, Any]) -> None:
     """Set keys of `folder/config.json` (a None value removes the key)."""
     path = folder / "config.json"
@@ -273,12 +310,20 @@ def make_checkpoint(
     padding_side: str | None = None,
     max_seq_length: int | None = None,
     seed: int = 0,
+    bge_m3: bool = False,
+    gte_new: dict[str, Any] | None = None,
+    dense_bias: bool = True,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
     pooling: a mode ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken") or a list of
     them, written in the legacy `pooling_mode_*` flag spelling; "new:<mode>" or "new:<mode>+<mode>" writes
-    the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module.
+    the newer `pooling_mode` spelling. dense: (out_features, "tanh" | "identity") per Dense module, with a
+    bias unless `dense_bias` is False (EmbeddingGemma's are bias-free).
+    bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
+    dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size). gte_new (model_type gte
+    only): the checkpoint in GTE's authors' format (`model_type: new`), `rope_scaling` from this
+    mapping's key of that name (e.g. `GTE_NTK`; None: none).
     """
     import transformers
 
@@ -308,6 +353,8 @@ def make_checkpoint(
         code = "EuroBERT/EuroBERT-210m--modeling_eurobert."
         auto_map = {"AutoConfig": "EuroBERT/EuroBERT-210m--configuration_eurobert.EuroBertConfig", "AutoModel": code + "EuroBertModel"}
         edit_config(folder, {"auto_map": auto_map, "clf_pooling": config.classifier_pooling, "classifier_pooling": None})
+    elif model_type == "gte" and gte_new is not None:
+        _gte_authors_format(folder, gte_new.get("rope_scaling"))
 
     st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":
@@ -323,24 +370,29 @@ def make_checkpoint(
             sub = f"{idx}_Dense"
             if activation not in ("tanh", "identity"):
                 raise ValueError(f"dense activation {activation!r} is not 'tanh' or 'identity'")
-            linear = torch.nn.Linear(in_features, out_features, bias=True)
+            linear = torch.nn.Linear(in_features, out_features, bias=dense_bias)
             _write_json(
                 folder / sub / "config.json",
                 {
                     "in_features": in_features,
                     "out_features": out_features,
-                    "bias": True,
+                    "bias": dense_bias,
                     "activation_function": "torch.nn.modules.activation.Tanh"
                     if activation == "tanh"
                     else "torch.nn.modules.linear.Identity",
                 },
             )
-            save_file(
-                {"linear.weight": linear.weight.detach().contiguous(), "linear.bias": linear.bias.detach().contiguous()},
-                str(folder / sub / "model.safetensors"),
-            )
+            weights = {"linear.weight": linear.weight.detach().contiguous()}
+            if linear.bias is not None:
+                weights["linear.bias"] = linear.bias.detach().contiguous()
+            save_file(weights, str(folder / sub / "model.safetensors"))
             modules.append({"idx": idx, "name": str(idx), "path": sub, "type": "sentence_transformers.models.Dense"})
             in_features = out_features
+        if bge_m3:
+            for name, out in (("sparse_linear.pt", 1), ("colbert_linear.pt", hidden)):
+                head = torch.nn.Linear(hidden, out)
+                torch.nn.init.normal_(head.weight, std=0.2)
+                torch.save(head.state_dict(), folder / name)
         if normalize:
             idx = len(modules)
             (folder / f"{idx}_Normalize").mkdir(exist_ok=True)

@@ -220,6 +220,7 @@ FAMILY = {
     "qwen2": "causal_bpe",
     "qwen3": "causal_bpe",
     "gemma2": "causal_bpe",
+    "gemma3_text": "causal_bpe",
 }
 
 # family -> special tokens by role (ids are the order of `_SPECIALS_ORDER`)

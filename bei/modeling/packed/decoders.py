@@ -1,10 +1,11 @@
-"""Causal decoders (Llama, Mistral, Qwen2, Qwen3, Gemma2) as one packed module.
+"""Causal decoders (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 text) as one packed module.
 
 One implementation, `CausalDecoder`, parameterized by a `Flavor`: what each family's transformers
 code does differently (projection biases, Qwen3's per-head q/k RMSNorm, Gemma2's scaled embeddings,
 (1 + weight) RMSNorm, sandwich norms, query_pre_attn_scalar and attention logit soft-capping, which
-layers attend through a sliding window). The checkpoint's config.json is read as transformers 5.23
-reads it, with the family's defaults for keys it leaves out.
+layers attend through a sliding window; Gemma3's (1 + w) q / k norms, rotary bases per layer type and,
+with `use_bidirectional_attention` (EmbeddingGemma), attention both ways). The checkpoint's
+config.json is read as transformers 5.23 reads it, with the family's defaults for keys it leaves out.
 
 The state dict keeps transformers' spelling of the base model (`embed_tokens`, `layers.N.self_attn.o_proj`,
 `norm`, plus the `score` head), except that the Linears reading the same input are fused, one GEMM each
@@ -21,7 +22,8 @@ Outputs, packed, as transformers' model for the task:
 
 Positions are 0.. within each row: rotary embeddings are relative, so a left-padded reference (whose
 positions start after the padding) agrees up to float error. A sliding window of W (transformers:
-key index > query index - W) is flash attention's window (W - 1, 0).
+key index > query index - W) is flash attention's window (W - 1, 0); bidirectional (Gemma3 with
+use_bidirectional_attention: transformers takes W // 2 + 1 as the exclusive distance) it is (W // 2, W // 2).
 """
 
 from __future__ import annotations
@@ -82,6 +84,13 @@ def _qwen_window_layers(config: Mapping[str, Any], layers: int) -> list[int | No
     return _typed_layer_windows({**config, "sliding_window": window}, defaults)
 
 
+def _patterned_window_layers(config: Mapping[str, Any], layers: int) -> list[int | None]:
+    """Gemma3: layer_types, by default every `sliding_window_pattern`-th layer (6th) full, the others sliding."""
+    pattern = int(config.get("sliding_window_pattern") or 6)
+    defaults = [SLIDING if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    return _typed_layer_windows(config, defaults)
+
+
 def _alternating_window_layers(config: Mapping[str, Any], layers: int) -> list[int | None]:
     """Gemma2: layer_types, by default sliding on the even layers (0, 2, ...)."""
     defaults = [SLIDING if i % 2 == 0 else "full_attention" for i in range(layers)]
@@ -100,6 +109,7 @@ class Flavor:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
     gemma: bool = False  # Gemma2: sqrt(hidden) embedding scale, (1 + w) norms, sandwich norms, softcap
     window_layers: Callable[[Mapping[str, Any], int], list[int | None]] = _no_window_layers
+    bidirectional: bool = False  # Gemma3: config `use_bidirectional_attention` honoured (EmbeddingGemma)
 
 
 _COMMON = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
@@ -118,6 +128,17 @@ GEMMA2 = Flavor(
     activation_key="hidden_activation",
     gemma=True,
     window_layers=_alternating_window_layers,
+)  # fmt: skip
+GEMMA3 = Flavor(
+    defaults={
+        **GEMMA2.defaults, "attn_logit_softcapping": None, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "use_bidirectional_attention": False,
+    },
+    activation_key="hidden_activation",
+    qk_norm=True,
+    gemma=True,
+    window_layers=_patterned_window_layers,
+    bidirectional=True,
 )  # fmt: skip
 
 
@@ -153,6 +174,25 @@ def rope_frequencies(config: Mapping[str, Any], head_dim: int) -> torch.Tensor:
     raise ModelError(f"rope_scaling type {kind!r} is not supported by the torch target (supported: {', '.join(ROPE_TYPES)})")
 
 
+def sliding_rope_frequencies(config: Mapping[str, Any], head_dim: int) -> torch.Tensor | None:
+    """The sliding layers' own rotary frequencies where the config gives them (Gemma3: `rope_parameters`
+    per layer type, or the legacy `rope_local_base_freq`); None: every layer uses `rope_frequencies`."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get(SLIDING), Mapping):
+        return rope_frequencies({**config, "rope_scaling": None, "rope_parameters": params[SLIDING]}, head_dim)
+    if config.get("rope_local_base_freq") is not None:
+        return rope_frequencies({"rope_theta": config["rope_local_base_freq"]}, head_dim)
+    return None
+
+
+def global_rope_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`config` with the full-attention layers' rope parameters where it has them per layer type."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+        return {**config, "rope_scaling": None, "rope_parameters": params["full_attention"]}
+    return config
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     vocab_size: int
@@ -170,6 +210,8 @@ class DecoderConfig:
     scale: float  # attention logits scale
     softcap: float | None  # attention logit soft-capping
     windows: tuple[tuple[int, int], ...]  # per layer, flash attention's (left, right)
+    sliding: tuple[bool, ...]  # per layer, whether it is a sliding-window layer
+    causal: bool
     pad_token_id: int | None
     token_classification_bias: bool
     tie_word_embeddings: bool
@@ -184,8 +226,9 @@ class DecoderConfig:
         if activation not in ACTIVATIONS:
             known = ", ".join(ACTIVATIONS)
             raise ModelError(f"{flavor.activation_key} {activation!r} is not supported by the torch target; known: {known}")
-        if flavor.gemma and config.get("use_bidirectional_attention"):
-            raise ModelError("use_bidirectional_attention is not supported by the torch target's causal decoders")
+        causal = not (flavor.bidirectional and config.get("use_bidirectional_attention"))
+        if config.get("use_bidirectional_attention") and not flavor.bidirectional:
+            raise ModelError(f"use_bidirectional_attention is not supported by the torch target's {config.get('model_type')} module")
         windows = flavor.window_layers(config, layers)
         if len(windows) != layers:
             raise ModelError(f"layer_types names {len(windows)} layers, num_hidden_layers is {layers}")
@@ -205,7 +248,9 @@ class DecoderConfig:
             mlp_bias=bool(config.get("mlp_bias")) if flavor.mlp_bias is None else flavor.mlp_bias,
             scale=float(config["query_pre_attn_scalar"] if flavor.gemma else head_dim) ** -0.5,
             softcap=config.get("attn_logit_softcapping") if flavor.gemma else None,
-            windows=tuple(FULL if w is None else (int(w) - 1, 0) for w in windows),
+            windows=tuple(FULL if w is None else (int(w) - 1, 0) if causal else (int(w) // 2, int(w) // 2) for w in windows),
+            sliding=tuple(w is not None for w in windows),
+            causal=causal,
             pad_token_id=config.get("pad_token_id"),
             token_classification_bias=bool(config.get("token_classification_bias", True)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings")),
@@ -257,16 +302,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, c: DecoderConfig, window: tuple[int, int], qk_norm: bool) -> None:
+    def __init__(self, c: DecoderConfig, window: tuple[int, int], qk_norm: bool, unit_offset: bool = False) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
         self.window, self.scale, self.softcap = window, c.scale, c.softcap
-        self.causal = True  # EuroBERT's bidirectional encoder (bei/modeling/packed/eurobert.py) turns it off
+        self.causal = c.causal  # EuroBERT's bidirectional encoder (bei/modeling/packed/eurobert.py) turns it off
         self.split = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]  # q, k, v
         self.qkv_proj = nn.Linear(c.hidden_size, sum(self.split), bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=c.o_bias)
-        self.q_norm = RMSNorm(c.head_dim, c.eps) if qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, c.eps) if qk_norm else None
+        self.q_norm = RMSNorm(c.head_dim, c.eps, unit_offset) if qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.eps, unit_offset) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packed: Packed) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -297,7 +342,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: DecoderConfig, window: tuple[int, int], flavor: Flavor) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.eps, flavor.gemma)
-        self.self_attn = Attention(c, window, flavor.qk_norm)
+        self.self_attn = Attention(c, window, flavor.qk_norm, flavor.gemma)
         # Llama: the norm before the MLP; Gemma2: the norm of the attention output
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.eps, flavor.gemma)
         self.mlp = MLP(c)
@@ -345,7 +390,10 @@ class CausalDecoder(nn.Module):
         self.register_buffer("embed_scale", scale, persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(c, window, self.flavor) for window in c.windows)
         self.norm = RMSNorm(c.hidden_size, c.eps, self.flavor.gemma)
-        self.rotary = Rotary(rope_frequencies(config, c.head_dim))
+        merged = {**self.flavor.defaults, **config}
+        self.rotary = Rotary(rope_frequencies(global_rope_config(merged), c.head_dim))
+        local = sliding_rope_frequencies(merged, c.head_dim) if any(c.sliding) else None
+        self.local_rotary = Rotary(local) if local is not None else None
         bias = task is Task.NER and c.token_classification_bias
         self.score = nn.Linear(c.hidden_size, num_labels, bias=bias) if task is not Task.EMBED else None
 
@@ -354,8 +402,9 @@ class CausalDecoder(nn.Module):
         if self.embed_scale is not None:
             x = x * self.embed_scale.to(x.dtype)
         rope = self.rotary(packed.positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, packed)
+        local = rope if self.local_rotary is None else self.local_rotary(packed.positions, x.dtype)
+        for layer, sliding in zip(self.layers, self.config.sliding, strict=True):
+            x = layer(x, local if sliding else rope, packed)
         x = self.norm(x)
         if self.score is None:
             return x
@@ -399,10 +448,15 @@ class Gemma2Decoder(CausalDecoder):
     flavor = GEMMA2
 
 
+class Gemma3TextDecoder(CausalDecoder):
+    flavor = GEMMA3
+
+
 DECODERS: dict[str, type[CausalDecoder]] = {
     "llama": LlamaDecoder,
     "mistral": MistralDecoder,
     "qwen2": Qwen2Decoder,
     "qwen3": Qwen3Decoder,
     "gemma2": Gemma2Decoder,
+    "gemma3_text": Gemma3TextDecoder,
 }

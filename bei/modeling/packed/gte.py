@@ -6,7 +6,8 @@ types, and BERT's heads (tanh pooler -> classifier; classifier per token).
 The weights are read under the names transformers saves and the authors' checkpoints use
 (`encoder.layer.N.attention.qkv_proj`, `attention.o_proj`, `attn_ln`, `mlp.up_gate_proj`,
 `mlp.down_proj`, `mlp_ln`; heads under `gte.` or `new.`). The authors' own `model_type: new`
-checkpoints stay refused (bei/modeling/detect.py): see docs/architectures.md.
+checkpoints are read as native ones (bei/modeling/remote_code.py), their NTK scaling as the `linear`
+rope type that NomicBertEncoder's rotary applies.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _GTE = renames(
 
 
 class GteEncoder(NomicBertEncoder):
-    """GTE: post-norm, rotary (default rope, theta from rope_parameters), biased attention, GLU MLP."""
+    """GTE: post-norm, rotary (default or linear rope, from rope_parameters), biased attention, GLU MLP."""
 
     NAME = "GTE"
     DEFAULTS: ClassVar[dict[str, Any]] = {"hidden_act": "gelu", "type_vocab_size": 1, "rope_theta": 160_000.0}  # GteConfig's

@@ -9,11 +9,12 @@ returns, packed, what the transformers model of that task returns:
 - rerank / classify: logits [rows, labels]
 - ner:               logits [tokens, labels]
 - sparse:            masked-LM logits [tokens, vocab]
+- embed_m3:          last hidden state [tokens, hidden] (the body is built for embed)
 
 and whose `convert_hf_state(state)` maps a transformers checkpoint's state dict (any of the Auto
 classes' key prefixes) to the module's own keys. `PackedEngineModule` adds what EngineModule adds
-to transformers: pooling and Dense layers (embed), SPLADE pooling (sparse); its output for NER
-stays packed (`Packed.repad` lays it out like the padded batch).
+to transformers: pooling and Dense layers (embed), SPLADE pooling (sparse), bge-m3's heads
+(embed_m3); its per-token outputs (NER, embed_m3) stay packed (`Packed.repad` lays it out like the padded batch).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from bei.errors import ModelError
-from bei.kinds import Task
+from bei.kinds import PER_TOKEN_TASKS, Task
+from bei.modeling.m3 import m3_heads
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
@@ -66,11 +68,13 @@ def num_labels(spec: ModelSpec) -> int:
 class PackedEngineModule(torch.nn.Module):
     """body (+ pooling -> Dense for embed, SPLADE pooling for sparse): packed in, batch-first out."""
 
-    def __init__(self, spec: ModelSpec, body: torch.nn.Module, load_dense: bool = True) -> None:
+    def __init__(self, spec: ModelSpec, body: torch.nn.Module, load_heads: bool = True) -> None:
         super().__init__()
         self.spec = spec
         self.body = body
-        self.dense = torch.nn.Sequential(*[dense_module(layer, load=load_dense) for layer in spec.dense])
+        self.dense = torch.nn.Sequential(*[dense_module(layer, load=load_heads) for layer in spec.dense])
+        heads = spec.task is Task.EMBED_M3
+        self.m3 = m3_heads(spec.m3_columns, spec.path if load_heads else None) if heads else None
 
     def forward(self, packed: Packed) -> torch.Tensor:
         out = self.body(packed)
@@ -80,6 +84,8 @@ class PackedEngineModule(torch.nn.Module):
         if self.spec.task is Task.SPARSE:
             assert self.spec.pooling is not None
             return pool_packed(self.spec.pooling, out, packed)
+        if self.m3 is not None:
+            return self.m3(out)
         return out
 
     def forward_padded(
@@ -93,7 +99,7 @@ class PackedEngineModule(torch.nn.Module):
         """The padded batch's outputs, shaped as EngineModule's (per-token outputs re-padded)."""
         packed = Packed.from_padded(input_ids, attention_mask, token_type_ids, prompt_length, device=self._device())
         out = self(packed)
-        if self.spec.task is Task.NER:
+        if self.spec.task in PER_TOKEN_TASKS:
             return packed.repad(out, int(input_ids.shape[1]), left_padded)
         return out
 
@@ -119,7 +125,8 @@ def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
             f"the torch target has no packed module for model_type {spec.model_type!r} ({spec.architecture}); "
             f"build it with --target onnxruntime (or tensorrt on a GPU); the torch target builds: {', '.join(factories)}"
         )
-    return factories[spec.model_type](config, spec.task, num_labels(spec))
+    task = Task.EMBED if spec.task is Task.EMBED_M3 else spec.task  # bge-m3's heads are PackedEngineModule's
+    return factories[spec.model_type](config, task, num_labels(spec))
 
 
 def load_hf_weights(body: torch.nn.Module, checkpoint: Path) -> None:

@@ -97,9 +97,11 @@ class NomicBertEncoder(Encoder):
             for _ in range(int(required(config, "num_hidden_layers")))
         )
         params = config.get("rope_parameters") or {}
-        if params.get("rope_type", "default") != "default":
-            raise ModelError(f"config.json rope_parameters.rope_type={params['rope_type']!r} is not supported; only 'default'")
+        if params.get("rope_type", "default") not in ("default", "linear"):
+            raise ModelError(f"config.json rope_parameters.rope_type={params['rope_type']!r} is not supported; only 'default' and 'linear'")
         self.theta = float(params.get("rope_theta", self.DEFAULTS["rope_theta"]))
+        # `linear` (transformers' rope type; GTE's fixed NTK scaling, bei/modeling/remote_code.py): every frequency / factor
+        self.rope_factor = float(params.get("factor", 1.0)) if params.get("rope_type") == "linear" else 1.0
         self.head_dim = int(config.get("head_dim") or hidden // heads)
         if self.head_dim * heads != hidden:
             raise ModelError("config.json head_dim x num_attention_heads must equal hidden_size for the torch target")
@@ -117,6 +119,6 @@ class NomicBertEncoder(Encoder):
     def rotary(self, packed: Packed) -> Rotary:
         """(cos, sin) of the rotate-half layout, in fp32."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=packed.device) / self.head_dim
-        freqs = packed.positions.float().unsqueeze(-1) * (1.0 / self.theta**exponents)
+        freqs = packed.positions.float().unsqueeze(-1) * (1.0 / self.theta**exponents / self.rope_factor)
         angles = torch.cat((freqs, freqs), dim=-1)
         return {"global": (angles.cos(), angles.sin())}

@@ -38,7 +38,7 @@ def _fp8_layers(request: PlanRequest) -> list[str]:
     from bei.modeling.packed.model import PackedEngineModule, make_body, read_config
 
     with torch.device("meta"):
-        module = PackedEngineModule(request.spec, make_body(request.spec, read_config(request.spec.path)), load_dense=False)
+        module = PackedEngineModule(request.spec, make_body(request.spec, read_config(request.spec.path)), load_heads=False)
     return fp8_layers(module)
 
 

@@ -24,7 +24,7 @@ import torch
 from bei.backend import Backend, Batch
 from bei.engine.manifest import Manifest
 from bei.errors import EngineError
-from bei.kinds import Task
+from bei.kinds import PER_TOKEN_TASKS
 from bei.modeling.packed.bf16 import to_bf16
 from bei.modeling.packed.fp8 import quantize_fp8
 from bei.modeling.packed.layout import Packed, bucket
@@ -108,6 +108,7 @@ def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any])
         labels=tuple(manifest.labels),
         uses_token_type_ids="token_type_ids" in manifest.graph_inputs,
         padding_side=manifest.padding_side,
+        colbert_dim=manifest.colbert_dim or 0,
     )
 
 
@@ -138,7 +139,7 @@ class TorchBackend(Backend):
         self.module = module.eval()
         self.input_names = input_names
         self.device = next(module.parameters()).device
-        self.per_token = module.spec.task is Task.NER
+        self.per_token = module.spec.task in PER_TOKEN_TASKS
         self.compiled = compiled
         self.pad_id = pad_id
         self.forward: Any = module
@@ -170,7 +171,7 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         config = read_config(folder)
         spec = spec_from_manifest(folder, manifest, config)
-        module = PackedEngineModule(spec, make_body(spec, config), load_dense=False).to(dtype)
+        module = PackedEngineModule(spec, make_body(spec, config), load_heads=False).to(dtype)
         fp8 = (manifest.quantization or {}).get("layers") if manifest.precision == "fp8" else None
         if fp8:
             quantize_fp8(module, fp8)

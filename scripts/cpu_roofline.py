@@ -66,7 +66,8 @@ def gemm_rates(rows: int, shapes: list[tuple[int, int]]) -> dict[str, float]:
     """GFLOP/s of [rows, in] x [in, out] over `shapes` (each once), bf16 and int8 (`torch._int_mm`)."""
     flops = sum(2.0 * rows * i * o for i, o in shapes)
     bf16 = [(torch.randn(rows, i, dtype=torch.bfloat16), torch.randn(o, i, dtype=torch.bfloat16)) for i, o in set(shapes)]
-    int8 = [(torch.randint(-127, 127, (rows, i), dtype=torch.int8), torch.randint(-127, 127, (i, o), dtype=torch.int8)) for i, o in set(shapes)]
+    codes = lambda *shape: torch.randint(-127, 127, shape, dtype=torch.int8)  # noqa: E731
+    int8 = [(codes(rows, i), codes(i, o)) for i, o in set(shapes)]
     seconds_bf16 = {a.shape[1:] + w.shape[:1]: cpu_seconds(lambda a=a, w=w: F.linear(a, w)) for a, w in bf16}
     seconds_int8 = {a.shape[1:] + w.shape[1:]: cpu_seconds(lambda a=a, w=w: torch._int_mm(a, w)) for a, w in int8}
     return {

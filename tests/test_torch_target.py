@@ -134,7 +134,7 @@ def test_cpu_length_groups_change_no_output(tiny_checkpoint_factory: Any, task: 
 
     folder = tiny_checkpoint_factory("bert", task, **({"pooling": "mean"} if task == "embed" else {}))
     spec = read_model_spec(folder)
-    backend = torch_backend.TorchBackend(build_packed_module(spec), input_names(spec))
+    backend = torch_backend.TorchBackend(build_packed_module(spec), input_names(spec), lanes=1)
     rng = np.random.default_rng(1)
     rows = [Encoded(ids=rng.integers(5, 90, n).tolist(), type_ids=[0] * n, offsets=[(0, 0)] * n, special=[0] * n)
             for n in rng.integers(3, 60, 24)]  # fmt: skip
@@ -144,6 +144,54 @@ def test_cpu_length_groups_change_no_output(tiny_checkpoint_factory: Any, task: 
     grouped = backend.run(prepared)
     monkeypatch.setattr(torch_backend, "length_groups", lambda lengths: [np.arange(len(lengths))])
     np.testing.assert_allclose(grouped, backend.infer(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_lanes_deal_rows_evenly() -> None:
+    from bei.targets.torch.backend import lanes_of
+
+    lengths = np.random.default_rng(0).integers(20, 200, 32)
+    lanes = lanes_of(lengths, 2)
+    assert len(lanes) == 2 and sorted(np.concatenate(lanes).tolist()) == list(range(32))
+    tokens = [int(lengths[lane].sum()) for lane in lanes]
+    assert abs(tokens[0] - tokens[1]) <= lengths.max()  # dealt shortest first: about the same work each
+    assert len(lanes_of(lengths[:7], 2)) == 1  # under LANE_MIN_ROWS rows a lane: one lane
+    assert len(lanes_of(lengths, 16)) == 32 // 4  # at most one lane per LANE_MIN_ROWS rows
+
+
+@pytest.mark.parametrize("task", ["embed", "classify"])
+def test_cpu_lanes_run_side_by_side_on_one_thread_each(tiny_checkpoint_factory: Any, task: str) -> None:
+    """Two lanes: each runs its rows on its own thread with one intra-op thread, the rows come back in
+    the batch's order, equal to the same batch in one lane; the caller's thread count is kept."""
+    import threading
+
+    from bei.backend import Batch
+    from bei.modeling.module import input_names
+    from bei.targets.torch.backend import TorchBackend
+    from bei.text.tokenizer import Encoded
+
+    spec = read_model_spec(tiny_checkpoint_factory("bert", task, **({"pooling": "mean"} if task == "embed" else {})))
+    module = build_packed_module(spec)
+    seen: list[tuple[str, int]] = []
+    module.register_forward_hook(lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    rng = np.random.default_rng(2)
+    rows = [Encoded(ids=rng.integers(5, 90, n).tolist(), type_ids=[0] * n, offsets=[(0, 0)] * n, special=[0] * n)
+            for n in rng.integers(3, 60, 24)]  # fmt: skip
+    batch = Batch.pad(rows, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one_lane = TorchBackend(module, input_names(spec), lanes=1).infer(batch)
+        assert all(count == 2 for _, count in seen)
+        seen.clear()
+        backend = TorchBackend(module, input_names(spec), lanes=2)
+        prepared = backend.prepare(batch)
+        assert len(prepared.lanes) == 2 and sum(prepared.lanes) == len(prepared.parts)
+        two_lanes = backend.run(prepared)
+        assert {name.startswith("bei-lane") for name, _ in seen} == {True} and {count for _, count in seen} == {1}
+        assert torch.get_num_threads() == 2
+        np.testing.assert_allclose(two_lanes, one_lane, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_warm_up_covers_a_single_row_longer_than_the_graphs(tiny_checkpoint_factory: Any) -> None:

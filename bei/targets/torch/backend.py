@@ -14,7 +14,8 @@ batch while the current one runs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ WARM_TOKENS = (8, *(1 << n for n in range(4, GRAPH_MAX_TOKENS.bit_length() - 1))
 # is about a quarter of the forward and two to four groups take 30-40% off it
 GROUP_MIN_ROWS = 8
 GROUP_MAX = 4
+# ... and, with two or more intra-op threads, as one lane per thread: each lane runs its share of the
+# rows on one thread, side by side, instead of every GEMM and kernel forking over all the threads
+# (OpenMP's barriers, and its spinning when the cores are shared, cost more than the kernels gain)
+LANE_MIN_ROWS = 4
 
 
 def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
@@ -73,6 +78,24 @@ def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
     return groups if sum(area(g) for g in groups) <= 0.8 * area(every) else [every]
 
 
+def _one_thread() -> None:
+    """A lane's thread: one intra-op thread. torch reads the process-wide count into a thread the
+    first time the thread asks (`get_num_threads`), so ask first, then set this thread's own."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def lanes_of(lengths: np.ndarray, lanes: int) -> list[np.ndarray]:
+    """Row indices in up to `lanes` lanes of at least LANE_MIN_ROWS rows, dealt shortest first so
+    that each lane holds about the same tokens and the same spread of lengths; one lane of every
+    row when the batch is too small to share."""
+    count = min(lanes, len(lengths) // LANE_MIN_ROWS)
+    if count < 2:
+        return [np.arange(len(lengths))]
+    by_length = np.argsort(lengths, kind="stable")
+    return [np.sort(by_length[k::count]) for k in range(count)]
+
+
 @dataclass(frozen=True)
 class Prepared:
     packed: Packed  # the batch's real tokens (with `parts`, the first part's: `run` reads `parts`)
@@ -81,6 +104,7 @@ class Prepared:
     left_padded: bool
     parts: tuple[Packed, ...] = ()  # the CPU: the rows in length groups (`length_groups`), run one after another
     order: np.ndarray | None = None  # the parts' rows -> the batch's order
+    lanes: tuple[int, ...] = ()  # with parts: how many parts each lane runs (`lanes_of`), lanes side by side
 
     @property
     def graphed(self) -> bool:
@@ -131,11 +155,13 @@ class TorchBackend(Backend):
         compiled: bool = False,
         static_shapes: bool | None = None,
         pad_id: int = 0,
+        lanes: int | None = None,
     ) -> None:
         """`compiled`: torch.compile (dynamic shapes), and on CUDA CUDA graphs for small batches.
         `static_shapes` (default: compiled on CUDA): small batches are padded to their token bucket
         (`Packed.padded_to`, filler tokens `pad_id`); the CPU tests turn it on alone to check that
-        padding changes no output."""
+        padding changes no output. `lanes` (the CPU; default one per intra-op thread): how many lanes
+        a batch of enough rows runs in side by side, on one thread each (`lanes_of`)."""
         self.module = module.eval()
         self.input_names = input_names
         self.device = next(module.parameters()).device
@@ -144,15 +170,21 @@ class TorchBackend(Backend):
         self.pad_id = pad_id
         self.forward: Any = module
         static = (compiled and self.device.type == "cuda") if static_shapes is None else static_shapes
+        # the CPU: this many intra-op threads per call, and as many lanes (`lanes_of`), one thread each
+        # (not with static shapes: a batch then runs whole, padded to its bucket)
+        self.threads = torch.get_num_threads()
+        lanes_here = self.device.type == "cpu" and not self.per_token and not static
+        self.lanes = (self.threads if lanes is None else lanes) if lanes_here else 1
+        self._lane_pool = ThreadPoolExecutor(self.lanes, "bei-lane", initializer=_one_thread) if self.lanes > 1 else None
         self.graphed: Any = module if static else None
         if compiled:
-            import torch._dynamo
+            from torch import _dynamo
 
             # one graph per token bucket, plus the dynamic-shape graph: more than dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
             # float attributes (eps, attention scale) are constants: dynamo traces once instead of
             # tracing them as symbols and restarting the analysis
-            torch._dynamo.config.specialize_float = True
+            _dynamo.config.specialize_float = True
             # no inductor `freezing` on the CPU: `options={"freezing": True}` never froze (the weights stayed
             # graph inputs), and freezing for real (the global config) packs the bf16 weights for oneDNN
             # but measured no faster (54.5 against 54.9 texts/s per core on all-minilm-l6-v2)
@@ -208,14 +240,18 @@ class TorchBackend(Backend):
         types = batch.token_type_ids if "token_type_ids" in self.input_names else None
         prompt = batch.prompt_length if "prompt_length" in self.input_names else None
         width = int(batch.input_ids.shape[1])
-        groups = length_groups(batch.lengths) if self.device.type == "cpu" and not self.per_token else []
+        lanes: list[list[np.ndarray]] = []  # the CPU: per lane, its rows in length groups
+        if self.device.type == "cpu" and not self.per_token:
+            lanes = [[lane[g] for g in length_groups(batch.lengths[lane])] for lane in lanes_of(batch.lengths, self.lanes)]
+        groups = [group for lane in lanes for group in lane]
         if len(groups) > 1:
             parts = tuple(
                 Packed.from_padded(batch.input_ids[g], batch.attention_mask[g], None if types is None else types[g],
                                    None if prompt is None else prompt[g], device=self.device)
                 for g in groups
             )  # fmt: skip
-            return Prepared(parts[0], parts[0], width, batch.left_padded, parts, np.argsort(np.concatenate(groups)))
+            per_lane = tuple(len(lane) for lane in lanes) if len(lanes) > 1 else ()
+            return Prepared(parts[0], parts[0], width, batch.left_padded, parts, np.argsort(np.concatenate(groups)), per_lane)
         packed = Packed.from_padded(batch.input_ids, batch.attention_mask, types, prompt, device=self.device)
         if self.graphed is not None and packed.tokens < GRAPH_MAX_TOKENS:
             feed = packed.padded_to(bucket(packed.tokens), self.pad_id)
@@ -224,11 +260,13 @@ class TorchBackend(Backend):
 
     def run(self, prepared: object) -> np.ndarray:
         assert isinstance(prepared, Prepared)
+        if self.device.type == "cpu" and torch.get_num_threads() != self.threads:  # a thread new to torch starts
+            torch.set_num_threads(self.threads)  # with the count the lanes' threads set last (`_one_thread`)
         with torch.inference_mode():
             packed = prepared.packed
             if prepared.parts:
                 assert prepared.order is not None
-                out = torch.cat([self.forward(part) for part in prepared.parts])[torch.from_numpy(prepared.order)]
+                out = torch.cat(self._run_parts(prepared))[torch.from_numpy(prepared.order)]
             elif prepared.graphed:
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -239,6 +277,18 @@ class TorchBackend(Backend):
             if self.per_token:
                 out = packed.repad(out, prepared.width, prepared.left_padded)
             return out.float().cpu().numpy()
+
+    def _run_parts(self, prepared: Prepared) -> list[torch.Tensor]:
+        """The parts' outputs in order: one after another, or each lane's parts on its own thread."""
+        if not prepared.lanes or self._lane_pool is None:
+            return [self.forward(part) for part in prepared.parts]
+        bounds = np.cumsum((0, *prepared.lanes))
+        lanes = [prepared.parts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [out for outs in self._lane_pool.map(self._run_lane, lanes) for out in outs]
+
+    def _run_lane(self, parts: tuple[Packed, ...]) -> list[torch.Tensor]:
+        with torch.inference_mode():  # thread-local, as the graphs compiled under it expect
+            return [self.forward(part) for part in parts]
 
     def infer(self, batch: Batch) -> np.ndarray:
         return self.run(self.prepare(batch))
@@ -266,6 +316,8 @@ class TorchBackend(Backend):
             # CUDA-graph trees run a new shape eagerly once, record it on the next call, replay after:
             # three calls, so the recording happens here, alone, and not while the batcher's other
             # thread copies the next batch in (that invalidates a capture)
+            if prepared.lanes:  # compile on this thread first: the lanes then only run what is compiled
+                self.run(replace(prepared, lanes=()))
             for _ in range(GRAPH_CALLS_TO_RECORD if prepared.graphed and self.compiled else 1):
                 self.run(prepared)
             if prepared.graphed:

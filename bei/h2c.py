@@ -16,32 +16,123 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.events
 import hypercorn.protocol
+from h2.stream import StreamState
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from hypercorn.protocol.events import Body
 from hypercorn.protocol.h2 import H2Protocol
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.typing import AppWrapper, ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, Scope, TaskGroup
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as StarletteScope
 
 from bei.api.state import ABANDON_GRACE_S, AppState
 
 
-class EarlyAnswerH2Protocol(H2Protocol):
-    """hypercorn's HTTP/2 protocol, surviving an answer sent before the whole request body came (401,
-    413): hypercorn 0.18 looks up the finished stream for the body's next DATA frame, and the KeyError
-    closes the connection and every other stream on it (pgjones/hypercorn#329; fixes proposed in #312,
-    #334). The rest of that body is dropped, its bytes given back to the connection's flow control."""
+class _StreamBodies:
+    """The task group an HTTP/2 connection hands its streams: hypercorn's, except that each stream's app
+    reads its request body from an unbounded queue whose chunks `FlowControlledH2Protocol` counts, so
+    that handing a body chunk to an app never waits (hypercorn's own queue holds 10 chunks, and a full one
+    blocked the connection's read loop, every stream on it with it)."""
+
+    def __init__(self, task_group: TaskGroup, protocol: FlowControlledH2Protocol) -> None:
+        self._task_group = task_group
+        self._protocol = protocol
+
+    async def spawn_app(
+        self, app: AppWrapper, config: Config, scope: Scope, send: Callable[[ASGISendEvent | None], Awaitable[None]]
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        stream_id = self._protocol.opening
+        queue: asyncio.Queue[ASGIReceiveEvent] = asyncio.Queue()  # bounded by the stream's flow-control window
+
+        async def take() -> ASGIReceiveEvent:
+            message = await queue.get()
+            if message["type"] == "http.request":
+                await self._protocol.body_taken(stream_id, len(message.get("body", b"")))
+            return message
+
+        async def with_receive(
+            scope: Scope,
+            receive: ASGIReceiveCallable,
+            send: ASGISendCallable,
+            sync_spawn: Callable[..., Any],
+            call_soon: Callable[..., Any],
+        ) -> None:
+            await app(scope, take, send, sync_spawn, call_soon)
+
+        await self._task_group.spawn_app(with_receive, config, scope, send)  # `receive`, its own queue, stays empty
+        return queue.put
+
+    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._task_group.spawn(func, *args)
+
+
+class FlowControlledH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 protocol with a stream's request body paced by HTTP/2 flow control instead of a
+    queue that blocks the connection: the connection's window reopens as DATA arrives, a stream's as its
+    app takes the chunks (at most the stream's window, 64 KiB, waits per stream).
+
+    An answer given before the whole request body came (401, 413) ends the stream for the app: the chunks
+    it left are given back to the stream's window, and DATA still arriving for it is dropped and given back
+    too, so the client finishes its upload, reads its answer and the connection carries on. hypercorn 0.18
+    instead closed the connection on such DATA (pgjones/hypercorn#329) or, with its queue full, stalled it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opening = 0  # the stream whose app _create_stream is starting
+        self.unread: dict[int, int] = {}  # bytes handed to a stream's app, not taken yet
+        self.task_group = _StreamBodies(self.task_group, self)  # type: ignore[assignment]
+
+    async def _create_stream(self, request: h2.events.RequestReceived) -> None:
+        self.opening = request.stream_id
+        self.unread[request.stream_id] = 0
+        await super()._create_stream(request)
+        if not isinstance(self.streams.get(request.stream_id), HTTPStream):  # a websocket (CONNECT): hypercorn's way
+            del self.unread[request.stream_id]
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
         for event in events:  # one at a time: a RequestReceived earlier in `events` opens the stream of later DATA
-            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
-                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:  # answered: dropped
+                self._open_window(None, event.flow_controlled_length)
+                self._open_window(event.stream_id, event.flow_controlled_length)
+                await self._flush()
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id in self.unread:
+                await self.streams[event.stream_id].handle(Body(stream_id=event.stream_id, data=event.data))
+                self.unread[event.stream_id] += len(event.data)
+                self._open_window(None, event.flow_controlled_length)
+                self._open_window(event.stream_id, event.flow_controlled_length - len(event.data))  # padding
                 await self._flush()
             else:
                 await super()._handle_events([event])
+
+    async def body_taken(self, stream_id: int, length: int) -> None:
+        if length and stream_id in self.unread:
+            self.unread[stream_id] -= length
+            self._open_window(stream_id, length)
+            await self._flush()
+
+    async def _close_stream(self, stream_id: int) -> None:
+        if left := self.unread.pop(stream_id, 0):
+            self._open_window(stream_id, left)
+            await self._flush()
+        await super()._close_stream(stream_id)
+
+    def _open_window(self, stream_id: int | None, length: int) -> None:
+        """Let the client send `length` more bytes on the connection (`stream_id` None) or on `stream_id`, if it
+        is still sending there. Every window this protocol reopens goes through here, none through h2's
+        `acknowledge_received_data`, whose deferred bookkeeping would lose bytes reopened beside it."""
+        if length <= 0:
+            return
+        if stream_id is not None:
+            stream = self.connection.streams.get(stream_id)
+            if stream is None or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+                return
+        self.connection.increment_flow_control_window(length, stream_id)
 
 
 def reading_unread_bodies(app: ASGIApp, timeout: float) -> ASGIApp:
@@ -49,7 +140,7 @@ def reading_unread_bodies(app: ASGIApp, timeout: float) -> ASGIApp:
     for up to `timeout` seconds: hypercorn hands body chunks to the app through a bounded queue, and a
     chunk that nobody takes blocks the whole connection (and, under HTTP/2, every stream on it)."""
 
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+    async def wrapped(scope: StarletteScope, receive: Receive, send: Send) -> None:
         finished = scope["type"] != "http"
 
         async def tracked() -> Message:
@@ -112,7 +203,7 @@ async def _serve(app: ASGIApp, state: AppState) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    hypercorn.protocol.H2Protocol = EarlyAnswerH2Protocol  # type: ignore[misc]  # what its ProtocolWrapper starts for h2
+    hypercorn.protocol.H2Protocol = FlowControlledH2Protocol  # type: ignore[misc]  # what its ProtocolWrapper starts for h2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     state.on_load_failure = stop.set

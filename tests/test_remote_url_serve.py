@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,45 +23,25 @@ import yaml
 from bei import cli
 from bei.engine.manifest import read_manifest
 from tests.servers import Server, cosine
+from tests.tarballs import ETagServer, tarball_bytes
 
 NAME = "remote-tiny"
 
 
-class TarballServer(http.server.BaseHTTPRequestHandler):
-    """Serves `body` with an ETag of its sha256, 304 to a matching If-None-Match; records (If-None-Match, status)."""
-
-    body = b""
-    seen: list[tuple[str | None, int]] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
-        asked = self.headers.get("If-None-Match")
-        status = 304 if asked == etag else 200
-        type(self).seen.append((asked, status))
-        self.send_response(status)
-        self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(self.body) if status == 200 else 0))
-        self.end_headers()
-        if status == 200:
-            self.wfile.write(self.body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def tarball(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(folder, arcname="tiny")
-    return buffer.getvalue()
+@dataclass(frozen=True)
+class Remote:
+    url: str  # of the tarball ETagServer serves
+    stop: Callable[[], None]  # closes its port: it cannot be reached any more
+    checkpoint: Callable[..., Path]  # tiny_checkpoint_factory
+    tmp_path: Path
 
 
 @pytest.fixture
-def remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Callable[[], None]]]:
-    """(the tarball's URL, a function that stops its server); the REMOTE_URL cache under tmp_path (HOME)."""
+def remote(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Remote]:
+    """ETagServer on 127.0.0.1; the REMOTE_URL cache under tmp_path (HOME)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    TarballServer.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TarballServer)
+    ETagServer.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ETagServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stopped = False
 
@@ -73,7 +52,7 @@ def remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
             server.server_close()
             stopped = True
 
-    yield f"http://127.0.0.1:{server.server_address[1]}/tiny.tar.gz", stop
+    yield Remote(f"http://127.0.0.1:{server.server_address[1]}/tiny.tar.gz", stop, tiny_checkpoint_factory, tmp_path)
     stop()
 
 
@@ -88,44 +67,34 @@ def build(config: Path, engines: Path) -> None:
     assert cli.main(["build", str(config), "--engines-dir", str(engines), "--target", "onnxruntime"]) == 0
 
 
-def test_an_unreachable_server_builds_from_the_cached_extraction(
-    tiny_checkpoint_factory: Callable[..., Path],
-    remote: tuple[str, Callable[[], None]],
-    tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
-) -> None:
-    url, stop = remote
-    TarballServer.body = tarball(tiny_checkpoint_factory("bert", "embed"))
-    config = write_config(tmp_path, url)
+def test_an_unreachable_server_builds_from_the_cached_extraction(remote: Remote, capfd: pytest.CaptureFixture[str]) -> None:
+    tmp_path = remote.tmp_path
+    ETagServer.body = tarball_bytes(remote.checkpoint("bert", "embed"))
+    config = write_config(tmp_path, remote.url)
     build(config, tmp_path / "first")
-    stop()  # the port is closed now: the server cannot be reached
+    remote.stop()  # the port is closed now: the server cannot be reached
     capfd.readouterr()
     build(config, tmp_path / "second")
     err = capfd.readouterr().err
     assert "cannot reach" in err and "using the cached extraction" in err, err
     first, second = (read_manifest(tmp_path / where / NAME) for where in ("first", "second"))
-    assert second.source.revision == first.source.revision == "sha256:" + hashlib.sha256(TarballServer.body).hexdigest()
+    assert second.source.revision == first.source.revision == "sha256:" + hashlib.sha256(ETagServer.body).hexdigest()
     assert second.source.file_hashes == first.source.file_hashes
-    assert [status for _, status in TarballServer.seen] == [200]
+    assert [status for _, status in ETagServer.seen] == [200]
 
 
-def test_serve_config_revalidates_the_url_and_rebuilds_a_changed_tarball(
-    tiny_checkpoint_factory: Callable[..., Path],
-    remote: tuple[str, Callable[[], None]],
-    tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
-) -> None:
+def test_serve_config_revalidates_the_url_and_rebuilds_a_changed_tarball(remote: Remote, capfd: pytest.CaptureFixture[str]) -> None:
     from sentence_transformers import SentenceTransformer
 
-    url, stop = remote
-    first, second = tiny_checkpoint_factory("bert", "embed"), tiny_checkpoint_factory("bert", "embed", seed=1)
-    TarballServer.body = tarball(first)
-    config, engines = write_config(tmp_path, url), tmp_path / "engines"
+    tmp_path = remote.tmp_path
+    first, second = remote.checkpoint("bert", "embed"), remote.checkpoint("bert", "embed", seed=1)
+    ETagServer.body = tarball_bytes(first)
+    config, engines = write_config(tmp_path, remote.url), tmp_path / "engines"
     build(config, engines)
     assert cli._up_to_date_engine(config, engines) == engines / NAME  # unchanged: served as built
-    assert TarballServer.seen[-1][0] is not None and TarballServer.seen[-1][1] == 304  # one conditional request
+    assert ETagServer.seen[-1][0] is not None and ETagServer.seen[-1][1] == 304  # one conditional request
 
-    TarballServer.body = tarball(second)  # another model behind the same URL
+    ETagServer.body = tarball_bytes(second)  # another model behind the same URL
     capfd.readouterr()
     assert cli._up_to_date_engine(config, engines) is None
     assert "changed since its engine was built: rebuilding it" in capfd.readouterr().err
@@ -140,10 +109,10 @@ def test_serve_config_revalidates_the_url_and_rebuilds_a_changed_tarball(
     want = SentenceTransformer(str(second), device="cpu").encode(["a changed tarball"], convert_to_numpy=True)[0]
     assert cosine(vector, want) >= 0.99999
     rebuilt = read_manifest(engines / NAME)
-    assert rebuilt.source.revision == "sha256:" + hashlib.sha256(TarballServer.body).hexdigest()
+    assert rebuilt.source.revision == "sha256:" + hashlib.sha256(ETagServer.body).hexdigest()
     assert not np.isclose(cosine(vector, SentenceTransformer(str(first), device="cpu").encode(["a changed tarball"])[0]), 1.0)
 
-    stop()  # unreachable: the cached extraction is the engine's checkpoint, served as it is
+    remote.stop()  # unreachable: the cached extraction is the engine's checkpoint, served as it is
     capfd.readouterr()
     assert cli._up_to_date_engine(config, engines) == engines / NAME
     assert "using the cached extraction" in capfd.readouterr().err

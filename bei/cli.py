@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_batch(args)
         if args.command in ("embed", "rerank") and args.ray:
             parser.error("--ray runs a batch job: give the engine with --engine")
+        if args.command == "embed" and args.sparse:
+            parser.error("--sparse writes a column of a batch job's Parquet parts: give the engine with --engine")
         if args.command == "rerank" and args.query is None:
             parser.error("bei rerank through a server needs --query (each row's own query needs --engine)")
         if args.command in ("embed", "rerank"):

@@ -82,9 +82,13 @@ def test_without_sparse_only_the_dense_column(
         run_local(JobSpec(m3_engine, write_input(tmp_path), output, options=EmbedOptions(sparse=True), quiet=True))
 
 
-def test_sparse_needs_a_bge_m3_engine(tmp_path: Path) -> None:
+def test_sparse_needs_a_bge_m3_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, engine, _ = make_and_build(str(tmp_path / "build"), "plain", "bert", "embed", {}, {"target": "onnxruntime"})
     output = tmp_path / "out"
     with pytest.raises(ValidationError, match=r"--sparse: .* is a 'embed' engine; .*'embed_m3' \(bge-m3\)"):
         run_local(JobSpec(Path(engine), write_input(tmp_path), output, options=EmbedOptions(sparse=True), quiet=True))
     assert not output.exists()  # refused before anything is written
+    with pytest.raises(SystemExit):  # through a server there are no Parquet parts to hold the column
+        cli.main(["embed", "--url", "http://127.0.0.1:9", "--input", str(write_input(tmp_path)), "--output", str(output), "--sparse"])
+    assert "--sparse writes a column of a batch job's Parquet parts: give the engine with --engine" in capsys.readouterr().err
+    assert not output.exists()

@@ -24,21 +24,31 @@ from tests.compat import ok
 INPUTS = [*TEXTS, "the cat and the dog and the bird and the cat", "<s> a </s> b", "x"]
 
 
-@pytest.fixture(scope="module")
-def m3_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("batch-m3")
-    kwargs = {"pooling": "cls", "normalize": True, "bge_m3": True}
-    _, engine, _ = make_and_build(str(root), "m3", "xlm-roberta", "embed", kwargs, {"target": "onnxruntime"})
+M3 = {"pooling": "cls", "normalize": True, "bge_m3": True}
+Served = tuple[list[list[float]], list[list[dict[str, float]]]]
+
+
+def build_m3(root: Path, **kwargs: object) -> Path:
+    _, engine, _ = make_and_build(str(root), "m3", "xlm-roberta", "embed", {**M3, **kwargs}, {"target": "onnxruntime"})
     return Path(engine)
 
 
-@pytest.fixture(scope="module")
-def served(m3_engine: Path) -> tuple[list[list[float]], list[list[dict[str, float]]]]:
+def answers(engine: Path) -> Served:
     """The server's /v1/embeddings vectors and /embed_sparse weights of INPUTS."""
-    with serve_engine(m3_engine) as url, httpx.Client(base_url=url, timeout=60.0) as client:
+    with serve_engine(engine) as url, httpx.Client(base_url=url, timeout=60.0) as client:
         dense = ok(client.post("/v1/embeddings", json={"input": INPUTS, "encoding_format": "float"}))
         sparse = ok(client.post("/embed_sparse", json={"inputs": INPUTS}))
     return [d["embedding"] for d in dense["data"]], sparse
+
+
+@pytest.fixture(scope="module")
+def m3_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_m3(tmp_path_factory.mktemp("batch-m3"))
+
+
+@pytest.fixture(scope="module")
+def served(m3_engine: Path) -> Served:
+    return answers(m3_engine)
 
 
 def write_input(tmp_path: Path) -> Path:
@@ -47,13 +57,9 @@ def write_input(tmp_path: Path) -> Path:
     return source
 
 
-def test_dense_and_sparse_columns_equal_the_server_routes(
-    m3_engine: Path, served: tuple[list[list[float]], list[list[dict[str, float]]]], tmp_path: Path
-) -> None:
+def assert_columns_equal(output: Path, served: Served) -> None:
+    """The job's `embedding` and `sparse` columns equal the server's answers, row by row."""
     dense, sparse = served
-    output = tmp_path / "out"
-    args = ["embed", "--engine", str(m3_engine), "--input", str(write_input(tmp_path)), "--output", str(output)]
-    assert cli.main([*args, "--chunk-size", "5", "--sparse", "--quiet"]) == 0
     table = read_output(output)
     assert table.column_names == ["row", "embedding", "sparse", "id"]
     assert table.column("row").to_pylist() == list(range(len(INPUTS)))
@@ -69,9 +75,25 @@ def test_dense_and_sparse_columns_equal_the_server_routes(
     assert not {0, 2} & {item["index"] for item in got_sparse[-2]}  # <s> and </s> are never terms
 
 
-def test_without_sparse_only_the_dense_column(
-    m3_engine: Path, served: tuple[list[list[float]], list[list[dict[str, float]]]], tmp_path: Path
-) -> None:
+def test_dense_and_sparse_columns_equal_the_server_routes(m3_engine: Path, served: Served, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    args = ["embed", "--engine", str(m3_engine), "--input", str(write_input(tmp_path)), "--output", str(output)]
+    assert cli.main([*args, "--chunk-size", "5", "--sparse", "--quiet"]) == 0
+    assert_columns_equal(output, served)
+
+
+def test_a_default_prompt_goes_into_the_dense_column_only(served: Served, tmp_path: Path) -> None:
+    """/v1/embeddings prefixes the model's default prompt, /embed_sparse nothing: so do the two columns."""
+    engine = build_m3(tmp_path / "build", prompts={"query": "query: "}, default_prompt_name="query")  # m3_engine's weights
+    prompted = answers(engine)
+    assert np.abs(np.array(prompted[0]) - np.array(served[0])).max() > 1e-3  # the prompt changes the dense vectors
+    assert [[i["index"] for i in row] for row in prompted[1]] == [[i["index"] for i in row] for row in served[1]]  # not the sparse
+    output = tmp_path / "out"
+    assert run_local(JobSpec(engine, write_input(tmp_path), output, options=EmbedOptions(sparse=True), quiet=True)) == len(INPUTS)
+    assert_columns_equal(output, prompted)
+
+
+def test_without_sparse_only_the_dense_column(m3_engine: Path, served: Served, tmp_path: Path) -> None:
     output = tmp_path / "out"
     assert run_local(JobSpec(m3_engine, write_input(tmp_path), output, quiet=True)) == len(INPUTS)
     table = read_output(output)

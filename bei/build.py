@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,24 @@ from bei.targets.plan import check_target_hardware, make_plan
 __all__ = ["BuildResult", "build_engine", "plan_build"]
 
 
+def resolve_config_checkpoint(config: BeiConfig, config_dir: Path, note: Callable[[str], None] | None) -> Checkpoint:
+    """The config's checkpoint as a local folder (a REMOTE_URL tarball: from its cache, revalidated)."""
+    repo = config.trt_llm.build.checkpoint_repository
+    return resolve_checkpoint(
+        repo.source.value,
+        repo.repo,
+        revision=repo.revision,
+        secret_name=repo.runtime_secret_name,
+        base_dir=config_dir,
+        progress=note,
+        limits=RemoteLimits(
+            sha256=repo.sha256,
+            max_download_bytes=int(repo.max_download_gb * GB),
+            max_extracted_bytes=int(repo.max_extracted_gb * GB) if repo.max_extracted_gb is not None else None,
+        ),
+    )
+
+
 def plan_build(
     config: BeiConfig,
     *,
@@ -40,7 +59,6 @@ def plan_build(
     """Everything decided before the heavy work; `bei build --dry-run` stops here. Sets `progress`'s
     stages to the chosen target's."""
     build = config.trt_llm.build
-    repo = build.checkpoint_repository
     host = host or detect_host()
     cpu_precision = "fp32" if build.cpu_precision == "auto" else build.cpu_precision  # auto: see build_engine
     choice = registry.choose_target(target, host, dry_run=dry_run, cpu_precision=cpu_precision)
@@ -53,19 +71,7 @@ def plan_build(
     progress.note(f"target {choice.name}: {choice.reason}")
 
     with progress.stage("resolve checkpoint"):
-        checkpoint: Checkpoint = resolve_checkpoint(
-            repo.source.value,
-            repo.repo,
-            revision=repo.revision,
-            secret_name=repo.runtime_secret_name,
-            base_dir=config_dir,
-            progress=progress.note,
-            limits=RemoteLimits(
-                sha256=repo.sha256,
-                max_download_bytes=int(repo.max_download_gb * GB),
-                max_extracted_bytes=int(repo.max_extracted_gb * GB) if repo.max_extracted_gb is not None else None,
-            ),
-        )
+        checkpoint = resolve_config_checkpoint(config, config_dir, progress.note)
         check_required_files(checkpoint.path)
         progress.note(f"{checkpoint.path}")
 

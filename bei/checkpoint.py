@@ -98,7 +98,8 @@ def resolve_checkpoint(
     if src == "LOCAL":
         return Checkpoint(path=_resolve_local(repo, base_dir), source="LOCAL", repo=repo, revision=revision)
     if src == "REMOTE_URL":
-        return Checkpoint(path=_resolve_url(repo, cache_dir, progress, limits or RemoteLimits()), source="REMOTE_URL", repo=repo)
+        path, digest = _resolve_url(repo, cache_dir, progress, limits or RemoteLimits())
+        return Checkpoint(path=path, source="REMOTE_URL", repo=repo, revision=f"sha256:{digest}")
     if src in ("S3", "GCS", "AZURE"):
         raise CheckpointError(
             f"checkpoint source {src} is not supported yet: download the checkpoint yourself and use "
@@ -262,8 +263,9 @@ def _gb(size: int) -> str:
     return f"{size / GB:.3g} GB"
 
 
-def _resolve_url(url: str, cache_dir: Path | None, progress: Progress, limits: RemoteLimits) -> Path:
-    """The checkpoint folder of a .tar.gz URL, extracted once into the cache and revalidated on each
+def _resolve_url(url: str, cache_dir: Path | None, progress: Progress, limits: RemoteLimits) -> tuple[Path, str]:
+    """The checkpoint folder of a .tar.gz URL and the tarball's sha256 (the checkpoint's revision, recorded
+    in the engine's manifest), extracted once into the cache and revalidated on each
     use: with a `sha256` pin a cached extraction of that content is used as is; else an http(s) URL is
     asked again with If-None-Match / If-Modified-Since (a file:// URL: its size and mtime), and a
     changed tarball replaces the extraction. On any failure the cache keeps what it had before."""
@@ -281,14 +283,14 @@ def _resolve_url(url: str, cache_dir: Path | None, progress: Progress, limits: R
         if cached is not None and limits.sha256 is not None and cached.sha256 == limits.sha256:
             if progress:
                 progress(f"using cached extraction of {shown} (sha256 {limits.sha256[:12]}... as pinned)")
-            return _top_folder(final)
+            return _top_folder(final), cached.sha256
         with tempfile.TemporaryDirectory(dir=entry, prefix=".tmp-") as tmp:
             fetched = _fetch(url, scheme, Path(tmp), cached, limits, progress)
             if fetched is None:  # not modified
                 assert cached is not None
                 if progress:
                     progress(f"using cached extraction of {shown} at {final} (unchanged at its source)")
-                return _top_folder(final)
+                return _top_folder(final), cached.sha256
             archive, source = fetched
             if limits.sha256 is not None and source.sha256 != limits.sha256:
                 raise CheckpointError(
@@ -311,7 +313,7 @@ def _resolve_url(url: str, cache_dir: Path | None, progress: Progress, limits: R
         if fresh:  # no half-made cache entry
             shutil.rmtree(entry, ignore_errors=True)
         raise
-    return _top_folder(final)
+    return _top_folder(final), source.sha256
 
 
 def _top_folder(final: Path) -> Path:

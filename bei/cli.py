@@ -6,11 +6,16 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bei import __version__
 from bei.errors import BeiError, ExportError
 from bei.settings import add_arguments, engines_dir_default, settings_from
 from bei.targets import registry
+
+if TYPE_CHECKING:
+    from bei.config import BeiConfig
+    from bei.engine.manifest import SourceInfo
 
 RAY_SERVE_OPTIONS = (
     "replicas",
@@ -77,7 +82,8 @@ def _build(config_path: Path, engines_root: Path, target: str, quiet: bool) -> P
 
 def _up_to_date_engine(config_path: Path, engines_root: Path) -> Path | None:
     """The engine of this config, if one exists built from the same config by this bei version, with
-    its files as built (a corrupt or edited engine, or one without recorded file hashes, is rebuilt)."""
+    its files as built (a corrupt or edited engine, or one without recorded file hashes, is rebuilt),
+    from the checkpoint its source has now (`_remote_changed`)."""
     from bei.config import load_config
     from bei.engine.integrity import verify_engine
     from bei.engine.manifest import read_manifest
@@ -94,7 +100,39 @@ def _up_to_date_engine(config_path: Path, engines_root: Path) -> Path | None:
         if folder.exists():
             print(f"{error.message}", file=sys.stderr)
         return None
-    return folder
+    return None if _remote_changed(config, config_path, manifest.source) else folder
+
+
+def _remote_changed(config: BeiConfig, config_path: Path, built_from: SourceInfo) -> bool:
+    """Whether a REMOTE_URL tarball changed since the engine was built from it: the URL is revalidated
+    (a conditional request, answered 304 while it is unchanged; a changed tarball replaces the cached
+    extraction) and the tarball's sha256 compared with the one the engine recorded (engines built before
+    bei recorded it: the checkpoint's file hashes). A pinned `sha256` is part of the config's
+    fingerprint: nothing to ask. Unreachable with nothing cached, the engine is served as it is, with a
+    warning."""
+    from bei.build import resolve_config_checkpoint
+    from bei.config import CheckpointSource
+
+    repo = config.trt_llm.build.checkpoint_repository
+    if repo.source is not CheckpointSource.REMOTE_URL or repo.sha256 is not None:
+        return False
+
+    def note(message: str) -> None:
+        print(f"      {message}", file=sys.stderr, flush=True)
+
+    try:
+        checkpoint = resolve_config_checkpoint(config, config_path.resolve().parent, note)
+    except BeiError as error:
+        print(f"cannot revalidate the checkpoint of {config_path} ({error.message}): serving the engine built before", file=sys.stderr)
+        return False
+    if built_from.revision is not None and built_from.revision.startswith("sha256:"):
+        same = checkpoint.revision == built_from.revision
+    else:
+        same = checkpoint.file_hashes() == built_from.file_hashes
+    if same:
+        return False
+    print(f"the REMOTE_URL checkpoint of {config_path} changed since its engine was built: rebuilding it", file=sys.stderr)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_batch(args)
         if args.command in ("embed", "rerank") and args.ray:
             parser.error("--ray runs a batch job: give the engine with --engine")
+        if args.command == "embed" and args.sparse:
+            parser.error("--sparse writes a column of a batch job's Parquet parts: give the engine with --engine")
         if args.command == "rerank" and args.query is None:
             parser.error("bei rerank through a server needs --query (each row's own query needs --engine)")
         if args.command in ("embed", "rerank"):

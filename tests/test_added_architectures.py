@@ -98,7 +98,9 @@ def test_tensorrt_dry_run_of_a_deberta_reranker(tiny_checkpoint_factory: Callabl
 def test_packed_modules_refuse_what_they_do_not_implement(tiny_checkpoint_factory: Callable[..., Path]) -> None:
     deberta = read_config(tiny_checkpoint_factory("deberta-v2", "classify"))
     bad = [
-        ({**deberta, "conv_kernel_size": 3}, "conv_kernel_size"),
+        ({**deberta, "conv_kernel_size": 4}, "conv_kernel_size"),
+        ({**deberta, "conv_kernel_size": 3, "conv_groups": 5}, "conv_groups"),
+        ({**deberta, "conv_kernel_size": 3, "conv_act": "no_such_act"}, "conv_act"),
         ({**deberta, "pos_att_type": ["c2p", "p2p"]}, "pos_att_type"),
         ({**deberta, "pooler_hidden_size": 16}, "pooler_hidden_size"),
         ({**deberta, "hidden_act": "no_such_act"}, "hidden_act"),

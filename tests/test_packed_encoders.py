@@ -118,6 +118,18 @@ CASES = [
         config={"relative_attention": False, "position_biased_input": True},
         random_biases=True,
     ),  # fmt: skip
+    # DeBERTa-v2's convolution after the first layer (deberta-v2-xlarge: kernel 3, gelu), and a grouped
+    # 5-wide one: rows of different lengths in one packed batch, none sees another's tokens
+    Case("deberta-v2-classify-conv", "deberta-v2", "classify", config={"conv_kernel_size": 3, "conv_act": "gelu"}, random_biases=True),
+    Case(
+        "deberta-v2-embed-conv-groups",
+        "deberta-v2",
+        "embed",
+        {"pooling": "mean"},
+        config={"conv_kernel_size": 5, "conv_groups": 4, "conv_act": "tanh"},
+        random_biases=True,
+    ),  # fmt: skip
+    Case("deberta-v2-ner-conv", "deberta-v2", "ner", config={"conv_kernel_size": 3}, random_biases=True),
     # EuroBERT's other classifier poolings (public configs spell the key clf_pooling)
     Case("eurobert-classify-bos", "eurobert", "classify", config={"clf_pooling": "bos"}),
     Case("eurobert-rerank-mean", "eurobert", "rerank", config={"clf_pooling": "mean"}),

@@ -16,7 +16,7 @@ reference library on the same weights, at fp32 tolerances:
 Beyond the (model_type, task) grid: BERT embedders with cls / max / weightedmean pooling, Dense +
 Normalize modules, prompts excluded from pooling, a default prompt; EmbeddingGemma's layout (bidirectional
 gemma3_text, mean pooling, bias-free Dense 32 -> 96 -> 32, Normalize, prompts) on both CPU targets; a
-right-padded causal reranker.
+right-padded causal reranker; DeBERTa-v2 with its convolution (conv_kernel_size) as embedder and classifier on both CPU targets.
 Tiny qwen2 checkpoints get the tokenizer.json transformers actually loads for qwen2 (see
 `sync_tokenizer_json` in bei/testing/inproc_server.py), as real Qwen2 repos ship it.
 
@@ -96,6 +96,7 @@ def _cases(task: str) -> list[Case]:
 
 # a causal classifier takes each row's last token that is not pad_token_id: right padding must pad
 # with the tokenizer's pad token (not EOS) or the shorter rows of a batch score a pad
+DEBERTA_CONV = {"conv_kernel_size": 3, "conv_act": "gelu"}
 RERANK_VARIANTS = [_case("qwen3", "rerank", "right-padding", padding_side="right")]
 
 
@@ -123,6 +124,8 @@ EMBED_VARIANTS = [
         )
         for target in TARGETS
     ],  # fmt: skip
+    # DeBERTa-v2's convolution after the first layer (deberta-v2-xlarge's conv_kernel_size 3, gelu)
+    *[_case("deberta-v2", "embed", "conv", target=target, pooling="mean", config_fields=DEBERTA_CONV) for target in TARGETS],
 ]
 
 
@@ -311,7 +314,10 @@ def test_rerank(case: Case, engine: tuple[Path, Path], client: httpx.Client) -> 
 
 
 # --- classify ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", _cases("classify"), ids=str)
+CLASSIFY_VARIANTS = [_case("deberta-v2", "classify", "conv", target=target, config_fields=DEBERTA_CONV) for target in TARGETS]
+
+
+@pytest.mark.parametrize("case", _cases("classify") + CLASSIFY_VARIANTS, ids=str)
 def test_classify(case: Case, engine: tuple[Path, Path], client: httpx.Client) -> None:
     from transformers import AutoConfig
 

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
         job.add_argument("--prompt-name", default=None, help="the model's prompt to prefix (default: its default prompt, if any)")
         job.add_argument("--dimensions", type=int, default=None, help="keep the first N dimensions (Matryoshka models)")
+        job.add_argument(
+            "--sparse", action="store_true", help="bge-m3 (embed_m3) engines: their lexical weights too, a `sparse` column as /embed_sparse"
+        )
     else:
         job.add_argument("--query-field", default="query", help="without --query: the .jsonl field / Parquet column of each row's query")
         job.add_argument("--raw-scores", action="store_true", help="the reranker's logits, without the sigmoid")
@@ -54,6 +57,7 @@ def spec_from(args: argparse.Namespace) -> JobSpec:
             normalize=args.normalize,
             prompt_name=args.prompt_name,
             dimensions=args.dimensions,
+            sparse=args.sparse,
             truncate=args.truncate,
             engine_threads=args.engine_threads,
         )

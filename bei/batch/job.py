@@ -45,6 +45,8 @@ def _record(spec: JobSpec, files: list[Path]) -> dict[str, Any]:
     """What makes two runs the same job: a rerun with this record resumes, another record is refused."""
     manifest = read_manifest(spec.engine)
     options = {k: v for k, v in asdict(spec.options).items() if k not in RUNTIME_ONLY}
+    if not options.get("sparse", True):  # the record of a job without --sparse stays as it was: its outputs resume
+        del options["sparse"]
     record: dict[str, Any] = {
         "input": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in files],
         "chunk_size": spec.chunk_size,
@@ -76,7 +78,7 @@ def plan_job(spec: JobSpec) -> Plan:
     """Check the engine, input and output, and list the parts that are still to be computed."""
     if not (spec.engine / "manifest.json").exists():
         raise ValidationError(f"--engine: {spec.engine} is not an engine folder (no manifest.json)")
-    worker_class(spec).check_task(spec.engine, read_manifest(spec.engine).task)  # before anything is written
+    worker_class(spec).check_task(spec.engine, read_manifest(spec.engine).task, spec.options)  # before anything is written
     files = input_files(spec.input)
     if reads_queries(spec) and any(p.suffix == ".txt" for p in files):
         raise ValidationError(f"--query: {spec.input} holds .txt files, which have no query field: give --query")
@@ -95,7 +97,7 @@ def run_part(worker: Worker, part: Part, spec: JobSpec, ids: Any, progress: Call
     its rows are computed."""
     rows = read_part(part, spec.fields, ids is not None, with_queries=reads_queries(spec))
     values = worker.run(rows, progress)
-    write_part(spec.output, part.index, part.start, values, rows.ids, ids, column=worker.column)
+    write_part(spec.output, part.index, part.start, values, rows.ids, ids)
     return len(rows.texts)
 
 

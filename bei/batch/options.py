@@ -23,6 +23,7 @@ class EmbedOptions(EngineOptions):
     normalize: bool | None = None  # None: as the model does (sentence-transformers' Normalize module)
     prompt_name: str | None = None  # None: the model's default prompt, if any
     dimensions: int | None = None  # Matryoshka truncation
+    sparse: bool = False  # a bge-m3 (embed_m3) engine's lexical weights too, as a `sparse` column
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The output folder of a batch job: `_bei_job.json` (what the job is) and `part-NNNNNN.parquet` files (`row`, then
-`embedding` or `score`, and `id`).
+`embedding` or `score`, a bge-m3 job's `sparse` with --sparse, and `id`).
 
 Each part is written to a hidden temporary file and renamed into place, so a part file that exists is
 complete: a rerun of the same job keeps the parts it finds and computes the missing ones. The job record
@@ -89,16 +89,23 @@ def _values_array(values: np.ndarray) -> Any:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
 
 
-def write_part(
-    output: Path, index: int, start: int, values: np.ndarray, ids: list[Any] | None, id_type: Any = None, column: str = "embedding"
-) -> Path:
-    """Write part `index` (rows `start`, `start + 1`, ...) atomically: temporary file, then rename. `values` (a vector or
-    a score a row) in `column`, `ids` in `id_type`."""
+def sparse_array(weights: list[list[tuple[int, float]]]) -> Any:
+    """Per row, its (token id, weight) pairs -> a list<struct<index: int32, value: float32>> column."""
+    import pyarrow as pa
+
+    struct = pa.struct([("index", pa.int32()), ("value", pa.float32())])  # /embed_sparse's {index, value}
+    return pa.array([[{"index": i, "value": v} for i, v in row] for row in weights], type=pa.list_(struct))
+
+
+def write_part(output: Path, index: int, start: int, values: dict[str, Any], ids: list[Any] | None, id_type: Any = None) -> Path:
+    """Write part `index` (rows `start`, `start + 1`, ...) atomically: temporary file, then rename. `values`: the
+    columns after `row` (a vector or a score a row as numpy arrays, or pyarrow arrays), `ids` in `id_type`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    count = len(values)
-    columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + count, dtype=np.int64)), column: _values_array(values)}
+    arrays = {name: _values_array(v) if isinstance(v, np.ndarray) else v for name, v in values.items()}
+    count = len(next(iter(arrays.values())))
+    columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + count, dtype=np.int64)), **arrays}
     if ids is not None:
         columns["id"] = _id_array(ids, id_type)
     table = pa.table(columns)

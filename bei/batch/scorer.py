@@ -10,15 +10,14 @@ import numpy as np
 from bei.api.scoring import activate
 from bei.batch.options import RerankOptions
 from bei.batch.sources import Rows
-from bei.batch.worker import Worker
+from bei.batch.worker import Columns, Worker
 from bei.kinds import Task
 from bei.text.tokenizer import TextInput
 
 
 class Scorer(Worker):
-    task = Task.RERANK
+    tasks = (Task.RERANK,)
     command = "bei rerank"
-    column = "score"
     options: RerankOptions
 
     def score(self, queries: list[str], texts: list[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -29,7 +28,7 @@ class Scorer(Worker):
         logits = self.engine_rows(pairs, None, progress)
         return activate(logits, self.options.raw_scores)[:, 0].astype(np.float32)
 
-    def run(self, rows: Rows, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def run(self, rows: Rows, progress: Callable[[int], None] | None = None) -> Columns:
         queries = rows.queries if self.options.query is None else [self.options.query] * len(rows.texts)
         assert queries is not None  # read_part reads the queries of a job without --query
-        return self.score(queries, rows.texts, progress)
+        return {"score": self.score(queries, rows.texts, progress)}

@@ -313,6 +313,7 @@ def make_checkpoint(
     bge_m3: bool = False,
     gte_new: dict[str, Any] | None = None,
     dense_bias: bool = True,
+    config_fields: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
@@ -323,7 +324,8 @@ def make_checkpoint(
     bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
     dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size). gte_new (model_type gte
     only): the checkpoint in GTE's authors' format (`model_type: new`), `rope_scaling` from this
-    mapping's key of that name (e.g. `GTE_NTK`; None: none).
+    mapping's key of that name (e.g. `GTE_NTK`; None: none). config_fields: set on the config before
+    the model is made, so the weights have what they ask for (e.g. DeBERTa-v2's `conv_kernel_size`).
     """
     import transformers
 
@@ -342,6 +344,8 @@ def make_checkpoint(
 
     torch.manual_seed(seed)
     config = _config(model_type, tok, task, num_labels)
+    for key, value in (config_fields or {}).items():
+        setattr(config, key, value)
     model = getattr(transformers, _AUTO[task]).from_config(config)
     if task in ("rerank", "classify", "ner"):
         _rescale_heads(model, config.num_labels)

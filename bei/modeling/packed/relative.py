@@ -8,6 +8,10 @@ relative position embeddings. Flash attention cannot add such a score, so these 
 the padded layout of the packed stream (`Packed.unpack`) with a float mask: the bias, and -inf at
 padded keys. Relative positions are counted within each row, as transformers counts them within
 a right-padded row.
+
+DeBERTa-v2's optional convolution (`conv_kernel_size` > 0, as in deberta-v2-xlarge) runs over each
+row's embeddings on its own: `TokenConvolution` unpacks the stream to the padded layout, whose
+padding is zeros as transformers' masked embeddings are, so no row sees another's tokens.
 """
 
 from __future__ import annotations
@@ -222,6 +226,28 @@ class DebertaEmbeddings(nn.Module):
         return self.norm(self.project(x))
 
 
+class TokenConvolution(nn.Module):
+    """DeBERTa-v2's ConvLayer after the first layer: a 1-D convolution over each row's embeddings
+    (zero padded at both ends of the row, as transformers' masked embeddings and the conv's own
+    padding give), the activation, added to the first layer's output, then LayerNorm."""
+
+    def __init__(self, config: dict[str, Any], hidden: int, eps: float) -> None:
+        super().__init__()
+        kernel, groups = int(config["conv_kernel_size"]), int(config.get("conv_groups") or 1)
+        if kernel % 2 == 0:  # transformers' padding (kernel - 1) // 2 keeps the length only for odd kernels
+            raise ModelError(f"config.json conv_kernel_size={kernel}: DeBERTa-v2's convolution needs an odd kernel size")
+        if hidden % groups:
+            raise ModelError(f"config.json conv_groups={groups} does not divide hidden_size {hidden}")
+        self.conv = nn.Conv1d(hidden, hidden, kernel, padding=(kernel - 1) // 2, groups=groups)
+        self.act = activation(config, "conv_act", "tanh")
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, embedded: torch.Tensor, layer_out: torch.Tensor, packed: Packed) -> torch.Tensor:
+        rows = packed.unpack(embedded).transpose(1, 2)  # [rows, hidden, max_len], zeros past each row's end
+        out = packed.pack(self.conv(rows).transpose(1, 2))
+        return self.norm(layer_out + self.act(out))
+
+
 def log_buckets(relative: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
     """DeBERTa's log buckets of query - key distances: exact within buckets // 2, logarithmic beyond (make_log_bucket_position)."""
     sign = torch.sign(relative)
@@ -234,7 +260,8 @@ def log_buckets(relative: torch.Tensor, buckets: int, max_position: int) -> torc
 class DebertaV2Encoder(Encoder):
     """DeBERTa-v2 / v3: disentangled attention over log-bucketed relative positions (a table shared
     by every layer, LayerNorm-ed where `norm_rel_ebd` says so), BERT's post-norm layers; its
-    sequence head is ContextPooler (dense -> pooler_hidden_act on [CLS]) -> classifier."""
+    sequence head is ContextPooler (dense -> pooler_hidden_act on [CLS]) -> classifier. With
+    `conv_kernel_size` the first layer's output gets a convolution of the embeddings added (`TokenConvolution`)."""
 
     PREFIXES = ("deberta.",)
     RULES: ClassVar[Rules] = renames(
@@ -246,6 +273,8 @@ class DebertaV2Encoder(Encoder):
             "embeddings.LayerNorm": "embed.norm",
             "encoder.rel_embeddings": "relative_table",
             "encoder.LayerNorm": "relative_norm",
+            "encoder.conv.conv": "conv.conv",
+            "encoder.conv.LayerNorm": "conv.norm",
         },
         "encoder.layer",
         {
@@ -265,11 +294,6 @@ class DebertaV2Encoder(Encoder):
         super().__init__(config, task, num_labels)
         if task is Task.SPARSE:
             raise ModelError("the torch target has no DeBERTa-v2 masked-LM (sparse) head; it serves embed, rerank, classify and ner")
-        if int(config.get("conv_kernel_size") or 0) > 0:
-            raise ModelError(
-                "config.json conv_kernel_size > 0 (DeBERTa-v2's convolution after the first layer) is not supported by the torch target; "
-                "build it for the onnxruntime target"
-            )
         hidden, eps = int(required(config, "hidden_size")), float(config.get("layer_norm_eps", 1e-7))
         heads, inner = int(required(config, "num_attention_heads")), int(required(config, "intermediate_size"))
         if int(config.get("attention_head_size") or hidden // heads) * heads != hidden:
@@ -296,6 +320,7 @@ class DebertaV2Encoder(Encoder):
         self.relative_table = nn.Embedding(2 * span, hidden) if self.relative else None
         norms = [name.strip() for name in str(config.get("norm_rel_ebd", "none")).lower().split("|")]
         self.relative_norm = nn.LayerNorm(hidden, eps=eps) if "layer_norm" in norms else None
+        self.conv = TokenConvolution(config, hidden, eps) if int(config.get("conv_kernel_size") or 0) > 0 else None
         pooler = Transform(hidden, activation(config, "pooler_hidden_act", "gelu"))
         self.make_head(hidden, per_task(pooler, None, None))
 
@@ -310,8 +335,11 @@ class DebertaV2Encoder(Encoder):
             table = self.relative_norm(table) if self.relative_norm is not None else table
         else:
             table = x.new_zeros(0)
-        for layer in self.layers:
+        embedded = x
+        for i, layer in enumerate(self.layers):
             x = layer(x, packed, (table, distance))
+            if i == 0 and self.conv is not None:
+                x = self.conv(embedded, x, packed)
         return x if self.head is None else self.head(x, packed)
 
 

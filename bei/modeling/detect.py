@@ -30,6 +30,7 @@ ARCHITECTURES: dict[str, str] = {
     "nomic_bert": "encoder_bert",
     "eurobert": "encoder_bert",
     "gte": "encoder_bert",
+    "jina_embeddings_v3": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",
@@ -39,7 +40,7 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 # model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
-_TOKEN_TYPES = ("bert", "electra", "deberta-v2", "nomic_bert")
+_TOKEN_TYPES = ("bert", "electra", "deberta-v2", "nomic_bert", "jina_embeddings_v3")
 
 _ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",

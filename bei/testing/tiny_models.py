@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte",
+            "jina_embeddings_v3")  # fmt: skip
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -41,6 +42,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "nomic_bert": ("embed", "rerank", "classify", "ner"),
     "eurobert": ("embed", "rerank", "classify", "ner"),
     "gte": ("embed", "rerank", "classify", "ner"),
+    "jina_embeddings_v3": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -117,6 +119,9 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
     if model_type == "gte":  # transformers' native GTE (gte-multilingual-base's layout): XLM-R's tokenizer
         gte: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 1, "pad_token_id": ids["pad_token"]}
         return transformers.GteConfig(**common_enc, **enc, **gte)
+    if model_type == "jina_embeddings_v3":  # XLM-R with rotary positions (jina-embeddings-v3): XLM-R's tokenizer
+        jina: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 1, "pad_token_id": ids["pad_token"]}
+        return transformers.JinaEmbeddingsV3Config(**common_enc, **enc, **jina)
     if model_type == "eurobert":  # Llama's layers, bidirectional
         euro: dict[str, Any] = {
             "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],

@@ -1,6 +1,7 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `decoders.py`, `eurobert.py`)
+Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `jina.py`, `decoders.py`,
+`eurobert.py`)
 is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never imports
 transformers) and the task, whose `forward(packed)`
 returns, packed, what the transformers model of that task returns:
@@ -55,10 +56,12 @@ def architectures() -> dict[str, ArchitectureFactory]:
     from bei.modeling.packed.encoders import ENCODERS
     from bei.modeling.packed.eurobert import EuroBertEncoder
     from bei.modeling.packed.gte import GteEncoder
+    from bei.modeling.packed.jina import JinaEmbeddingsV3Encoder
     from bei.modeling.packed.nomic import NomicBertEncoder
     from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, "gte": GteEncoder, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, "gte": GteEncoder,
+            "jina_embeddings_v3": JinaEmbeddingsV3Encoder, **DECODERS}  # fmt: skip
 
 
 def num_labels(spec: ModelSpec) -> int:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from bei.modeling.remote_code import JINA_V3_CODE
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
@@ -280,6 +281,63 @@ def _gte_authors_format(folder: Path, rope_scaling: dict[str, Any] | None) -> No
     )  # fmt: skip
 
 
+# jina-embeddings-v3 as jinaai publishes it: its task LoRA adapters and their instructions
+JINA_TASKS = {
+    "retrieval.query": "Represent the query for retrieving evidence documents: ",
+    "retrieval.passage": "Represent the document for retrieval: ",
+    "separation": "",
+    "classification": "",
+    "text-matching": "",
+}
+_JINA_LORA_LAYERS = ("word_embeddings", "token_type_embeddings", "Wqkv", "out_proj", "fc1", "fc2", "pooler.dense")
+
+
+def jina_lora_format(folder: Path, rank: int = 2, alpha: float = 3.0, seed: int = 0) -> None:
+    """A native `jina_embeddings_v3` embedder rewritten as jinaai/jina-embeddings-v3 ships it: config.json
+    in XLMRobertaFlashConfig's keys with its auto_map (model_type xlm-roberta, rotary_emb_base,
+    lora_adaptations, ...), and the weights under `roberta.` with a random LoRA adapter per task on
+    every Linear and Embedding (torch parametrize's names: `X.parametrizations.weight.original`,
+    `X.parametrizations.weight.0.lora_A` / `lora_B`, the tasks stacked on dimension 0)."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    generator = torch.Generator().manual_seed(seed)
+    tasks = len(JINA_TASKS)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in load_file(str(weights)).items():
+        layer = key.removesuffix(".weight")
+        if not key.endswith(".weight") or not layer.endswith(_JINA_LORA_LAYERS):
+            state["roberta." + key] = value
+            continue
+        base = f"roberta.{layer}.parametrizations.weight."
+        rows, cols = value.shape
+        if "embeddings" in layer:  # Embedding [vocab, dim]: W + s * A @ B
+            a, b = torch.randn(tasks, rows, rank, generator=generator), torch.randn(tasks, rank, cols, generator=generator)
+        else:  # Linear [out, in]: W + s * B @ A
+            a, b = torch.randn(tasks, rank, cols, generator=generator), torch.randn(tasks, rows, rank, generator=generator)
+        state[base + "original"], state[base + "0.lora_A"], state[base + "0.lora_B"] = value, a * 0.1, b * 0.1
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    code = JINA_V3_CODE + "--"
+    edit_config(
+        folder,
+        {
+            "model_type": "xlm-roberta", "architectures": ["XLMRobertaLoRA"], "rope_parameters": None,
+            "auto_map": {"AutoConfig": code + "configuration_xlm_roberta.XLMRobertaFlashConfig",
+                         "AutoModel": code + "modeling_lora.XLMRobertaLoRA",
+                         "AutoModelForPreTraining": code + "modeling_xlm_roberta.XLMRobertaForPreTraining"},
+            "position_embedding_type": "rotary", "rotary_emb_base": config["rope_parameters"]["rope_theta"],
+            "lora_adaptations": list(JINA_TASKS), "task_instructions": JINA_TASKS, "lora_rank": rank, "lora_alpha": alpha,
+            "lora_dropout_p": 0.0, "lora_main_params_trainable": False, "load_trained_adapters": True,
+            "use_flash_attn": True, "emb_pooler": None, "matryoshka_dimensions": [8, 16, 32], "truncate_dim": None,
+        },
+    )  # fmt: skip
+    st_config = folder / "config_sentence_transformers.json"
+    if st_config.exists():
+        data = json.loads(st_config.read_text())
+        _write_json(st_config, {**data, "prompts": dict(JINA_TASKS), "default_prompt_name": None})
+
+
 def edit_config(folder: Path, edits: dict[str, Any]) -> None:
     """Set keys of `folder/config.json` (a None value removes the key)."""
     path = folder / "config.json"
@@ -318,6 +376,7 @@ def make_checkpoint(
     bge_m3: bool = False,
     gte_new: dict[str, Any] | None = None,
     dense_bias: bool = True,
+    jina_lora: bool = False,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
@@ -328,7 +387,8 @@ def make_checkpoint(
     bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
     dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size). gte_new (model_type gte
     only): the checkpoint in GTE's authors' format (`model_type: new`), `rope_scaling` from this
-    mapping's key of that name (e.g. `GTE_NTK`; None: none).
+    mapping's key of that name (e.g. `GTE_NTK`; None: none). jina_lora (jina_embeddings_v3 embed only):
+    the checkpoint as jinaai/jina-embeddings-v3 ships it, with task LoRA adapters (`jina_lora_format`).
     """
     import transformers
 
@@ -407,6 +467,8 @@ def make_checkpoint(
         _write_json(
             folder / "config_sentence_transformers.json", {"model_type": "SentenceTransformer", **st_config, "similarity_fn_name": "cosine"}
         )
+        if jina_lora:
+            jina_lora_format(folder)
     elif task == "sparse":
         _write_json(
             folder / "modules.json",

@@ -19,7 +19,14 @@ from bei.modeling.packed.nomic import NomicBertEncoder
 _PUBLIC = renames(
     {"embeddings.word_embeddings": "embed.tokens", "embeddings.token_type_embeddings": "embed.types", "emb_ln": "embed.norm"},
     "encoder.layers",
-    {"mixer.Wqkv": "attn.qkv", "mixer.out_proj": "attn.out", "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down", "norm1": "attn_norm", "norm2": "mlp_norm"},
+    {
+        "mixer.Wqkv": "attn.qkv",
+        "mixer.out_proj": "attn.out",
+        "mlp.fc1": "mlp.up",
+        "mlp.fc2": "mlp.down",
+        "norm1": "attn_norm",
+        "norm2": "mlp_norm",
+    },
 )
 _NATIVE = renames(
     {"embeddings.LayerNorm": "embed.norm"},

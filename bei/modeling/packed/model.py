@@ -29,6 +29,7 @@ import torch
 
 from bei.errors import ModelError
 from bei.kinds import PER_TOKEN_TASKS, Task
+from bei.modeling.lora import checkpoint_state
 from bei.modeling.m3 import m3_heads
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
@@ -132,11 +133,10 @@ def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
     return factories[spec.model_type](config, task, num_labels(spec))
 
 
-def load_hf_weights(body: torch.nn.Module, checkpoint: Path) -> None:
-    """The checkpoint's transformers weights (model.safetensors / pytorch_model.bin, sharded too) into `body`."""
-    from bei.modeling.packed.weights import read_hf_state
-
-    state = body.convert_hf_state(read_hf_state(checkpoint))  # type: ignore[operator]
+def load_hf_weights(body: torch.nn.Module, checkpoint: Path, adapter: str | None = None) -> None:
+    """The checkpoint's transformers weights (model.safetensors / pytorch_model.bin, sharded too) into
+    `body`, with the task LoRA `adapter` merged in (bei/modeling/lora.py) when one is chosen."""
+    state = body.convert_hf_state(checkpoint_state(checkpoint, read_config(checkpoint), adapter))  # type: ignore[operator]
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(
@@ -148,5 +148,5 @@ def load_hf_weights(body: torch.nn.Module, checkpoint: Path) -> None:
 def build_packed_module(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PackedEngineModule:
     """The checkpoint at `spec.path` as a packed module, with its transformers weights."""
     body = make_body(spec, read_config(spec.path))
-    load_hf_weights(body, spec.path)
+    load_hf_weights(body, spec.path, spec.adapter)
     return PackedEngineModule(spec, body).to(dtype).eval()

@@ -32,7 +32,7 @@ from tests.compat import ok
 from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu
 
 TARGETS = ("onnxruntime", "torch")
-EMBEDDER = {"pooling": "mean", "normalize": True}
+EMBEDDER = {"pooling": "mean", "normalize": True, "max_seq_length": 128}  # room for the instruction
 ADAPTERS = ("retrieval.query", "text-matching")  # one task with an instruction, one without
 
 
@@ -85,7 +85,7 @@ def reference(native: Path, public: Path, adapter: str | None) -> np.ndarray:
                 layer.mlp.fc2.weight += delta(f"encoder.layers.{i}.mlp.fc2")
         prefix = config["task_instructions"][adapter]
     tokenizer = AutoTokenizer.from_pretrained(str(native))
-    batch = tokenizer([prefix + text for text in TEXTS], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    batch = tokenizer([prefix + text for text in TEXTS], padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
         hidden_states = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()

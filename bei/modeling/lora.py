@@ -35,7 +35,9 @@ _ADAPTER = ".parametrizations.weight.0."
 
 def adapter_tasks(config: dict[str, Any]) -> tuple[str, ...]:
     """The tasks of the checkpoint's LoRA adapters (config.json `lora_adaptations`); () when it has none."""
-    tasks = config.get("lora_adaptations") or ()
+    tasks = config.get("lora_adaptations")
+    if tasks is None:
+        return ()
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise ModelError(f"config.json lora_adaptations must be a list of task names, not {tasks!r}")
     return tuple(tasks)

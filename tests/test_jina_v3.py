@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -32,7 +33,7 @@ from tests.compat import ok
 from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu
 
 TARGETS = ("onnxruntime", "torch")
-EMBEDDER = {"pooling": "mean", "normalize": True, "max_seq_length": 128}  # room for the instruction
+EMBEDDER: dict[str, Any] = {"pooling": "mean", "normalize": True, "max_seq_length": 128}  # room for the instruction
 ADAPTERS = ("retrieval.query", "text-matching")  # one task with an instruction, one without
 
 

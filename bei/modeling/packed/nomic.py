@@ -67,7 +67,7 @@ _NATIVE = renames(
 class NomicBertEncoder(Encoder):
     """NomicBERT: post-norm, rotary, SwiGLU, no biases but the LayerNorms'."""
 
-    PREFIXES = ("nomic_bert.", "bert.", "model.")
+    PREFIXES: ClassVar[tuple[str, ...]] = ("nomic_bert.", "bert.", "model.")
     RULES: ClassVar[Rules] = _PUBLIC + _NATIVE
     HEADS = per_task({"pooler.dense": "head.transform.dense", "classifier": "head.out"}, {"classifier": "head.out"}, {})
     # the MLP's gate (fc12, silu applied) and value (fc11) become one projection, gate first

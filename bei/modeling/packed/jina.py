@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from bei.modeling.packed.blocks import MLP, Activation, Attention, Rules, per_task, renames
-from bei.modeling.packed.nomic import NomicBertEncoder
+from bei.modeling.packed.blocks import Rules, per_task, renames
+from bei.modeling.packed.nomic import NATIVE_LAYER, NomicBertEncoder
 
 _PUBLIC = renames(
     {"embeddings.word_embeddings": "embed.tokens", "embeddings.token_type_embeddings": "embed.types", "emb_ln": "embed.norm"},
@@ -28,20 +28,7 @@ _PUBLIC = renames(
         "norm2": "mlp_norm",
     },
 )
-_NATIVE = renames(
-    {"embeddings.LayerNorm": "embed.norm"},
-    "layers",
-    {
-        "self_attn.q_proj": "attn.q",
-        "self_attn.k_proj": "attn.k",
-        "self_attn.v_proj": "attn.v",
-        "self_attn.o_proj": "attn.out",
-        "mlp.fc1": "mlp.up",
-        "mlp.fc2": "mlp.down",
-        "post_attention_layernorm": "attn_norm",
-        "post_mlp_layernorm": "mlp_norm",
-    },
-)
+_NATIVE = renames({"embeddings.LayerNorm": "embed.norm"}, "layers", {**NATIVE_LAYER, "mlp.fc1": "mlp.up", "mlp.fc2": "mlp.down"})
 
 
 class JinaEmbeddingsV3Encoder(NomicBertEncoder):
@@ -53,9 +40,4 @@ class JinaEmbeddingsV3Encoder(NomicBertEncoder):
     RULES: ClassVar[Rules] = _PUBLIC + _NATIVE
     HEADS = per_task({"classifier.dense": "head.transform.dense", "classifier.out_proj": "head.out"}, {"classifier": "head.out"}, {})
     FUSIONS = NomicBertEncoder.FUSIONS[:1]
-
-    def attention(self, hidden: int, heads: int) -> Attention:
-        return Attention(hidden, heads, bias=True)
-
-    def mlp(self, hidden: int, inner: int, act: Activation) -> MLP:
-        return MLP(hidden, inner, act, bias=True, gated=False)
+    BIAS, GATED = True, False

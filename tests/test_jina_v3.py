@@ -13,7 +13,10 @@ A[t] @ B[t]) added by hand to its modules; the texts get the task's instruction,
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from bei.config import parse_config
@@ -34,7 +38,8 @@ from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu
 
 TARGETS = ("onnxruntime", "torch")
 EMBEDDER: dict[str, Any] = {"pooling": "mean", "normalize": True, "max_seq_length": 128}  # room for the instruction
-ADAPTERS = ("retrieval.query", "text-matching")  # one task with an instruction, one without
+ADAPTERS = ("retrieval.query", "text-matching")
+ROOT = Path(__file__).resolve().parents[1]  # one task with an instruction, one without
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +158,32 @@ def test_gpu_targets_plan_it(built: dict[tuple[str, str], tuple[Path, Path]]) ->
     for target in ("tensorrt", "torch"):
         plan = fp8_plan_away_from_gpu(spec, target)
         assert plan.precision == "fp8" and plan.parameters > 0 and len(plan.quantized_layers) >= 8, plan.quantized_layers
+
+
+def test_tensorrt_dry_run_with_the_adapter_field(built: dict[tuple[str, str], tuple[Path, Path]], tmp_path: Path) -> None:
+    checkpoint = built[("retrieval.query", "onnxruntime")][0]
+    config = tmp_path / "config.yaml"
+    engines = tmp_path / "engines"
+    command = [
+        sys.executable,
+        "-m",
+        "bei.cli",
+        "build",
+        str(config),
+        "--dry-run",
+        "--target",
+        "tensorrt",
+        "--json",
+        "--engines-dir",
+        str(engines),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    config.write_text(yaml.safe_dump(config_for("jina", checkpoint, "encoder_bert", adapter="retrieval.passage")))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["target"] == "tensorrt" and plan["precision"] == "fp16" and plan["profiles"]
+    assert not engines.exists() or list(engines.iterdir()) == []
+    config.write_text(yaml.safe_dump(config_for("jina", checkpoint, "encoder_bert")))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode != 0 and "trt_llm.build.adapter is required" in result.stderr, result.stderr

@@ -31,6 +31,7 @@ from bei.config import parse_config
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.detect import read_model_spec
+from bei.modeling.lora import merge_adapter
 from bei.testing.inproc_server import config_for, make_and_build, serve_engine
 from bei.testing.tiny_models import TEXTS, edit_config, make_checkpoint
 from tests.compat import ok
@@ -187,3 +188,21 @@ def test_tensorrt_dry_run_with_the_adapter_field(built: dict[tuple[str, str], tu
     config.write_text(yaml.safe_dump(config_for("jina", checkpoint, "encoder_bert")))
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode != 0 and "trt_llm.build.adapter is required" in result.stderr, result.stderr
+
+
+def test_merge_picks_the_task_and_keeps_bf16_weights_exact() -> None:
+    config = {"lora_adaptations": ["a", "b"], "lora_rank": 1, "lora_alpha": 2.0}
+    w, e = torch.randn(3, 4).to(torch.bfloat16), torch.randn(5, 4)
+    a, b = torch.randn(2, 1, 4), torch.randn(2, 3, 1)  # Linear [out 3, in 4]
+    ea, eb = torch.randn(2, 5, 1), torch.randn(2, 1, 4)  # Embedding [vocab 5, dim 4]
+    lin, emb = "layer.parametrizations.weight.", "embeddings.word_embeddings.parametrizations.weight."
+    state = {lin + "original": w, lin + "0.lora_A": a, lin + "0.lora_B": b, "layer.bias": torch.zeros(3)}
+    state |= {emb + "original": e, emb + "0.lora_A": ea, emb + "0.lora_B": eb}
+    merged = merge_adapter(state, config, "b")
+    assert sorted(merged) == ["embeddings.word_embeddings.weight", "layer.bias", "layer.weight"]
+    assert merged["layer.weight"].dtype == torch.float32
+    torch.testing.assert_close(merged["layer.weight"], w.float() + 2.0 * b[1] @ a[1])
+    torch.testing.assert_close(merged["embeddings.word_embeddings.weight"], e + 2.0 * ea[1] @ eb[1])
+    del state[lin + "0.lora_B"]
+    with pytest.raises(ModelError, match="layer: its weight is parametrized but lora_A / lora_B are missing"):
+        merge_adapter(state, config, "a")

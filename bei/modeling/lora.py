@@ -87,7 +87,8 @@ def merge_adapter(state: dict[str, torch.Tensor], config: dict[str, Any], adapte
             delta = a @ b
         else:
             raise ModelError(f"{layer}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit its weight {tuple(weight.shape)}")
-        out[layer + ".weight"] = (weight.double() + scale * delta).to(weight.dtype)
+        # bf16 / fp16 weights (the public checkpoint's bf16) keep the sum in fp32: rounding it back would lose the delta's low bits
+        out[layer + ".weight"] = (weight.double() + scale * delta).to(torch.promote_types(weight.dtype, torch.float32))
     return out
 
 

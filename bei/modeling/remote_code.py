@@ -109,7 +109,7 @@ _JINA_FIXED: dict[str, tuple[Any, ...]] = {
 # keys of jina-embeddings-v3's config that choose how the authors' code computes, or its adapters (merged at build)
 _JINA_DROPPED = (
     "auto_map", "rotary_emb_base", "use_flash_attn", "fused_dropout_add_ln", "emb_pooler", "load_trained_adapters",
-    "lora_main_params_trainable", "lora_dropout_p", "use_cache", "classifier_dropout",
+    "lora_main_params_trainable", "lora_dropout_p", "use_reentrant", "output_past",
 )  # fmt: skip
 
 

@@ -1,10 +1,9 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
 Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `jina.py`, `decoders.py`,
-`eurobert.py`)
-is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never imports
-transformers) and the task, whose `forward(packed)`
-returns, packed, what the transformers model of that task returns:
+`eurobert.py`) is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never
+imports transformers) and the task, whose `forward(packed)` returns, packed, what the transformers
+model of that task returns:
 
 - embed:             last hidden state [tokens, hidden]
 - rerank / classify: logits [rows, labels]

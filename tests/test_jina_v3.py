@@ -13,10 +13,7 @@ A[t] @ B[t]) added by hand to its modules; the texts get the task's instruction,
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +32,7 @@ from bei.modeling.lora import merge_adapter
 from bei.testing.inproc_server import config_for, make_and_build, serve_engine
 from bei.testing.tiny_models import TEXTS, edit_config, make_checkpoint
 from tests.compat import ok
-from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu
+from tests.servers import assert_fp32_parity, fp8_plan_away_from_gpu, run_bei
 
 TARGETS = ("onnxruntime", "torch")
 EMBEDDER: dict[str, Any] = {"pooling": "mean", "normalize": True, "max_seq_length": 128}  # room for the instruction
@@ -163,30 +160,16 @@ def test_gpu_targets_plan_it(built: dict[tuple[str, str], tuple[Path, Path]]) ->
 
 def test_tensorrt_dry_run_with_the_adapter_field(built: dict[tuple[str, str], tuple[Path, Path]], tmp_path: Path) -> None:
     checkpoint = built[("retrieval.query", "onnxruntime")][0]
-    config = tmp_path / "config.yaml"
-    engines = tmp_path / "engines"
-    command = [
-        sys.executable,
-        "-m",
-        "bei.cli",
-        "build",
-        str(config),
-        "--dry-run",
-        "--target",
-        "tensorrt",
-        "--json",
-        "--engines-dir",
-        str(engines),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    config, engines = tmp_path / "config.yaml", tmp_path / "engines"
+    args = ("build", config, "--dry-run", "--target", "tensorrt", "--json", "--engines-dir", engines)
     config.write_text(yaml.safe_dump(config_for("jina", checkpoint, "encoder_bert", adapter="retrieval.passage")))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    result = run_bei(*args)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["target"] == "tensorrt" and plan["precision"] == "fp16" and plan["profiles"]
     assert not engines.exists() or list(engines.iterdir()) == []
     config.write_text(yaml.safe_dump(config_for("jina", checkpoint, "encoder_bert")))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    result = run_bei(*args)
     assert result.returncode != 0 and "trt_llm.build.adapter is required" in result.stderr, result.stderr
 
 

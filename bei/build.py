@@ -76,7 +76,7 @@ def plan_build(
         progress.note(f"{checkpoint.path}")
 
     with progress.stage("read pooling"):
-        spec = read_model_spec(checkpoint.path, base_model=build.base_model.value, max_seq_len=build.max_seq_len)
+        spec = read_model_spec(checkpoint.path, base_model=build.base_model.value, max_seq_len=build.max_seq_len, adapter=build.adapter)
         pooling = spec.pooling.name if spec.pooling else "none"
         progress.note(f"{spec.architecture}: task {spec.task.value}, pooling {pooling}, normalize {spec.normalize}")
         plan = make_plan(

@@ -155,6 +155,10 @@ class BuildConfig(_Strict):
     # times each on the model's own shapes and keeps the fastest that passed its accuracy gate;
     # `fp32` pins the fp32 engine
     cpu_precision: Literal["fp32", "bf16", "auto"] = "auto"
+    # bei's own, checkpoints with task LoRA adapters (jina-embeddings-v3: retrieval.query,
+    # retrieval.passage, separation, classification, text-matching): the task whose adapter is merged
+    # into the engine's weights, its instruction the default prompt; required for them, refused for others
+    adapter: str | None = Field(default=None, min_length=1)
 
     _null_is_default = _null_means_default("quantization_config")
 

@@ -27,7 +27,7 @@ from bei.testing.tiny_models import edit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = Host(versions={"onnxruntime": "1.32.0"})
-ADDED = ("mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
+ADDED = ("mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte", "jina_embeddings_v3")
 
 
 @pytest.mark.parametrize("model_type", ADDED)

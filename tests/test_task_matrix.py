@@ -43,7 +43,7 @@ import torch
 from bei.testing.inproc_server import EngineBuilder, serve_engine
 from bei.testing.tiny_models import DECODERS, SUPPORTED, TEXTS
 
-pytestmark = pytest.mark.slow  # 147 engines built and served: about 12 minutes on two cores
+pytestmark = pytest.mark.slow  # 155 engines built and served: about 13 minutes on two cores
 
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4

@@ -9,9 +9,10 @@ from typing import Any
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.files import read_json
+from bei.modeling.lora import check_adapter, task_instruction
 from bei.modeling.m3 import has_m3_heads, read_colbert_dim
 from bei.modeling.pooling import PoolingConfig, PoolingMode
-from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
+from bei.modeling.remote_code import REMOTE_CODE_NATIVE, builds_remote_code, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
 from bei.text.chat_template import ChatTemplate, read_chat_template, read_special_tokens
 
@@ -30,6 +31,7 @@ ARCHITECTURES: dict[str, str] = {
     "nomic_bert": "encoder_bert",
     "eurobert": "encoder_bert",
     "gte": "encoder_bert",
+    "jina_embeddings_v3": "encoder_bert",
     "llama": "encoder",
     "mistral": "encoder",
     "qwen2": "encoder",
@@ -39,7 +41,7 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 # model types whose embeddings add token type ids (where type_vocab_size > 1): the runtime feeds them
-_TOKEN_TYPES = ("bert", "electra", "deberta-v2", "nomic_bert")
+_TOKEN_TYPES = ("bert", "electra", "deberta-v2", "nomic_bert", "jina_embeddings_v3")
 
 _ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
@@ -195,25 +197,29 @@ def _check_auto_map(config: dict[str, Any], config_path: Path, model_type: str, 
     `bert` with ALiBi in its own modeling file). Model types in `REMOTE_CODE_NATIVE` are the
     exception: bei builds their public checkpoints with its own implementation, names and all."""
     auto_map = config.get("auto_map")
-    if not auto_map or model_type in REMOTE_CODE_NATIVE:
+    if not auto_map or builds_remote_code(config):
         return
     classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
     raise ModelError(
         f"{config_path}: auto_map names custom code ({', '.join(sorted(str(c) for c in classes))[:300]}) for {architecture or model_type}; "
         "bei runs no remote code and builds only the architectures it implements: "
         f"{', '.join(ARCHITECTURES)}; also from checkpoints written for their authors' code: "
-        f"{', '.join(sorted(REMOTE_CODE_NATIVE))} (`new`: GTE's own format)"
+        f"{', '.join(sorted(REMOTE_CODE_NATIVE))} (`new`: GTE's own format), and jina-embeddings-v3 (xlm-roberta with rotary positions)"
     )
 
 
-def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None) -> ModelSpec:
-    """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint."""
+def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: int | None = None, adapter: str | None = None) -> ModelSpec:
+    """Read config.json, modules.json and the pooling/dense/normalize modules of a checkpoint.
+
+    adapter: the task LoRA adapter merged at build (`trt_llm.build.adapter`, bei/modeling/lora.py),
+    required for a checkpoint that ships adapters and refused for one that does not."""
     config_path = path / "config.json"
     written = _read_json(config_path)
     architecture = (written.get("architectures") or [""])[0]
     _check_auto_map(written, config_path, str(written.get("model_type", "")), architecture)
     config = native_config(written)
     model_type = str(config.get("model_type", ""))  # transformers' native one (`new` -> `gte`)
+    check_adapter(config, adapter, str(path))
     if model_type not in ARCHITECTURES:
         raise ModelError(
             f"{config_path}: model_type {model_type!r} ({architecture or 'no architectures'}) is not supported; "
@@ -258,6 +264,9 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         data = _read_json(st_config)
         prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
         default_prompt_name = data.get("default_prompt_name")
+    if adapter is not None:  # the authors' encode(task=...) puts the task's instruction before every input
+        prompts = {**prompts, adapter: task_instruction(config, adapter) or prompts.get(adapter, "")}
+        default_prompt_name = adapter
     return ModelSpec(
         path=path,
         architecture=architecture,
@@ -277,6 +286,7 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         default_prompt_name=default_prompt_name,
         chat_template=_chat_template(path, family, task),
         colbert_dim=colbert_dim,
+        adapter=adapter,
     )
 
 

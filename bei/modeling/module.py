@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from bei.errors import ModelError
 from bei.kinds import GRAPH_OUTPUTS, Task
 from bei.modeling.files import read_json
+from bei.modeling.lora import checkpoint_state
 from bei.modeling.m3 import m3_heads
 from bei.modeling.pooling import pool
-from bei.modeling.remote_code import REMOTE_CODE_NATIVE, native_config
+from bei.modeling.remote_code import builds_remote_code, native_config
 from bei.modeling.spec import DenseLayer, ModelSpec
 
 _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
@@ -81,7 +82,7 @@ def transformers_config(spec: ModelSpec) -> Any:
     import transformers
 
     written = read_json(spec.path / "config.json")
-    if written.get("model_type") not in REMOTE_CODE_NATIVE:
+    if not builds_remote_code(written):
         return transformers.AutoConfig.from_pretrained(str(spec.path))
     native = native_config(written)
     native.pop("auto_map", None)
@@ -95,7 +96,13 @@ def load_transformer(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> tor
     transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers_config(spec)
-        model = auto_class(spec.task).from_pretrained(str(spec.path), config=config, dtype=dtype, attn_implementation="eager")
+        if spec.adapter is None:
+            model = auto_class(spec.task).from_pretrained(str(spec.path), config=config, dtype=dtype, attn_implementation="eager")
+        else:  # the weights with the task's LoRA merged (bei/modeling/lora.py), renamed by transformers' conversion mapping
+            state = checkpoint_state(spec.path, native_config(read_json(spec.path / "config.json")), spec.adapter)
+            with torch.device("meta"):
+                model_class = type(auto_class(spec.task).from_config(config))
+            model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {spec.architecture} from {spec.path}: {err}") from err
     return model.eval()

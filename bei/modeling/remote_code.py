@@ -33,6 +33,8 @@ from bei.errors import ModelError
 
 # model types whose public checkpoints name custom code in auto_map, built by bei itself
 REMOTE_CODE_NATIVE: frozenset[str] = frozenset({"nomic_bert", "eurobert", "new"})
+# jina-embeddings-v3's code: an xlm-roberta whose auto_map names it (with rotary positions)
+JINA_V3_CODE = "jinaai/xlm-roberta-flash-implementation"
 
 _NOMIC_NAMES = {
     "n_embd": "hidden_size",
@@ -99,8 +101,46 @@ def _gte_rope(config: dict[str, Any]) -> dict[str, Any]:
     return {"rope_type": "linear", "rope_theta": theta * factor, "factor": factor ** (2 / head_dim)}
 
 
+# settings of the authors' XLM-RoBERTa flash code: the value transformers' jina_embeddings_v3 implements
+_JINA_FIXED: dict[str, tuple[Any, ...]] = {
+    "position_embedding_type": ("rotary",),
+    "window_size": (None, [-1, -1]),
+}
+# keys of jina-embeddings-v3's config that choose how the authors' code computes, or its adapters (merged at build)
+_JINA_DROPPED = (
+    "auto_map", "rotary_emb_base", "use_flash_attn", "fused_dropout_add_ln", "emb_pooler", "load_trained_adapters",
+    "lora_main_params_trainable", "lora_dropout_p", "use_reentrant", "output_past",
+)  # fmt: skip
+
+
+def is_jina_v3(config: dict[str, Any]) -> bool:
+    """jina-embeddings-v3 as published: an xlm-roberta with rotary positions whose auto_map names the authors' code."""
+    auto_map = config.get("auto_map")
+    classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    return (
+        config.get("model_type") == "xlm-roberta"
+        and config.get("position_embedding_type") == "rotary"
+        and any(str(c).startswith(JINA_V3_CODE) for c in classes)
+    )
+
+
+def builds_remote_code(config: dict[str, Any]) -> bool:
+    """Whether bei builds this checkpoint written for its authors' code (its `auto_map`) by its own implementation."""
+    return config.get("model_type") in REMOTE_CODE_NATIVE or is_jina_v3(config)
+
+
+def _jina_v3(config: dict[str, Any]) -> dict[str, Any]:
+    _refuse_unsupported(config, _JINA_FIXED, "jina-embeddings-v3")
+    out = {k: v for k, v in config.items() if k not in _JINA_FIXED and k not in _JINA_DROPPED}
+    theta = float(config.get("rotary_emb_base") or 10000.0)  # XLMRobertaFlashConfig's default
+    return {**out, "model_type": "jina_embeddings_v3", "architectures": ["JinaEmbeddingsV3Model"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}  # fmt: skip
+
+
 def native_config(config: dict[str, Any]) -> dict[str, Any]:
     """`config` in transformers' native spelling (unchanged for a model type that needs none)."""
+    if is_jina_v3(config):
+        return _jina_v3(config)
     if config.get("model_type") == "new":  # GTE in its authors' format
         _refuse_unsupported(config, _NEW_FIXED, "new (GTE)")
         out = {k: v for k, v in config.items() if k not in _NEW_FIXED and k not in _NEW_COMPUTE_ONLY}

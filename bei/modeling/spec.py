@@ -45,6 +45,8 @@ class ModelSpec:
     chat_template: str | None = None
     # bge-m3 (task embed_m3): the width of its ColBERT vectors (bei/modeling/m3.py)
     colbert_dim: int = 0
+    # the task LoRA adapter merged into the weights at build (jina-embeddings-v3: bei/modeling/lora.py)
+    adapter: str | None = None
 
     @property
     def embedding_dim(self) -> int | None:

@@ -12,7 +12,6 @@ sentence-transformers module files (modules.json, 1_Pooling/, N_Dense/, N_Normal
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,14 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from bei.testing.tiny_authors import GTE_NTK as GTE_NTK  # (the tests' import of it)
+from bei.testing.tiny_authors import edit_config, gte_authors_format, jina_lora_format, nomic_public_config
+from bei.testing.tiny_authors import write_json as _write_json
 from bei.testing.tiny_tokenizers import FAMILY, SPECIALS, save_tokenizer
 from bei.testing.tiny_tokenizers import TEXTS as TEXTS  # the parity sentences, also in the tokenizers' corpus
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "mpnet", "electra", "deberta-v2", "nomic_bert", "eurobert", "gte",
+            "jina_embeddings_v3")  # fmt: skip
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 MODEL_TYPES = ENCODERS + DECODERS
 TASKS = ("embed", "rerank", "classify", "ner", "sparse")
@@ -41,6 +44,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "nomic_bert": ("embed", "rerank", "classify", "ner"),
     "eurobert": ("embed", "rerank", "classify", "ner"),
     "gte": ("embed", "rerank", "classify", "ner"),
+    "jina_embeddings_v3": ("embed", "rerank", "classify", "ner"),
     "llama": ("embed", "rerank", "classify", "ner"),
     "mistral": ("embed", "rerank", "classify", "ner"),
     "qwen2": ("embed", "rerank", "classify", "ner"),
@@ -117,6 +121,9 @@ def _config(model_type: str, tok: Tokenizer, task: str, num_labels: int) -> Any:
     if model_type == "gte":  # transformers' native GTE (gte-multilingual-base's layout): XLM-R's tokenizer
         gte: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 1, "pad_token_id": ids["pad_token"]}
         return transformers.GteConfig(**common_enc, **enc, **gte)
+    if model_type == "jina_embeddings_v3":  # XLM-R with rotary positions (jina-embeddings-v3): XLM-R's tokenizer
+        jina: dict[str, Any] = {"max_position_embeddings": 128, "type_vocab_size": 1, "pad_token_id": ids["pad_token"]}
+        return transformers.JinaEmbeddingsV3Config(**common_enc, **enc, **jina)
     if model_type == "eurobert":  # Llama's layers, bidirectional
         euro: dict[str, Any] = {
             "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": ids["pad_token"],
@@ -220,78 +227,6 @@ def _n_modes(pooling: str | Sequence[str]) -> int:
     return len(set(pooling))
 
 
-def _nomic_public_config(folder: Path, config: Any) -> None:
-    """config.json as nomic-embed-text-v1.5 writes it (its code's spelling and auto_map), keeping the
-    native keys that transformers' NomicBertConfig reads (it ignores n_embd, ...: the references
-    would otherwise load the default sizes)."""
-    code = "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert."
-    edit_config(
-        folder,
-        {
-            "auto_map": {
-                "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
-                "AutoModel": code + "NomicBertModel",
-                "AutoModelForMaskedLM": code + "NomicBertForPreTraining",
-                "AutoModelForSequenceClassification": code + "NomicBertForSequenceClassification",
-                "AutoModelForTokenClassification": code + "NomicBertForTokenClassification",
-            },
-            "n_embd": config.hidden_size, "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
-            "n_inner": config.intermediate_size, "n_positions": config.max_position_embeddings, "layer_norm_epsilon": config.layer_norm_eps,
-            "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False, "rotary_scaling_factor": None,
-            "activation_function": "swiglu", "prenorm": False, "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False,
-            "causal": False, "max_trained_positions": 2048, "use_rms_norm": False,
-        },
-    )  # fmt: skip
-
-
-# GTE in its authors' format (Alibaba-NLP/new-impl), as gte-base-en-v1.5 / gte-multilingual-base write it
-_NEW_ARCHITECTURES = {"GteModel": "NewModel", "GteForSequenceClassification": "NewForSequenceClassification",
-                      "GteForTokenClassification": "NewForTokenClassification"}  # fmt: skip
-GTE_NTK = {"type": "ntk", "factor": 2.0}
-
-
-def _gte_authors_format(folder: Path, rope_scaling: dict[str, Any] | None) -> None:
-    """A native `gte` checkpoint rewritten as the authors' `new`: the heads' base model under `new.`,
-    config.json in NewConfig's keys (rope_theta, rope_scaling, pack_qkv, ...) with its auto_map."""
-    from safetensors.torch import load_file
-
-    weights = folder / "model.safetensors"
-    state = {("new." + k.removeprefix("gte.") if k.startswith("gte.") else k): v for k, v in load_file(str(weights)).items()}
-    save_file(state, str(weights), metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    code = "Alibaba-NLP/new-impl--modeling."
-    architecture = _NEW_ARCHITECTURES[config["architectures"][0]]
-    edit_config(
-        folder,
-        {
-            "model_type": "new", "architectures": [architecture], "rope_parameters": None,
-            "auto_map": {"AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig", "AutoModel": code + "NewModel",
-                         "AutoModelForSequenceClassification": code + "NewForSequenceClassification",
-                         "AutoModelForTokenClassification": code + "NewForTokenClassification"},
-            "rope_theta": 20000.0, "rope_scaling": rope_scaling, "position_embedding_type": "rope", "layer_norm_type": "layer_norm",
-            "pack_qkv": True, "unpad_inputs": False, "use_memory_efficient_attention": False,
-            "logn_attention_scale": False, "logn_attention_clip1": False,
-        },
-    )  # fmt: skip
-
-
-def edit_config(folder: Path, edits: dict[str, Any]) -> None:
-    """Set keys of `folder/config.json` (a None value removes the key)."""
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    for key, value in edits.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    path.write_text(json.dumps(config, indent=2))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 _ST_VERSION = {"sentence_transformers": "6.2.0", "transformers": "5.23.0", "pytorch": "2.13.0"}
 
 
@@ -314,6 +249,7 @@ def make_checkpoint(
     gte_new: dict[str, Any] | None = None,
     dense_bias: bool = True,
     config_fields: dict[str, Any] | None = None,
+    jina_lora: bool = False,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` for `task` into `folder`; returns `folder`.
 
@@ -324,8 +260,10 @@ def make_checkpoint(
     bge_m3: an embedder with bge-m3's sparse_linear.pt and colbert_linear.pt (torch.save'd Linear state
     dicts, as BAAI/bge-m3 ships them; its ColBERT width is the hidden size). gte_new (model_type gte
     only): the checkpoint in GTE's authors' format (`model_type: new`), `rope_scaling` from this
-    mapping's key of that name (e.g. `GTE_NTK`; None: none). config_fields: set on the config before
-    the model is made, so the weights have what they ask for (e.g. DeBERTa-v2's `conv_kernel_size`).
+    mapping's key of that name (e.g. `GTE_NTK`; None: none). jina_lora (jina_embeddings_v3 embed only):
+    the checkpoint as jinaai/jina-embeddings-v3 ships it, with task LoRA adapters (`jina_lora_format`).
+    config_fields: set on the config before the model is made, so the weights have what they ask for
+    (e.g. DeBERTa-v2's `conv_kernel_size`).
     """
     import transformers
 
@@ -352,13 +290,13 @@ def make_checkpoint(
     model.eval()
     model.save_pretrained(str(folder), safe_serialization=True)  # (NomicBERT: under the public checkpoints' key names)
     if model_type == "nomic_bert":
-        _nomic_public_config(folder, config)
+        nomic_public_config(folder, config)
     elif model_type == "eurobert":  # as EuroBERT-210m's: its code's auto_map, `clf_pooling`
         code = "EuroBERT/EuroBERT-210m--modeling_eurobert."
         auto_map = {"AutoConfig": "EuroBERT/EuroBERT-210m--configuration_eurobert.EuroBertConfig", "AutoModel": code + "EuroBertModel"}
         edit_config(folder, {"auto_map": auto_map, "clf_pooling": config.classifier_pooling, "classifier_pooling": None})
     elif model_type == "gte" and gte_new is not None:
-        _gte_authors_format(folder, gte_new.get("rope_scaling"))
+        gte_authors_format(folder, gte_new.get("rope_scaling"))
 
     st_config = {"__version__": _ST_VERSION, "prompts": dict(prompts or {}), "default_prompt_name": default_prompt_name}
     if task == "embed":
@@ -406,6 +344,8 @@ def make_checkpoint(
         _write_json(
             folder / "config_sentence_transformers.json", {"model_type": "SentenceTransformer", **st_config, "similarity_fn_name": "cosine"}
         )
+        if jina_lora:
+            jina_lora_format(folder)
     elif task == "sparse":
         _write_json(
             folder / "modules.json",

@@ -211,6 +211,7 @@ FAMILY = {
     "nomic_bert": "wordpiece",
     "eurobert": "causal_bpe",
     "gte": "xlmr_unigram",
+    "jina_embeddings_v3": "xlmr_unigram",
     "mpnet": "roberta_bpe",  # (MPNet ships WordPiece under <s> A </s></s> B </s> with RoBERTa's special ids)
     "roberta": "roberta_bpe",
     "xlm-roberta": "xlmr_unigram",

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bei.modeling.packed.blocks import MLP, Activation, Attention, Rules, renames
+from bei.modeling.packed.blocks import MLP, Activation, Rules, renames
 from bei.modeling.packed.nomic import NomicBertEncoder
 
 _GTE = renames(
@@ -42,9 +42,7 @@ class GteEncoder(NomicBertEncoder):
     PREFIXES = ("gte.", "new.", "model.")
     RULES: ClassVar[Rules] = _GTE
     FUSIONS = NomicBertEncoder.FUSIONS[:1]
-
-    def attention(self, hidden: int, heads: int) -> Attention:
-        return Attention(hidden, heads, bias=True)
+    BIAS = True
 
     def mlp(self, hidden: int, inner: int, act: Activation) -> MLP:
         mlp = MLP(hidden, inner, act, bias=True, gated=True)

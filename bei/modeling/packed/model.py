@@ -1,9 +1,9 @@
 """A checkpoint as bei's own packed torch module: architecture body + task head + pooling.
 
-Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `decoders.py`, `eurobert.py`)
-is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never imports
-transformers) and the task, whose `forward(packed)`
-returns, packed, what the transformers model of that task returns:
+Each architecture (`encoders.py`, `relative.py`, `nomic.py`, `gte.py`, `jina.py`, `decoders.py`,
+`eurobert.py`) is an `nn.Module` built from the checkpoint's config.json (a plain dict: serving never
+imports transformers) and the task, whose `forward(packed)` returns, packed, what the transformers
+model of that task returns:
 
 - embed:             last hidden state [tokens, hidden]
 - rerank / classify: logits [rows, labels]
@@ -28,6 +28,7 @@ import torch
 
 from bei.errors import ModelError
 from bei.kinds import PER_TOKEN_TASKS, Task
+from bei.modeling.lora import checkpoint_state
 from bei.modeling.m3 import m3_heads
 from bei.modeling.module import dense_module
 from bei.modeling.packed.layout import Packed
@@ -55,10 +56,12 @@ def architectures() -> dict[str, ArchitectureFactory]:
     from bei.modeling.packed.encoders import ENCODERS
     from bei.modeling.packed.eurobert import EuroBertEncoder
     from bei.modeling.packed.gte import GteEncoder
+    from bei.modeling.packed.jina import JinaEmbeddingsV3Encoder
     from bei.modeling.packed.nomic import NomicBertEncoder
     from bei.modeling.packed.relative import RELATIVE_ENCODERS
 
-    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, "gte": GteEncoder, **DECODERS}
+    return {**ENCODERS, **RELATIVE_ENCODERS, "nomic_bert": NomicBertEncoder, "eurobert": EuroBertEncoder, "gte": GteEncoder,
+            "jina_embeddings_v3": JinaEmbeddingsV3Encoder, **DECODERS}  # fmt: skip
 
 
 def num_labels(spec: ModelSpec) -> int:
@@ -129,11 +132,10 @@ def make_body(spec: ModelSpec, config: dict[str, Any]) -> torch.nn.Module:
     return factories[spec.model_type](config, task, num_labels(spec))
 
 
-def load_hf_weights(body: torch.nn.Module, checkpoint: Path) -> None:
-    """The checkpoint's transformers weights (model.safetensors / pytorch_model.bin, sharded too) into `body`."""
-    from bei.modeling.packed.weights import read_hf_state
-
-    state = body.convert_hf_state(read_hf_state(checkpoint))  # type: ignore[operator]
+def load_hf_weights(body: torch.nn.Module, checkpoint: Path, adapter: str | None = None) -> None:
+    """The checkpoint's transformers weights (model.safetensors / pytorch_model.bin, sharded too) into
+    `body`, with the task LoRA `adapter` merged in (bei/modeling/lora.py) when one is chosen."""
+    state = body.convert_hf_state(checkpoint_state(checkpoint, read_config(checkpoint), adapter))  # type: ignore[operator]
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(
@@ -145,5 +147,5 @@ def load_hf_weights(body: torch.nn.Module, checkpoint: Path) -> None:
 def build_packed_module(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> PackedEngineModule:
     """The checkpoint at `spec.path` as a packed module, with its transformers weights."""
     body = make_body(spec, read_config(spec.path))
-    load_hf_weights(body, spec.path)
+    load_hf_weights(body, spec.path, spec.adapter)
     return PackedEngineModule(spec, body).to(dtype).eval()

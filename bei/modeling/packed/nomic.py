@@ -47,27 +47,26 @@ _PUBLIC = renames(
         "norm2": "mlp_norm",
     },
 )
+# transformers' native names of a post-norm rotary layer's attention and norms (NomicBERT's, Jina v3's)
+NATIVE_LAYER = {
+    "self_attn.q_proj": "attn.q",
+    "self_attn.k_proj": "attn.k",
+    "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.out",
+    "post_attention_layernorm": "attn_norm",
+    "post_mlp_layernorm": "mlp_norm",
+}
 _NATIVE = renames(
     {"embeddings.LayerNorm": "embed.norm"},
     "layers",
-    {
-        "self_attn.q_proj": "attn.q",
-        "self_attn.k_proj": "attn.k",
-        "self_attn.v_proj": "attn.v",
-        "self_attn.o_proj": "attn.out",
-        "mlp.up_proj": "mlp.value",
-        "mlp.gate_proj": "mlp.gate",
-        "mlp.down_proj": "mlp.down",
-        "post_attention_layernorm": "attn_norm",
-        "post_mlp_layernorm": "mlp_norm",
-    },
+    {**NATIVE_LAYER, "mlp.up_proj": "mlp.value", "mlp.gate_proj": "mlp.gate", "mlp.down_proj": "mlp.down"},
 )
 
 
 class NomicBertEncoder(Encoder):
     """NomicBERT: post-norm, rotary, SwiGLU, no biases but the LayerNorms'."""
 
-    PREFIXES = ("nomic_bert.", "bert.", "model.")
+    PREFIXES: ClassVar[tuple[str, ...]] = ("nomic_bert.", "bert.", "model.")
     RULES: ClassVar[Rules] = _PUBLIC + _NATIVE
     HEADS = per_task({"pooler.dense": "head.transform.dense", "classifier": "head.out"}, {"classifier": "head.out"}, {})
     # the MLP's gate (fc12, silu applied) and value (fc11) become one projection, gate first
@@ -107,11 +106,14 @@ class NomicBertEncoder(Encoder):
             raise ModelError("config.json head_dim x num_attention_heads must equal hidden_size for the torch target")
         self.make_head(hidden, per_task(Transform(hidden, torch.tanh), None, None))
 
+    BIAS: ClassVar[bool] = False  # on the attention's and the MLP's Linear layers
+    GATED: ClassVar[bool] = True  # a gated MLP (SwiGLU) or fc1 -> act -> fc2
+
     def attention(self, hidden: int, heads: int) -> Attention:
-        return Attention(hidden, heads, bias=False)
+        return Attention(hidden, heads, bias=self.BIAS)
 
     def mlp(self, hidden: int, inner: int, act: Activation) -> MLP:
-        return MLP(hidden, inner, act, bias=False, gated=True)
+        return MLP(hidden, inner, act, bias=self.BIAS, gated=self.GATED)
 
     def positions(self, packed: Packed) -> None:
         return None

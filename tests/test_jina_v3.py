@@ -109,6 +109,10 @@ def test_the_chosen_adapter_and_its_instruction_equal_the_published_math(
         assert_fp32_parity(got, want, f"{adapter} /v1/embeddings")
         named = ok(client.post("/embed", json={"inputs": TEXTS, "prompt_name": adapter}))
         assert_fp32_parity(named, want, f"{adapter} /embed prompt_name")
+        # another task's instruction on this task's merged weights would be silently wrong: refused
+        other = next(task for task in ADAPTERS if task != adapter)
+        refused = client.post("/embed", json={"inputs": TEXTS, "prompt_name": other})
+        assert refused.status_code == 422 and other in refused.text, refused.text
     # the adapter is no no-op on these weights (retrieval.query's instruction is in `want` too)
     assert float(np.min((reference(native, checkpoint, None) * want).sum(1))) < 0.999
 
@@ -126,6 +130,7 @@ def test_detection(built: dict[tuple[str, str], tuple[Path, Path]]) -> None:
     )
     assert spec.default_prompt_name == "retrieval.query"
     assert spec.prompts["retrieval.query"] == "Represent the query for retrieving evidence documents: "
+    assert set(spec.prompts) == {"retrieval.query"}  # the other tasks' instructions are not offered
 
 
 def test_a_missing_or_unknown_adapter_is_refused_naming_the_field(built: dict[tuple[str, str], tuple[Path, Path]], native: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.files import read_json
-from bei.modeling.lora import check_adapter, task_instruction
+from bei.modeling.lora import adapter_tasks, check_adapter, task_instruction
 from bei.modeling.m3 import has_m3_heads, read_colbert_dim
 from bei.modeling.pooling import PoolingConfig, PoolingMode
 from bei.modeling.remote_code import REMOTE_CODE_NATIVE, builds_remote_code, native_config
@@ -265,7 +265,10 @@ def read_model_spec(path: Path, *, base_model: str | None = None, max_seq_len: i
         prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
         default_prompt_name = data.get("default_prompt_name")
     if adapter is not None:  # the authors' encode(task=...) puts the task's instruction before every input
-        prompts = {**prompts, adapter: task_instruction(config, adapter) or prompts.get(adapter, "")}
+        # the other tasks' prompts go: their instructions on this task's merged weights would be silently wrong
+        others = set(adapter_tasks(config)) - {adapter}
+        prompts = {name: text for name, text in prompts.items() if name not in others}
+        prompts[adapter] = task_instruction(config, adapter) or prompts.get(adapter, "")
         default_prompt_name = adapter
     return ModelSpec(
         path=path,

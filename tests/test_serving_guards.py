@@ -436,8 +436,7 @@ def test_http2_early_answers_keep_the_connection_going(engine: Path, tmp_path: P
     """Over HTTP/2, answers given before the request body is read (401 without the key, 413 over
     --payload-limit, bodies of 10 B to 3 MB, with and without content-length) leave the connection
     carrying the next requests. httpx and Baseten's client (hyper), each on one connection; a stall fails
-    at the client's 20 s timeout. (Many such answers at once beside normal requests can still stall it:
-    docs/api.md.)"""
+    at the client's 20 s timeout. (Many at once: test_http2_concurrent_early_answers_keep_the_connection_going.)"""
     from baseten_performance_client import PerformanceClient, RequestProcessingPreference
 
     server = Server(

@@ -20,10 +20,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.events
+import h2.exceptions
 import hypercorn.protocol
 from h2.stream import StreamState
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Body
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -32,6 +34,10 @@ from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as StarletteScope
 
 from bei.api.state import ABANDON_GRACE_S, AppState
+
+WAKE_S = 0.5  # how long an HTTP/2 connection owing a request body may stay quiet before the server PINGs it
+WAKE_PING = b"bei-wake"  # the PING's 8 bytes of opaque data
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # the client may still send DATA
 
 
 class _StreamBodies:
@@ -80,13 +86,50 @@ class FlowControlledH2Protocol(H2Protocol):
     An answer given before the whole request body came (401, 413) ends the stream for the app: the chunks
     it left are given back to the stream's window, and DATA still arriving for it is dropped and given back
     too, so the client finishes its upload, reads its answer and the connection carries on. hypercorn 0.18
-    instead closed the connection on such DATA (pgjones/hypercorn#329) or, with its queue full, stalled it."""
+    instead closed the connection on such DATA (pgjones/hypercorn#329) or, with its queue full, stalled it.
+
+    A connection that has gone quiet for `WAKE_S` while a request body is still due and the client may send
+    it is sent a PING: httpx (httpcore 1.0.9) uploading several bodies at once on one connection can wait on
+    a read for a WINDOW_UPDATE another of its streams has already read (pydantic/httpx2#1133), and any frame
+    from the server wakes it to see its window open."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.opening = 0  # the stream whose app _create_stream is starting
         self.unread: dict[int, int] = {}  # bytes handed to a stream's app, not taken yet
         self.task_group = _StreamBodies(self.task_group, self)  # type: ignore[assignment]
+        self.heard = 0.0  # the loop's time when the client last sent bytes
+        self.gone = asyncio.Event()
+
+    async def initiate(self, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None) -> None:
+        await super().initiate(headers, settings)
+        self.heard = asyncio.get_running_loop().time()
+        self.task_group.spawn(self._wake_quiet_uploads)
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            self.heard = asyncio.get_running_loop().time()
+        elif isinstance(event, Closed):
+            self.gone.set()
+        await super().handle(event)
+
+    async def _wake_quiet_uploads(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.gone.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAKE_S):
+                    await self.gone.wait()
+            if not self.gone.is_set() and loop.time() - self.heard >= WAKE_S and self._body_may_come():
+                with contextlib.suppress(h2.exceptions.ProtocolError):  # the connection is closing
+                    self.connection.ping(WAKE_PING)
+                await self._flush()
+
+    def _body_may_come(self) -> bool:
+        """Whether the client is still sending a request body it has window for."""
+        return any(
+            stream.state_machine.state in _SENDING and self.connection.remote_flow_control_window(stream_id) > 0
+            for stream_id, stream in self.connection.streams.items()
+        )
 
     async def _create_stream(self, request: h2.events.RequestReceived) -> None:
         self.opening = request.stream_id
@@ -130,7 +173,7 @@ class FlowControlledH2Protocol(H2Protocol):
             return
         if stream_id is not None:
             stream = self.connection.streams.get(stream_id)
-            if stream is None or stream.state_machine.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            if stream is None or stream.state_machine.state not in _SENDING:
                 return
         self.connection.increment_flow_control_window(length, stream_id)
 

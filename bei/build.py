@@ -153,19 +153,22 @@ TIMING_BATCH = 32  # rows per call, as a client batch of the benchmark's size
 
 @dataclass(frozen=True)
 class Candidate:
-    precision: str  # "fp32" | "bf16" | "int8"
+    name: str  # "fp32" | "bf16" | "int8" (ONNX Runtime) | "int8+bf16" (the torch target's W8A8)
     cpu_precision: str
     quantization: str
 
 
 def cpu_candidates(config: BeiConfig, host: Host) -> list[Candidate]:
     """The CPU engines `cpu_precision: auto` builds on `host`: fp32; bf16 where the CPU has bf16
-    units; int8 when the config asks for int8 quantization."""
+    units; when the config asks for int8 quantization, ONNX Runtime's int8 and, where the CPU has
+    bf16 units, the torch target's W8A8 with bf16 GEMMs for the layers int8 would make inaccurate."""
     candidates = [Candidate("fp32", "fp32", "no_quant")]
     if host.bf16_units:
         candidates.append(Candidate("bf16", "bf16", "no_quant"))
     if config.trt_llm.build.quantization_type.value == "int8":
         candidates.append(Candidate("int8", "fp32", "int8"))
+        if host.bf16_units:
+            candidates.append(Candidate("int8+bf16", "bf16", "int8"))
     return candidates
 
 
@@ -232,7 +235,7 @@ def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_roo
     timed = len(candidates) > 1  # one candidate (a CPU without bf16 units): nothing to choose between
     progress.stages = ["build candidates", *(["time candidates"] if timed else []), "write"]
     kept = " (the fastest verified one is kept)" if timed else ""
-    progress.note("cpu_precision auto: " + ", ".join(c.precision for c in candidates) + kept)
+    progress.note("cpu_precision auto: " + ", ".join(c.name for c in candidates) + kept)
     engines_root.mkdir(parents=True, exist_ok=True)
     remove_abandoned_scratch(engines_root)
     with tempfile.TemporaryDirectory(dir=engines_root, prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
@@ -245,20 +248,20 @@ def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_roo
                 )
                 fixed = config.model_copy(update={"trt_llm": config.trt_llm.model_copy(update={"build": fixed_build})})
                 try:
-                    result = build_engine(fixed, config_dir=config_dir, engines_root=Path(scratch) / candidate.precision,
+                    result = build_engine(fixed, config_dir=config_dir, engines_root=Path(scratch) / candidate.name,
                                           progress=Progress([], enabled=False), host=host)  # fmt: skip
                 except BeiError as err:
-                    infos[candidate.precision] = CandidateInfo(target="?", precision=candidate.precision, error=err.message)
-                    progress.note(f"{candidate.precision}: dropped: {err.message}")
+                    infos[candidate.name] = CandidateInfo(target="?", precision=candidate.name, error=err.message)
+                    progress.note(f"{candidate.name}: dropped: {err.message}")
                     continue
-                built[candidate.precision] = result.engine_dir
+                built[candidate.name] = result.engine_dir
                 manifest = result.manifest
                 accuracy = (manifest.quantization or {}).get("accuracy", {}).get("min_cosine")
-                infos[candidate.precision] = CandidateInfo(
-                    target=manifest.target.name, precision=candidate.precision,
+                infos[candidate.name] = CandidateInfo(
+                    target=manifest.target.name, precision=candidate.name,
                     min_cosine=accuracy if accuracy is not None else manifest.verification.min_cosine,
                 )  # fmt: skip
-                progress.note(f"{candidate.precision}: {manifest.target.name}, cosine {infos[candidate.precision].min_cosine:.5f}")
+                progress.note(f"{candidate.name}: {manifest.target.name}, cosine {infos[candidate.name].min_cosine:.5f}")
         if not built:
             reasons = "; ".join(f"{info.precision}: {info.error}" for info in infos.values())
             raise ExportError(f"cpu_precision auto: no candidate engine passed its checks: {reasons}")
@@ -277,7 +280,7 @@ def build_fastest_cpu_engine(config: BeiConfig, *, config_dir: Path, engines_roo
                 update={
                     "config": config.model_dump(mode="json"),
                     "config_fingerprint": config.fingerprint(),
-                    "selection": [infos[c.precision] for c in candidates],
+                    "selection": [infos[c.name] for c in candidates],
                     "build_seconds": round(time.perf_counter() - started, 2),
                 }
             )

@@ -31,6 +31,12 @@ ALL_QUANTIZATIONS = frozenset(q.value for q in QuantizationType)
 GPU_QUANTIZED = {"fp8": Precision.FP8, "fp4": Precision.NVFP4, "fp4_mlp_only": Precision.NVFP4_MLP}
 
 
+def cpu_only_int8(precision: Precision) -> str:
+    """The plan's note where a GPU target meets `quantization_type: int8`, a CPU engine's quantization:
+    one config serves both, as `fp8` in a config the CPU's ONNX Runtime engine builds."""
+    return f"quantization_type int8 is the CPU engines' (ONNX Runtime, and the torch target's W8A8); the GPU engine is {precision.value}"
+
+
 def gpu_precision(base_model: str, quantization: str) -> Precision:
     """The precision of a GPU engine: the quantized type, else FP16 for BERT-like encoders and BF16 for
     causal models (whose activations overflow FP16)."""

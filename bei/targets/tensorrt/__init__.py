@@ -13,7 +13,7 @@ from bei.engine.manifest import Manifest
 from bei.engine.profiles import derive_profiles
 from bei.errors import EngineError
 from bei.hardware import Host
-from bei.targets.base import ALL_QUANTIZATIONS, GPU_QUANTIZED, PlanDetails, PlanRequest, Target, gpu_precision
+from bei.targets.base import GPU_QUANTIZED, PlanDetails, PlanRequest, Target, cpu_only_int8, gpu_precision
 
 NAME = "tensorrt"
 
@@ -40,6 +40,7 @@ def _plan(request: PlanRequest) -> PlanDetails:
         precision,
         profiles=derive_profiles(request.max_num_tokens, request.max_batch_size, request.max_input_tokens),
         quantized_layers=quantized_layer_names(linear_layers(request.spec), qtype) if qtype else [],
+        notes=[cpu_only_int8(precision)] if request.quantization == "int8" else [],
     )
 
 
@@ -89,7 +90,6 @@ TARGET = Target(
     check_host=_check_host,
     availability=_availability,
     auto=_auto,
-    quantizations=ALL_QUANTIZATIONS - {"int8"},
     quantizes=frozenset(GPU_QUANTIZED),
     uses_gpu=True,
     plannable=True,

@@ -9,10 +9,10 @@ from pathlib import Path
 from bei.backend import Backend
 from bei.buildsteps.context import BuildContext, BuildResult
 from bei.engine.manifest import Manifest
-from bei.errors import EngineError
+from bei.errors import ConfigError, EngineError
 from bei.hardware import Host, bf16_units
 from bei.kinds import Precision
-from bei.targets.base import PlanDetails, PlanRequest, Target, gpu_precision, needs_runtime
+from bei.targets.base import PlanDetails, PlanRequest, Target, cpu_only_int8, gpu_precision, needs_runtime
 
 NAME = "torch"
 
@@ -42,7 +42,26 @@ def _fp8_layers(request: PlanRequest) -> list[str]:
     return fp8_layers(module)
 
 
+INT8_NEEDS_BF16 = (
+    "trt_llm.build.quantization_type: 'int8' on the torch target is the CPU's W8A8 engine, whose layers that "
+    "int8 would make inaccurate run bf16 GEMMs: it needs cpu_precision bf16 (int8 with cpu_precision fp32 is "
+    "the ONNX Runtime engine's, --target onnxruntime-cpu)"
+)
+
+
 def _plan(request: PlanRequest) -> PlanDetails:
+    if request.gpu is None and request.quantization == "int8":
+        if request.cpu_precision != "bf16":
+            raise ConfigError(INT8_NEEDS_BF16)
+        return PlanDetails(
+            Precision.INT8,
+            notes=[
+                "int8 on the CPU: W8A8 (int8 weights per channel, int8 activations per token, SmoothQuant) on the kinds "
+                "of layer that keep quantization_config.min_accuracy on held-out texts, bf16 GEMMs for the others; "
+                "LayerNorm, attention, pooling and the heads in fp32"
+            ],  # fmt: skip
+            cpu_features=bf16_units(request.cpu_features)[:1],
+        )
     if request.gpu is None and request.quantization == "no_quant":
         if request.cpu_precision == "bf16":
             return PlanDetails(
@@ -55,6 +74,8 @@ def _plan(request: PlanRequest) -> PlanDetails:
             )
         return PlanDetails(Precision.FP32)
     precision = gpu_precision(request.base_model, request.quantization)
+    if request.quantization == "int8":
+        return PlanDetails(precision, notes=[cpu_only_int8(precision)])
     if precision != Precision.FP8:
         return PlanDetails(precision)
     notes = ["fp8 on the CPU runs torch._scaled_mm's CPU kernel: for the accuracy figures, not for speed"] if request.gpu is None else []
@@ -95,7 +116,7 @@ def _auto(host: Host, cpu_precision: str) -> str | None:
 TARGET = Target(
     name=NAME,
     label="the torch target",
-    summary="bei's packed torch modules: FP16/BF16/FP8 on CUDA GPUs (compiled, CUDA graphs), fp32 on the CPU",
+    summary="bei's packed torch modules: FP16/BF16/FP8 on CUDA GPUs (compiled, CUDA graphs); fp32, bf16 and int8 on the CPU",
     build=_build,
     open=_open,
     plan=_plan,
@@ -103,8 +124,8 @@ TARGET = Target(
     check_host=_check_host,
     availability=lambda host: None if "torch" in host.versions else "the torch package",
     auto=_auto,
-    quantizations=frozenset({"no_quant", "fp8"}),
-    quantizes=frozenset({"fp8"}),
+    quantizations=frozenset({"no_quant", "fp8", "int8"}),
+    quantizes=frozenset({"fp8", "int8"}),
     cpu_precisions=frozenset({"fp32", "bf16"}),
     uses_gpu=True,
 )

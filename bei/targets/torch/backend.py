@@ -28,6 +28,7 @@ from bei.errors import EngineError
 from bei.kinds import PER_TOKEN_TASKS
 from bei.modeling.packed.bf16 import to_bf16
 from bei.modeling.packed.fp8 import quantize_fp8
+from bei.modeling.packed.int8 import int8_structure
 from bei.modeling.packed.layout import Packed, bucket
 from bei.modeling.packed.model import (
     PackedEngineModule,
@@ -137,10 +138,11 @@ def spec_from_manifest(folder: Path, manifest: Manifest, config: dict[str, Any])
 
 
 def runs_compiled(device: str, precision: str) -> bool:
-    """CUDA engines, and the CPU's bf16 engine, run under torch.compile: on the CPU, inductor fuses
-    the bf16 casts, bias, GELU and residual adds around each GEMM (over HTTP, 96.8 against 60.5
-    emb/s eager on all-MiniLM-L6-v2: docs/benchmarks.md); the fp32 CPU engine stays eager."""
-    return device == "cuda" or precision == "bf16"
+    """CUDA engines, and the CPU's bf16 and int8 engines, run under torch.compile: on the CPU, inductor
+    fuses the bf16 casts, int8 quantizing, bias, GELU and residual adds around each GEMM (over HTTP,
+    96.8 against 60.5 emb/s eager on all-MiniLM-L6-v2 in bf16: docs/benchmarks.md); the fp32 CPU
+    engine stays eager."""
+    return device == "cuda" or precision in ("bf16", "int8")
 
 
 class TorchBackend(Backend):
@@ -209,6 +211,10 @@ class TorchBackend(Backend):
             quantize_fp8(module, fp8)
         if manifest.precision == "bf16" and device == "cpu":  # bf16 GEMMs in an fp32 module, as built
             to_bf16(module)
+        if manifest.precision == "int8" and device == "cpu":  # W8A8 layers, bf16 GEMMs for the others, as built
+            quantization = manifest.quantization or {}
+            int8_structure(module, quantization.get("layers", []))
+            to_bf16(module, quantization.get("bf16_layers", []))
         missing, unexpected = load_model(module, folder / WEIGHTS_FILE, strict=False)
         if missing or unexpected:
             raise EngineError(f"{folder / WEIGHTS_FILE} does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -4,7 +4,9 @@ torch.compile's compiled code for this GPU type, saved so `bei serve` does not c
     load:     the checkpoint as a packed module (fp32, CPU) and as the transformers reference;
               the packed module must equal the reference at fp32 tolerance before anything else
     quantize: (fp8) E4M3 weights with per-channel scales, activations per row (or static scales
-              calibrated on `quantization_config`); the accuracy gate on held-out texts
+              calibrated on `quantization_config`); (int8, the CPU) W8A8 with SmoothQuant on the
+              kinds of layer that keep the accuracy, bf16 GEMMs for the rest; the accuracy gate on
+              held-out texts
     verify:   the module in its serving precision and device against the fp32 outputs
     compile:  (CUDA) torch.compile over the token buckets served, cache artifacts saved
     write:    weights.safetensors, tokenizer files, manifest (GPU, compute capability, torch, CUDA)
@@ -12,6 +14,7 @@ torch.compile's compiled code for this GPU type, saved so `bei serve` does not c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from bei.engine.layout import staged_engine_dir
 from bei.engine.manifest import TargetInfo
 from bei.errors import ExportError
 from bei.modeling.module import build_module, input_names
-from bei.modeling.packed.bf16 import to_bf16
+from bei.modeling.packed.bf16 import bf16_layers, to_bf16
 from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
 from bei.modeling.packed.model import PackedEngineModule, build_packed_module, pad_token_id, read_config
 from bei.modeling.spec import ModelSpec
@@ -47,8 +50,6 @@ FP32_MIN_COSINE = 0.99999
 FP32_MAX_ABS_DIFF = 2e-3
 # an unquantized fp16 / bf16 module against the fp32 reference
 MIN_COSINE = {"fp32": FP32_MIN_COSINE, "fp16": 0.999, "bf16": 0.995}
-# the CPU's bf16 engine (bf16 GEMMs, fp32 elsewhere) against the fp32 reference
-CPU_BF16_MIN_COSINE = 0.9999
 # the CPU's bf16 engine (bf16 GEMMs, fp32 elsewhere) against the fp32 reference
 CPU_BF16_MIN_COSINE = 0.9999
 
@@ -100,6 +101,9 @@ def build(ctx: BuildContext) -> BuildResult:
         if plan.precision == "fp8":
             with progress.stage("quantize"):
                 quantization, check_batch, check_reference = _quantize_fp8(ctx, module, device, dtype, names)
+        elif plan.precision == "int8":
+            with progress.stage("quantize"):
+                quantization, check_batch, check_reference, module = _quantize_int8(ctx, module, names)
         else:
             module = module.to(device=device, dtype=dtype)
             if cpu_bf16:  # judged on held-out texts too: the 4 samples say little of the rounding
@@ -179,6 +183,71 @@ def _quantize_fp8(
         "accuracy": accuracy.as_dict(),
     }
     return entry, heldout, reference
+
+
+def _quantize_int8(ctx: BuildContext, module: PackedEngineModule, names: list[str]) -> tuple[dict[str, Any], Batch, np.ndarray, PackedEngineModule]:
+    """The CPU's W8A8 engine: SmoothQuant's scales from the calibration texts, then the Linear layers
+    that take int8, by kind, chosen on held-out texts (`choose_int8_kinds`) so that half the error budget
+    (`1 - min_accuracy`) stays for texts unlike them; the other layers run bf16 GEMMs. Returns the
+    manifest's `quantization` entry, the held-out batch, the unquantized outputs on it and the
+    quantized module."""
+    import copy
+
+    from bei.modeling.packed.int8 import SMOOTHING_ALPHA, choose_int8_kinds, chosen_kinds, groups_of, input_amax, quantize_int8
+    from bei.quantization import calibration
+
+    spec, progress = ctx.spec, ctx.progress
+    qcfg = ctx.config.trt_llm.build.quantization_config
+    texts, max_len, heldout = calibration.calibration_inputs(qcfg, spec, ctx.tokenizer, ctx.config_dir)
+    reference = _run(module, heldout, names)  # the unquantized packed module (= transformers)
+    layers = bf16_layers(module)
+    batches = calibration.make_batches(spec, ctx.tokenizer, texts, max_len, batch_size=16)
+    amax = input_amax(module, layers, lambda: [_run(module, b, names) for b in batches])
+
+    kinds = groups_of(layers)
+
+    def quantized(int8_kinds: Sequence[str]) -> PackedEngineModule:
+        int8 = {name for kind in int8_kinds for name in kinds[kind]}
+        copied = copy.deepcopy(module)
+        quantize_int8(copied, [n for n in layers if n in int8], amax)
+        to_bf16(copied, [n for n in layers if n not in int8])
+        return copied
+
+    def min_cosine(int8_kinds: Sequence[str]) -> float:
+        return accuracy_of_outputs(reference, _run(quantized(int8_kinds), heldout, names), heldout, spec.task).min_cosine
+
+    search_target = 1 - (1 - qcfg.min_accuracy) / 2
+    trials = choose_int8_kinds(list(kinds), min_cosine, search_target)
+    chosen = chosen_kinds(trials)
+    if not chosen:
+        best = max(trials, key=lambda t: t.min_cosine)
+        raise ExportError(
+            f"int8 quantization: no kind of Linear layer keeps cosine {search_target:.5f} in int8 (half the error budget "
+            f"of quantization_config.min_accuracy {qcfg.min_accuracy}) on held-out texts; the best, {best.kinds[0]}, keeps "
+            f"{best.min_cosine:.5f}; lower min_accuracy, or build without quantization_type int8"
+        )
+    module = quantized(chosen)
+    accuracy = accuracy_of_outputs(reference, _run(module, heldout, names), heldout, spec.task, qtype="int8")
+    require_accuracy(accuracy, qcfg.min_accuracy)
+    int8_layers = sorted(name for kind in chosen for name in kinds[kind])
+    progress.note(
+        f"{len(int8_layers)} of {len(layers)} Linear layers W8A8 ({', '.join(chosen)}), the rest bf16: each kind alone, "
+        f"then together while the held-out cosine stays >= {search_target:.5f}; {accuracy.summary()}"
+    )
+    entry = {
+        "type": "int8",
+        "scheme": "W8A8: int8 weights per output channel, int8 activations per token (asymmetric), SmoothQuant",
+        "smoothing_alpha": SMOOTHING_ALPHA,
+        "layers": int8_layers,
+        "bf16_layers": sorted(set(layers) - set(int8_layers)),
+        "search": {
+            "target": search_target,
+            "trials": [{"int8": list(t.kinds), "min_cosine": round(t.min_cosine, 6), "kept": t.kept} for t in trials],
+        },
+        "calibration": qcfg.model_dump(),
+        "accuracy": accuracy.as_dict(),
+    }
+    return entry, heldout, reference, module
 
 
 def _compile(module: PackedEngineModule, names: list[str], spec: ModelSpec, folder: Path) -> int:

@@ -160,12 +160,14 @@ class Candidate:
 
 def cpu_candidates(config: BeiConfig, host: Host) -> list[Candidate]:
     """The CPU engines `cpu_precision: auto` builds on `host`: fp32; bf16 where the CPU has bf16
-    units; when the config asks for int8 quantization, ONNX Runtime's int8 and, where the CPU has
-    bf16 units, the torch target's W8A8 with bf16 GEMMs for the layers int8 would make inaccurate."""
+    units; when the config allows int8 (`quantization_type` or `cpu_quantization` int8), ONNX
+    Runtime's int8 and, where the CPU has bf16 units, the torch target's W8A8 with bf16 GEMMs for the
+    layers int8 would make inaccurate."""
+    build = config.trt_llm.build
     candidates = [Candidate("fp32", "fp32", "no_quant")]
     if host.bf16_units:
         candidates.append(Candidate("bf16", "bf16", "no_quant"))
-    if config.trt_llm.build.quantization_type.value == "int8":
+    if "int8" in (build.quantization_type.value, build.cpu_quantization):
         candidates.append(Candidate("int8", "fp32", "int8"))
         if host.bf16_units:
             candidates.append(Candidate("int8+bf16", "bf16", "int8"))

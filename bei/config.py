@@ -155,6 +155,11 @@ class BuildConfig(_Strict):
     # times each on the model's own shapes and keeps the fastest that passed its accuracy gate;
     # `fp32` pins the fp32 engine
     cpu_precision: Literal["fp32", "bf16", "auto"] = "auto"
+    # bei's own, `cpu_precision: auto` only: `int8` adds the int8 CPU engines to the candidates (ONNX
+    # Runtime's int8; the torch target's W8A8 with bf16 GEMMs for the layers int8 would make
+    # inaccurate, where the CPU has bf16 units), each kept only if it keeps
+    # quantization_config.min_accuracy; a build with an explicit --target, or for a GPU, ignores it
+    cpu_quantization: Literal["none", "int8"] = "none"
     # bei's own, checkpoints with task LoRA adapters (jina-embeddings-v3: retrieval.query,
     # retrieval.passage, separation, classification, text-matching): the task whose adapter is merged
     # into the engine's weights, its instruction the default prompt; required for them, refused for others
@@ -215,11 +220,13 @@ class BeiConfig(BaseModel):
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical JSON of the config: equal configs give equal fingerprints."""
         data = self.model_dump(mode="json")
-        # the download's caps do not change the engine, an unset pin neither: engines built before
-        # these fields existed keep their fingerprint
+        # the download's caps do not change the engine, an unset pin or cpu_quantization neither:
+        # engines built before these fields existed keep their fingerprint
         repo = data["trt_llm"]["build"]["checkpoint_repository"]
         for key in ("max_download_gb", "max_extracted_gb", *(("sha256",) if repo["sha256"] is None else ())):
             repo.pop(key)
+        if data["trt_llm"]["build"]["cpu_quantization"] == "none":
+            data["trt_llm"]["build"].pop("cpu_quantization")
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

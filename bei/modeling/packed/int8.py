@@ -30,7 +30,7 @@ class Int8Linear(torch.nn.Module):
     weight: torch.Tensor  # int8 [in, out]: `torch._int_mm`'s right operand
     weight_scale: torch.Tensor  # fp32 [out]
     weight_colsum: torch.Tensor  # int32 [out]: the zero point's correction
-    input_divisor: torch.Tensor  # fp32 [in]: SmoothQuant's s (x / s before quantizing)
+    input_multiplier: torch.Tensor  # fp32 [in]: 1 / SmoothQuant's s (x * (1 / s) before quantizing)
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -38,7 +38,7 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight", torch.zeros(in_features, out_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("weight_colsum", torch.zeros(out_features, dtype=torch.int32))
-        self.register_buffer("input_divisor", torch.ones(in_features, dtype=torch.float32))
+        self.register_buffer("input_multiplier", torch.ones(in_features, dtype=torch.float32))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
@@ -59,7 +59,7 @@ class Int8Linear(torch.nn.Module):
         layer.weight.copy_(q.t())
         layer.weight_scale.copy_(scale)
         layer.weight_colsum.copy_(q.to(torch.int32).sum(dim=1))
-        layer.input_divisor.copy_(divisor)
+        layer.input_multiplier.copy_(1 / divisor)
         if linear.bias is not None:
             assert layer.bias is not None
             layer.bias.data.copy_(linear.bias.detach().float())
@@ -67,12 +67,14 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, self.in_features).float() / self.input_divisor
+        # multiplications, not divisions, per element (a vector division costs ~20 times more)
+        rows = x.reshape(-1, self.in_features).float() * self.input_multiplier
         low = rows.amin(dim=-1, keepdim=True).clamp(max=0)
         high = rows.amax(dim=-1, keepdim=True).clamp(min=0)
         scale = ((high - low) / 255).clamp(min=1e-12)
-        zero = torch.round(-low / scale)  # 0..255
-        q = (torch.round(rows / scale) + zero).clamp(0, 255).sub(128).to(torch.int8)
+        inverse = 1 / scale
+        zero = torch.round(-low * inverse)  # 0..255
+        q = (torch.round(rows * inverse) + zero).clamp(0, 255).sub(128).to(torch.int8)
         acc = torch._int_mm(q, self.weight) - (zero.to(torch.int32) - 128) * self.weight_colsum
         out = acc.float() * (scale * self.weight_scale)
         if self.bias is not None:

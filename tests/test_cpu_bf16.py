@@ -153,11 +153,12 @@ def test_auto_candidates_follow_the_cpu_and_the_config() -> None:
 
     base = {"model_name": "m", "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": "x"}, "cpu_precision": "auto"}}}
     plain = parse_config(base)
-    assert [c.precision for c in cpu_candidates(plain, WITH_BF16)] == ["fp32", "bf16"]
-    assert [c.precision for c in cpu_candidates(plain, AVX2_ONLY)] == ["fp32"]
+    assert [c.name for c in cpu_candidates(plain, WITH_BF16)] == ["fp32", "bf16"]
+    assert [c.name for c in cpu_candidates(plain, AVX2_ONLY)] == ["fp32"]
     base["trt_llm"]["build"]["quantization_type"] = "int8"  # type: ignore[index]
-    assert [c.precision for c in cpu_candidates(parse_config(base), WITH_BF16)] == ["fp32", "bf16", "int8"]
-    assert [c.precision for c in cpu_candidates(parse_config(base), AVX2_ONLY)] == ["fp32", "int8"]
+    # int8: ONNX Runtime's, and with bf16 units the torch target's W8A8 (tests/test_cpu_int8.py)
+    assert [c.name for c in cpu_candidates(parse_config(base), WITH_BF16)] == ["fp32", "bf16", "int8", "int8+bf16"]
+    assert [c.name for c in cpu_candidates(parse_config(base), AVX2_ONLY)] == ["fp32", "int8"]
 
 
 def test_auto_keeps_the_fastest_verified_engine(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:

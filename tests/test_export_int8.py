@@ -88,7 +88,7 @@ def test_int8_below_the_aim_keeps_the_fastest_attempt_that_passes(fp32: tuple[An
 
 def test_int8_build_from_config_serves_the_int8_graph(tiny_checkpoint_factory: Any, tmp_path: Path) -> None:
     """`quantization_type: int8` builds the CPU engine, replaces its graph by the gated int8 graph and
-    records the accuracy; GPU targets refuse it."""
+    records the accuracy; the torch target's int8 (W8A8, tests/test_cpu_int8.py) needs cpu_precision bf16."""
     from bei.build import build_engine
     from bei.config import parse_config
     from bei.engine.manifest import read_manifest
@@ -107,7 +107,7 @@ def test_int8_build_from_config_serves_the_int8_graph(tiny_checkpoint_factory: A
     assert sorted(p.name for p in result.engine_dir.glob("model*")) == ["model.onnx"]
     ops = {n.op_type for n in onnx.load(str(result.engine_dir / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, ops
-    with pytest.raises(ConfigError, match="'int8' is built for the ONNX Runtime CPU engine only, not for target torch"):
+    with pytest.raises(ConfigError, match=r"'int8' on the torch target is the CPU's W8A8 engine.*needs cpu_precision bf16"):
         build_engine(config, config_dir=tmp_path, engines_root=tmp_path / "engines2", target="torch",
                      progress=Progress([], enabled=False))  # fmt: skip
 

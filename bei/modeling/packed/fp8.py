@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from bei.modeling.packed.observe import input_amax
 from bei.modeling.packed.replace import replace_linears
 from bei.modeling.quant_layers import quantized_layer_names
 
@@ -117,23 +118,12 @@ def calibrate_static_scales(module: torch.nn.Module, run_calibration: Callable[[
     """Static activation scales: the largest |input| each Fp8Linear saw over `run_calibration()` / 448.
 
     Layers are switched to dynamic scaling while calibrating; returns how many layers were calibrated."""
-    layers = [m for m in module.modules() if isinstance(m, Fp8Linear)]
-    amax = {id(m): torch.zeros((), dtype=torch.float32) for m in layers}
-
-    def hook(layer: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        amax[id(layer)] = torch.maximum(amax[id(layer)], args[0].detach().abs().amax().float().cpu())
-
-    for m in layers:
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    for m in layers.values():
         m.input_scale.zero_()
         m.static = False
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            run_calibration()
-    finally:
-        for h in handles:
-            h.remove()
-    for m in layers:
-        m.input_scale.copy_(_scales(amax[id(m)]))
+    amax = input_amax(module, layers, run_calibration)
+    for name, m in layers.items():
+        m.input_scale.copy_(_scales(amax[name].max()))
         m.static = True
     return len(layers)

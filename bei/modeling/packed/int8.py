@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bei.modeling.packed.observe import input_amax
 from bei.modeling.packed.replace import replace_linears
+
+__all__ = ["Int8Linear", "input_amax", "quantize_int8", "int8_structure", "choose_int8_kinds", "chosen_kinds", "groups_of"]
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: 0.5 was the most accurate of 0, 0.5, 0.75 (docs/benchmarks.md)
 
@@ -92,28 +95,6 @@ def quantize_int8(module: torch.nn.Module, layers: Iterable[str], input_amax: Ma
 def int8_structure(module: torch.nn.Module, layers: Iterable[str]) -> list[str]:
     """Empty Int8Linear layers in place of `layers`: a built engine's weights load into them."""
     return replace_linears(module, layers, Int8Linear.empty_like)
-
-
-def input_amax(module: torch.nn.Module, layers: Iterable[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """The largest |input| of each input channel of `layers` over `run()` (the calibration texts)."""
-    found: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
-        def record(_layer: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().float()
-            amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).cpu()
-            found[name] = torch.maximum(found[name], amax) if name in found else amax
-
-        return record
-
-    handles = [module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
 
 
 def group_of(name: str) -> str:

@@ -32,8 +32,8 @@ from bei.modeling.packed.int8 import (
     chosen_kinds,
     group_of,
     groups_of,
-    input_amax,
 )
+from bei.modeling.packed.observe import input_amax
 from bei.progress import Progress
 from bei.targets.base import cpu_only_int8
 from bei.targets.registry import check_compatible
@@ -489,7 +489,7 @@ def test_int8_engine_serves_close_to_sentence_transformers(served: Served) -> No
 
 def test_short_queries_stay_close(served: Served) -> None:
     """The search and the gate measure queries of one to three words beside the held-out sentences
-    (`heldout_batch_with_short_texts`): without them the build kept q/k/v in int8 too, and 'no',
+    (`heldout_batch(..., short=32)`): without them the build kept q/k/v in int8 too, and 'no',
     'ok', 'no no' came out at 0.998 while the gate said 0.9996. With them, q/k/v stays bf16; the
     shortest queries still lose most ('no no' 0.99895 on all-MiniLM-L6-v2): why the default config
     keeps the bf16 engine (configs/all-minilm-l6-v2-w8a8.yaml)."""

@@ -286,14 +286,11 @@ def calibration_inputs(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, 
     return texts, max_len, heldout_batch(spec, tokenizer, texts, max_len)
 
 
-def heldout_batch(spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64) -> Batch:
-    """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`."""
-    return make_batches(spec, tokenizer, heldout_texts(n, calib_texts), max_seq_len, batch_size=n)[0]
-
-
-def heldout_batch_with_short_texts(spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int,
-                                   n: int = 64, short: int = 32) -> Batch:  # fmt: skip
-    """`heldout_batch`'s texts and `short` queries of one to three words (`short_texts`), in one batch."""
+def heldout_batch(
+    spec: ModelSpec, tokenizer: TokenizerRuntime, calib_texts: Sequence[str], max_seq_len: int, n: int = 64, short: int = 0
+) -> Batch:
+    """One padded batch of `n` built-in texts that are not calibration texts, for `measure_accuracy`,
+    and `short` queries of one to three words (`short_texts`)."""
     texts = heldout_texts(n, calib_texts) + short_texts(short)
     return make_batches(spec, tokenizer, texts, max_seq_len, batch_size=len(texts))[0]
 

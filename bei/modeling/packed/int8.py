@@ -9,7 +9,7 @@ accumulation, after SmoothQuant's migration of the activations' outlier channels
 
 `q` is stored as q - 128 (int8) and the zero point as z - 128, so the product is the s8 x s8 GEMM
 torch has; the zero point's correction is exact (int32). `max|x_j|` comes from calibration texts
-(`input_amax`). Which layers take int8 is the build's choice (`choose_int8_kinds`): the others stay
+(bei/modeling/packed/observe.py). Which layers take int8 is the build's choice (`choose_int8_kinds`): the others stay
 bf16 (bei/modeling/packed/bf16.py), LayerNorm, softmax, attention and pooling fp32.
 """
 
@@ -21,10 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bei.modeling.packed.observe import input_amax
 from bei.modeling.packed.replace import replace_linears
-
-__all__ = ["Int8Linear", "input_amax", "quantize_int8", "int8_structure", "choose_int8_kinds", "chosen_kinds", "groups_of"]
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: 0.5 was the most accurate of 0, 0.5, 0.75 (docs/benchmarks.md)
 
@@ -88,8 +85,10 @@ class Int8Linear(torch.nn.Module):
 def quantize_int8(module: torch.nn.Module, layers: Iterable[str], input_amax: Mapping[str, torch.Tensor]) -> list[str]:
     """Replace `layers` by Int8Linear (smoothed with `input_amax[name]`), in place; returns their names."""
     names = list(layers)
-    made = iter(names)
-    return replace_linears(module, names, lambda linear: Int8Linear.from_linear(linear, input_amax[next(made)]))
+    for name in names:
+        amax = input_amax[name]
+        replace_linears(module, [name], lambda linear: Int8Linear.from_linear(linear, amax))  # noqa: B023 (called here)
+    return names
 
 
 def int8_structure(module: torch.nn.Module, layers: Iterable[str]) -> list[str]:

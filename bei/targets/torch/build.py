@@ -195,14 +195,8 @@ def _quantize_int8(
     quantized module."""
     import copy
 
-    from bei.modeling.packed.int8 import (
-        SMOOTHING_ALPHA,
-        choose_int8_kinds,
-        chosen_kinds,
-        groups_of,
-        input_amax,
-        quantize_int8,
-    )
+    from bei.modeling.packed.int8 import SMOOTHING_ALPHA, choose_int8_kinds, chosen_kinds, groups_of, quantize_int8
+    from bei.modeling.packed.observe import input_amax
     from bei.quantization import calibration
 
     spec, progress = ctx.spec, ctx.progress
@@ -210,7 +204,7 @@ def _quantize_int8(
     texts, max_len, _ = calibration.calibration_inputs(qcfg, spec, ctx.tokenizer, ctx.config_dir)
     # held-out sentences and queries of one to three words: W8A8 rounds the few tokens of a short
     # query worst (on all-MiniLM-L6-v2, q/k/v in int8 kept 0.9998 on the sentences and 0.9990 on those)
-    heldout = calibration.heldout_batch_with_short_texts(spec, ctx.tokenizer, texts, max_len)
+    heldout = calibration.heldout_batch(spec, ctx.tokenizer, texts, max_len, short=32)
     reference = _run(module, heldout, names)  # the unquantized packed module (= transformers)
     layers = bf16_layers(module)
     batches = calibration.make_batches(spec, ctx.tokenizer, texts, max_len, batch_size=16)

@@ -112,21 +112,26 @@ def test_fp8_linear_is_the_dequantized_product_with_either_scaling(scales_after:
     torch.testing.assert_close(fp8(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_length_groups_split_only_where_padding_shrinks() -> None:
-    from bei.targets.torch.backend import length_groups
+def test_token_chunks_split_a_batch_in_runs_of_whole_rows_of_about_equal_tokens() -> None:
+    from bei.targets.torch.backend import token_chunks
 
-    assert [g.tolist() for g in length_groups(np.full(32, 100))] == [list(range(32))]  # equal lengths: nothing to save
-    assert len(length_groups(np.arange(7) + 10)) == 1  # too few rows
-    mixed = np.random.default_rng(0).integers(20, 200, 32)
-    groups = length_groups(mixed)
-    assert 2 <= len(groups) <= 4 and all(len(g) >= 8 for g in groups)
-    assert sorted(np.concatenate(groups).tolist()) == list(range(32))
-    assert all(mixed[a].max() <= mixed[b].min() for a, b in zip(groups, groups[1:], strict=False))  # shortest first
+    def sizes(lengths: list[int], budget: int = 1024) -> list[list[int]]:
+        chunks = token_chunks(np.array(lengths), budget)
+        assert np.concatenate(chunks).tolist() == list(range(len(lengths)))  # every row once, in order
+        return [[lengths[i] for i in c] for c in chunks]
+
+    assert sizes([128] * 32) == [[128] * 8] * 4
+    assert sizes([130] * 8) == [[130] * 8]  # a budget and a bit: one run
+    assert sizes([100] * 16) == [[100] * 8] * 2
+    assert sizes([5] * 300) == [[5] * 300]
+    assert sizes([3000, 10, 10]) == [[3000], [10, 10]]  # a row longer than the budget runs alone
+    assert sizes([1500]) == [[1500]]
+    assert all(sum(c) <= 700 for c in sizes([60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160] * 2, budget=512))
 
 
 @pytest.mark.parametrize("task", ["embed", "classify"])
-def test_cpu_length_groups_change_no_output(tiny_checkpoint_factory: Any, task: str, monkeypatch: Any) -> None:
-    """A CPU batch of mixed lengths runs as length groups; the rows come back in order, equal to one call."""
+def test_cpu_token_chunks_change_no_output(tiny_checkpoint_factory: Any, task: str, monkeypatch: Any) -> None:
+    """A CPU batch runs in parts of at most CHUNK_TOKENS tokens; the rows come back in order, equal to one call."""
     from bei.backend import Batch
     from bei.modeling.module import input_names
     from bei.targets.torch import backend as torch_backend
@@ -139,11 +144,12 @@ def test_cpu_length_groups_change_no_output(tiny_checkpoint_factory: Any, task: 
     rows = [Encoded(ids=rng.integers(5, 90, n).tolist(), type_ids=[0] * n, offsets=[(0, 0)] * n, special=[0] * n)
             for n in rng.integers(3, 60, 24)]  # fmt: skip
     batch = Batch.pad(rows, 0)
+    monkeypatch.setattr(torch_backend, "CHUNK_TOKENS", 128)
     prepared = backend.prepare(batch)
-    assert len(prepared.parts) >= 2  # type: ignore[attr-defined]
-    grouped = backend.run(prepared)
-    monkeypatch.setattr(torch_backend, "length_groups", lambda lengths: [np.arange(len(lengths))])
-    np.testing.assert_allclose(grouped, backend.infer(batch), rtol=1e-5, atol=1e-6)
+    assert len(prepared.parts) >= 4  # type: ignore[attr-defined]
+    chunked = backend.run(prepared)
+    monkeypatch.setattr(torch_backend, "token_chunks", lambda lengths: [np.arange(len(lengths))])
+    np.testing.assert_allclose(chunked, backend.infer(batch), rtol=1e-5, atol=1e-6)
 
 
 def test_lanes_deal_rows_evenly() -> None:

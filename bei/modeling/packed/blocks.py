@@ -16,6 +16,7 @@ from torch import nn
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.packed.attention import FULL, varlen_attention
+from bei.modeling.packed.int8 import project
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
 from bei.modeling.pooling import PoolingConfig, PoolingMode
@@ -104,10 +105,10 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, packed: Packed, window: tuple[int, int], rotary: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = project(self.qkv, x, packed).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         if rotary is not None:
             q, k = _rotate(q, *rotary), _rotate(k, *rotary)
-        return self.out(varlen_attention(q, k, v, packed, window=window).reshape(x.shape[0], -1))
+        return project(self.out, varlen_attention(q, k, v, packed, window=window).reshape(x.shape[0], -1), packed)
 
 
 class MLP(nn.Module):
@@ -119,12 +120,14 @@ class MLP(nn.Module):
         self.up = nn.Linear(hidden, inner * (2 if gated else 1), bias=bias)
         self.down = nn.Linear(inner, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+    def forward(self, x: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        h = project(self.up, x, packed)
         if self.gated:
             h, gate = h.chunk(2, dim=-1)
-            return self.down(self.act(h) * gate)
-        return self.down(self.act(h))
+            h = self.act(h) * gate
+        else:
+            h = self.act(h)
+        return project(self.down, h, packed)
 
 
 class EncoderLayer(nn.Module):
@@ -148,9 +151,9 @@ class EncoderLayer(nn.Module):
         rope = rotary[self.rope] if rotary is not None and self.rope is not None else None
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x), packed, self.window, rope)
-            return x + self.mlp(self.mlp_norm(x))
+            return x + self.mlp(self.mlp_norm(x), packed)
         x = self.attn_norm(x + self.attn(x, packed, self.window, rope))
-        return self.mlp_norm(x + self.mlp(x))
+        return self.mlp_norm(x + self.mlp(x, packed))
 
 
 class Transform(nn.Module):

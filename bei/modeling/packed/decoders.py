@@ -41,6 +41,7 @@ from torch import nn
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.packed.attention import FULL, varlen_attention
+from bei.modeling.packed.int8 import project
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.weights import fuse_linears, strip_prefixes
 
@@ -314,14 +315,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.eps, unit_offset) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packed: Packed) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = project(self.qkv_proj, x, packed).split(self.split, dim=-1)
         q = q.unflatten(-1, (self.heads, self.head_dim))
         k, v = k.unflatten(-1, (self.kv_heads, self.head_dim)), v.unflatten(-1, (self.kv_heads, self.head_dim))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = varlen_attention(q, k, v, packed, causal=self.causal, window=self.window, scale=self.scale, softcap=self.softcap)
-        return self.o_proj(out.reshape(-1, self.heads * self.head_dim))
+        return project(self.o_proj, out.reshape(-1, self.heads * self.head_dim), packed)
 
 
 class MLP(nn.Module):
@@ -331,9 +332,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.activation = c.activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.activation(gate) * up)
+    def forward(self, x: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        gate, up = project(self.gate_up_proj, x, packed).chunk(2, dim=-1)
+        return project(self.down_proj, self.activation(gate) * up, packed)
 
 
 class DecoderLayer(nn.Module):
@@ -355,9 +356,9 @@ class DecoderLayer(nn.Module):
         attended = self.self_attn(self.input_layernorm(x), rope, packed)
         if not self.sandwich:
             x = x + attended
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.mlp(self.post_attention_layernorm(x), packed)
         x = x + self.post_attention_layernorm(attended)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), packed))
 
 
 def last_non_pad_token(packed: Packed, pad_token_id: int | None) -> torch.Tensor:

@@ -47,6 +47,19 @@ class Packed:
         """Index of each row's last token, [rows]."""
         return self.cu_seqlens[1:].to(torch.int64) - 1
 
+    @property
+    def edges(self) -> torch.Tensor:
+        """Each row's first tokens, then each row's last tokens, [2 * rows] ([CLS] and [SEP] in BERT:
+        the tokens W8A8 engines compute in bf16, bei/modeling/packed/int8.py)."""
+        return torch.cat([self.starts, self.ends])
+
+    @property
+    def edge_slots(self) -> torch.Tensor:
+        """[tokens]: each token's index in `edges`, -1 for the tokens between a row's first and last."""
+        edges = self.edges
+        slots = torch.full_like(self.input_ids, -1)
+        return slots.index_copy(0, edges, torch.arange(edges.shape[0], device=edges.device))
+
     @classmethod
     def from_padded(
         cls,

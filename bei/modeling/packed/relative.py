@@ -37,6 +37,7 @@ from bei.modeling.packed.blocks import (
     required,
 )
 from bei.modeling.packed.encoders import Encoder, fairseq_positions
+from bei.modeling.packed.int8 import project
 from bei.modeling.packed.layout import Packed
 
 Relative = tuple[torch.Tensor, ...]  # what every layer's attention is given to make its relative position term
@@ -68,9 +69,9 @@ class RelativeAttention(nn.Module):
         return relative[0], self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, packed: Packed, relative: Relative) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = project(self.qkv, x, packed).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         term, scale = self.scores(q, k, packed, relative)
-        return self.out(biased_attention(q, k, v, packed, term, scale).reshape(x.shape[0], -1))
+        return project(self.out, biased_attention(q, k, v, packed, term, scale).reshape(x.shape[0], -1), packed)
 
 
 class RelativeLayer(nn.Module):
@@ -85,7 +86,7 @@ class RelativeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, packed: Packed, relative: Relative) -> torch.Tensor:
         x = self.attn_norm(x + self.attn(x, packed, relative))
-        return self.mlp_norm(x + self.mlp(x))
+        return self.mlp_norm(x + self.mlp(x, packed))
 
 
 _LAYER_NAMES = {

@@ -52,31 +52,28 @@ GRAPH_CALLS_TO_RECORD = 3
 WARM_TOKENS = (8, *(1 << n for n in range(4, GRAPH_MAX_TOKENS.bit_length() - 1)), 2 * GRAPH_MAX_TOKENS)
 
 
-# On the CPU, attention runs on the rows padded to the batch's longest (bei/modeling/packed/attention.py);
-# a batch of pooled outputs runs as up to GROUP_MAX groups of rows of similar length (at least
-# GROUP_MIN_ROWS each) when that pads a fifth less: on all-MiniLM-L6-v2's ~100-token texts, attention
-# is about a quarter of the forward and two to four groups take 30-40% off it
-GROUP_MIN_ROWS = 8
-GROUP_MAX = 4
+# On the CPU, a batch of pooled outputs runs in parts of whole rows of at most CHUNK_TOKENS tokens
+# each: a part's activations (tokens x the MLP's width, int32 / fp32) then stay in the CPU's caches
+# between the GEMM that writes them and the kernels that read them. On all-MiniLM-L6-v2's medium
+# texts (one thread, W8A8), 32 rows of ~128 tokens ran 48.7 texts/s as one call and 58.2 in parts
+# of ~1,000 tokens (docs/benchmarks.md); attention is row by row and needs no grouping by length
+CHUNK_TOKENS = 1024
 # ... and, with two or more intra-op threads, as one lane per thread: each lane runs its share of the
 # rows on one thread, side by side, instead of every GEMM and kernel forking over all the threads
 # (OpenMP's barriers, and its spinning when the cores are shared, cost more than the kernels gain)
 LANE_MIN_ROWS = 4
 
 
-def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
-    """Row indices in groups of similar length (shortest first), or one group of every row in order
-    when groups would not save a fifth of the padded attention area (rows x longest^2)."""
-    every = np.arange(len(lengths))
-    count = min(GROUP_MAX, len(lengths) // GROUP_MIN_ROWS)
+def token_chunks(lengths: np.ndarray, budget: int | None = None) -> list[np.ndarray]:
+    """Row indices in order, in about `sum(lengths) / budget` (default CHUNK_TOKENS) runs of whole
+    rows of about equal tokens (one run of every row below one and a half budgets)."""
+    rows = np.arange(len(lengths))
+    count = min(len(lengths), round(int(lengths.sum()) / (budget or CHUNK_TOKENS)))
     if count < 2:
-        return [every]
-    groups = np.array_split(np.argsort(lengths, kind="stable"), count)
-
-    def area(rows: np.ndarray) -> int:
-        return len(rows) * int(lengths[rows].max()) ** 2
-
-    return groups if sum(area(g) for g in groups) <= 0.8 * area(every) else [every]
+        return [rows]
+    ends = np.cumsum(lengths)
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, count) / count) + 1  # after the row that reaches each share
+    return [run for run in np.split(rows, cuts) if len(run)]
 
 
 def _one_thread() -> None:
@@ -103,7 +100,7 @@ class Prepared:
     feed: Packed  # what the module runs: `packed`, or `packed` padded to its token bucket
     width: int
     left_padded: bool
-    parts: tuple[Packed, ...] = ()  # the CPU: the rows in length groups (`length_groups`), run one after another
+    parts: tuple[Packed, ...] = ()  # the CPU: the rows in parts of CHUNK_TOKENS (`token_chunks`), run one after another
     order: np.ndarray | None = None  # the parts' rows -> the batch's order
     lanes: tuple[int, ...] = ()  # with parts: how many parts each lane runs (`lanes_of`), lanes side by side
 
@@ -213,7 +210,7 @@ class TorchBackend(Backend):
             to_bf16(module)
         if manifest.precision == "int8" and device == "cpu":  # W8A8 layers, bf16 GEMMs for the others, as built
             quantization = manifest.quantization or {}
-            int8_structure(module, quantization.get("layers", []))
+            int8_structure(module, quantization.get("layers", []), bf16_edges=bool(quantization.get("bf16_edges")))
             to_bf16(module, quantization.get("bf16_layers", []))
         missing, unexpected = load_model(module, folder / WEIGHTS_FILE, strict=False)
         if missing or unexpected:
@@ -246,9 +243,9 @@ class TorchBackend(Backend):
         types = batch.token_type_ids if "token_type_ids" in self.input_names else None
         prompt = batch.prompt_length if "prompt_length" in self.input_names else None
         width = int(batch.input_ids.shape[1])
-        lanes: list[list[np.ndarray]] = []  # the CPU: per lane, its rows in length groups
+        lanes: list[list[np.ndarray]] = []  # the CPU: per lane, its rows in parts (`token_chunks`)
         if self.device.type == "cpu" and not self.per_token:
-            lanes = [[lane[g] for g in length_groups(batch.lengths[lane])] for lane in lanes_of(batch.lengths, self.lanes)]
+            lanes = [[lane[g] for g in token_chunks(batch.lengths[lane])] for lane in lanes_of(batch.lengths, self.lanes)]
         groups = [group for lane in lanes for group in lane]
         if len(groups) > 1:
             parts = tuple(

@@ -215,7 +215,7 @@ def _quantize_int8(
     def quantized(int8_kinds: Sequence[str]) -> PackedEngineModule:
         int8 = {name for kind in int8_kinds for name in kinds[kind]}
         copied = copy.deepcopy(module)
-        quantize_int8(copied, [n for n in layers if n in int8], amax)
+        quantize_int8(copied, [n for n in layers if n in int8], amax, bf16_edges=True)
         to_bf16(copied, [n for n in layers if n not in int8])
         return copied
 
@@ -244,6 +244,7 @@ def _quantize_int8(
         "type": "int8",
         "scheme": "W8A8: int8 weights per output channel, int8 activations per token (asymmetric), SmoothQuant",
         "smoothing_alpha": SMOOTHING_ALPHA,
+        "bf16_edges": True,  # each sequence's first and last token keep bf16 GEMMs in the int8 layers
         "layers": int8_layers,
         "bf16_layers": sorted(set(layers) - set(int8_layers)),
         "search": {

@@ -57,8 +57,8 @@ def _plan(request: PlanRequest) -> PlanDetails:
             Precision.INT8,
             notes=[
                 "int8 on the CPU: W8A8 (int8 weights per channel, int8 activations per token, SmoothQuant) on the kinds "
-                "of layer that keep quantization_config.min_accuracy on held-out texts, bf16 GEMMs for the others; "
-                "LayerNorm, attention, pooling and the heads in fp32"
+                "of layer that keep quantization_config.min_accuracy on held-out texts, bf16 GEMMs for the others and for "
+                "each sequence's first and last token; LayerNorm, attention, pooling and the heads in fp32"
             ],  # fmt: skip
             cpu_features=bf16_units(request.cpu_features)[:1],
         )

@@ -55,8 +55,8 @@ WARM_TOKENS = (8, *(1 << n for n in range(4, GRAPH_MAX_TOKENS.bit_length() - 1))
 # On the CPU, a batch of pooled outputs runs in parts of whole rows of at most CHUNK_TOKENS tokens
 # each: a part's activations (tokens x the MLP's width, int32 / fp32) then stay in the CPU's caches
 # between the GEMM that writes them and the kernels that read them. On all-MiniLM-L6-v2's medium
-# texts (one thread, W8A8), 32 rows of ~128 tokens ran 48.7 texts/s as one call and 58.2 in parts
-# of ~1,000 tokens (docs/benchmarks.md); attention is row by row and needs no grouping by length
+# texts (one thread), 32 rows of ~128 tokens ran 43.8 texts/s as one call and 58.5 in parts of
+# ~1,000 tokens with W8A8, 44.1 and 54.4 with bf16 (docs/benchmarks.md)
 CHUNK_TOKENS = 1024
 # ... and, with two or more intra-op threads, as one lane per thread: each lane runs its share of the
 # rows on one thread, side by side, instead of every GEMM and kernel forking over all the threads
@@ -65,15 +65,19 @@ LANE_MIN_ROWS = 4
 
 
 def token_chunks(lengths: np.ndarray, budget: int | None = None) -> list[np.ndarray]:
-    """Row indices in order, in about `sum(lengths) / budget` (default CHUNK_TOKENS) runs of whole
-    rows of about equal tokens (one run of every row below one and a half budgets)."""
-    rows = np.arange(len(lengths))
+    """Row indices, shortest first, in about `sum(lengths) / budget` (default CHUNK_TOKENS) runs of
+    whole rows of about equal tokens (one run of every row, in order, below one and a half budgets).
+    Rows of like length share a run, so that attention (on the rows padded to the run's longest)
+    pads little."""
     count = min(len(lengths), round(int(lengths.sum()) / (budget or CHUNK_TOKENS)))
     if count < 2:
-        return [rows]
-    ends = np.cumsum(lengths)
-    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, count) / count) + 1  # after the row that reaches each share
-    return [run for run in np.split(rows, cuts) if len(run)]
+        return [np.arange(len(lengths))]
+    order = np.argsort(lengths, kind="stable")
+    ends = np.concatenate(([0], np.cumsum(lengths[order])))  # tokens before each cut point
+    shares = ends[-1] * np.arange(1, count) / count
+    after = np.searchsorted(ends, shares)  # the first cut point at or past each share, or the one before it
+    cuts = np.where(ends[after] - shares <= shares - ends[after - 1], after, after - 1)
+    return [run for run in np.split(order, np.unique(cuts)) if len(run)]
 
 
 def _one_thread() -> None:

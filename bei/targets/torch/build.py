@@ -190,7 +190,8 @@ def _quantize_int8(
 ) -> tuple[dict[str, Any], Batch, np.ndarray, PackedEngineModule]:
     """The CPU's W8A8 engine: SmoothQuant's scales from the calibration texts, then the Linear layers
     that take int8, by kind, chosen on held-out texts (`choose_int8_kinds`) so that half the error budget
-    (`1 - min_accuracy`) stays for texts unlike them; the other layers run bf16 GEMMs. Returns the
+    (`1 - min_accuracy`) stays for texts unlike them; the other layers run bf16 GEMMs, and so do each
+    sequence's first and last token in the int8 layers (`bf16_edges`). Returns the
     manifest's `quantization` entry, the held-out batch, the unquantized outputs on it and the
     quantized module."""
     import copy
@@ -237,8 +238,9 @@ def _quantize_int8(
     require_accuracy(accuracy, qcfg.min_accuracy)
     int8_layers = sorted(name for kind in chosen for name in kinds[kind])
     progress.note(
-        f"{len(int8_layers)} of {len(layers)} Linear layers W8A8 ({', '.join(chosen)}), the rest bf16: each kind alone, "
-        f"then together while the held-out cosine stays >= {search_target:.5f}; {accuracy.summary()}"
+        f"{len(int8_layers)} of {len(layers)} Linear layers W8A8 ({', '.join(chosen)}; each sequence's first and last "
+        f"token in bf16), the rest bf16: each kind alone, then together while the held-out cosine stays >= {search_target:.5f}; "
+        f"{accuracy.summary()}"
     )
     entry = {
         "type": "int8",

@@ -278,12 +278,15 @@ def make_batches(spec: ModelSpec, tokenizer: TokenizerRuntime, texts: Sequence[s
     return [Batch.pad(encoded[i : i + batch_size], tokenizer.pad_id, spec.padding_side) for i in range(0, len(encoded), max(1, batch_size))]
 
 
-def calibration_inputs(qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, config_dir: Path | None) -> tuple[list[str], int, Batch]:
+def calibration_inputs(
+    qcfg: Any, spec: ModelSpec, tokenizer: TokenizerRuntime, config_dir: Path | None, short: int = 0
+) -> tuple[list[str], int, Batch]:
     """`quantization_config`'s calibration texts, their length cap, and the held-out batch the
-    accuracy gate measures on (never calibration texts)."""
+    accuracy gate measures on (never calibration texts; with `short` queries of a few words, as
+    `heldout_batch`)."""
     texts = load_calibration_texts(qcfg.calib_dataset, qcfg.calib_size, base_dir=config_dir)
     max_len = min(qcfg.calib_max_seq_length, spec.max_seq_len)
-    return texts, max_len, heldout_batch(spec, tokenizer, texts, max_len)
+    return texts, max_len, heldout_batch(spec, tokenizer, texts, max_len, short=short)
 
 
 def heldout_batch(

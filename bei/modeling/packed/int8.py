@@ -85,7 +85,8 @@ class Int8Linear(torch.nn.Module):
         row's index among them or -1 (`Packed.edges`, `Packed.edge_slots`)."""
         shape = x.shape
         # multiplications, not divisions, per element (a vector division costs ~20 times more)
-        rows = x.reshape(-1, self.in_features).float() * self.input_multiplier
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.float() * self.input_multiplier
         low = rows.amin(dim=-1, keepdim=True).clamp(max=0)
         high = rows.amax(dim=-1, keepdim=True).clamp(min=0)
         scale = ((high - low) / 255).clamp(min=1e-12)
@@ -96,7 +97,7 @@ class Int8Linear(torch.nn.Module):
         out = acc.float() * (scale * self.weight_scale)
         if edges is not None and self.edge_weight is not None:
             rows_bf16, slots = edges
-            exact = F.linear(x.reshape(-1, self.in_features).index_select(0, rows_bf16).to(torch.bfloat16), self.edge_weight).float()
+            exact = F.linear(flat.index_select(0, rows_bf16).to(torch.bfloat16), self.edge_weight).float()
             # a gather into the dequantizing pass (a scatter there cost inductor's code 20% of the engine's time)
             out = torch.where(slots[:, None] >= 0, exact[slots.clamp(min=0)], out)
         if self.bias is not None:

@@ -202,10 +202,9 @@ def _quantize_int8(
 
     spec, progress = ctx.spec, ctx.progress
     qcfg = ctx.config.trt_llm.build.quantization_config
-    texts, max_len, _ = calibration.calibration_inputs(qcfg, spec, ctx.tokenizer, ctx.config_dir)
     # held-out sentences and queries of one to three words: W8A8 rounds the few tokens of a short
     # query worst (on all-MiniLM-L6-v2, q/k/v in int8 kept 0.9998 on the sentences and 0.9990 on those)
-    heldout = calibration.heldout_batch(spec, ctx.tokenizer, texts, max_len, short=32)
+    texts, max_len, heldout = calibration.calibration_inputs(qcfg, spec, ctx.tokenizer, ctx.config_dir, short=32)
     reference = _run(module, heldout, names)  # the unquantized packed module (= transformers)
     layers = bf16_layers(module)
     batches = calibration.make_batches(spec, ctx.tokenizer, texts, max_len, batch_size=16)

@@ -55,8 +55,9 @@ WARM_TOKENS = (8, *(1 << n for n in range(4, GRAPH_MAX_TOKENS.bit_length() - 1))
 # On the CPU, a batch of pooled outputs runs in parts of whole rows of at most CHUNK_TOKENS tokens
 # each: a part's activations (tokens x the MLP's width, int32 / fp32) then stay in the CPU's caches
 # between the GEMM that writes them and the kernels that read them. On all-MiniLM-L6-v2's medium
-# texts (one thread), 32 rows of ~128 tokens ran 43.8 texts/s as one call and 58.5 in parts of
-# ~1,000 tokens with W8A8, 44.1 and 54.4 with bf16 (docs/benchmarks.md)
+# texts (one thread, 32 rows of ~128 tokens; scripts/cpu_parts.py), parts of ~1,000 tokens ran 2-5%
+# faster than one call when the machine was quiet and 25-34% faster when its caches were shared
+# with other work (docs/benchmarks.md)
 CHUNK_TOKENS = 1024
 # ... and, with two or more intra-op threads, as one lane per thread: each lane runs its share of the
 # rows on one thread, side by side, instead of every GEMM and kernel forking over all the threads

@@ -9,7 +9,8 @@ figures hold on a machine that other work shares; throughput on N cores is rough
 less what threading loses. In one run it measures:
 
 1. the kernels: bf16 and int8 GEMMs (oneDNN) on the model's own Linear shapes, and attention
-   (`scaled_dot_product_attention`, fp32 and bf16, rows padded to the batch's longest) on the
+   (`scaled_dot_product_attention`, fp32 and bf16, rows padded to the batch's longest; and bei's
+   bf16 kernel on the packed rows where it runs, bei/modeling/packed/cpu_attention.py) on the
    workload's shape, in GFLOP/s;
 2. texts/s per core of the engine (tokenizing included, as `bei serve` does it), of
    sentence-transformers with bf16 weights and of sentence-transformers fp32 (`encode`, which
@@ -85,6 +86,14 @@ def attention_rates(lengths: np.ndarray, heads: int, head_dim: int) -> dict[str,
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         q, k, v = (torch.randn(rows, heads, longest, head_dim, dtype=dtype) for _ in range(3))
         rates[name] = flops / cpu_seconds(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) / 1e9
+    from bei.modeling.packed import cpu_attention
+
+    if cpu_attention.kernel() is not None and head_dim in cpu_attention.HEAD_DIMS:  # bei's kernel, on the packed rows
+        cu = torch.zeros(rows + 1, dtype=torch.int32)
+        cu[1:] = torch.from_numpy(np.cumsum(lengths))
+        qkv = torch.randn(int(cu[-1]), 3 * heads * head_dim, dtype=torch.bfloat16)
+        kernel = torch.ops.bei.packed_attention_bf16
+        rates["bei bf16"] = flops / cpu_seconds(lambda: kernel(qkv, cu, heads, head_dim**-0.5)) / 1e9
     return rates
 
 
@@ -152,7 +161,7 @@ def main() -> int:
     gemm = gemm_rates(args.batch * int(lengths.mean()), shapes)
     attention = attention_rates(lengths[: args.batch], heads, hidden // heads)
     print(f"kernels: GEMM bf16 {gemm['bf16']:.0f}, int8 {gemm['int8']:.0f} GOP/s on the model's shapes; "
-          f"attention fp32 {attention['fp32']:.0f}, bf16 {attention['bf16']:.0f} useful GFLOP/s")  # fmt: skip
+          f"attention {', '.join(f'{k} {v:.0f}' for k, v in attention.items())} useful GFLOP/s")  # fmt: skip
 
     st_bf16 = SentenceTransformer(model_dir, device="cpu", model_kwargs={"torch_dtype": torch.bfloat16})
     st_fp32 = SentenceTransformer(model_dir, device="cpu")

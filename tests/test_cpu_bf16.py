@@ -49,6 +49,7 @@ def test_bf16_linear_rounds_only_the_gemm_inputs() -> None:
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert (got - linear(x)).abs().max() > 0  # it did round
+    assert layer(x.bfloat16()).dtype == torch.float32  # fp32 between GEMMs, also after a bf16 input
 
 
 def test_heads_stay_fp32(tiny_checkpoint_factory: Callable[..., Path]) -> None:

@@ -35,7 +35,7 @@ class Bf16Linear(torch.nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        out = F.linear(x.to(torch.bfloat16), self.weight).float()  # fp32 between GEMMs, whatever x is
         return out + self.bias if self.bias is not None else out
 
 

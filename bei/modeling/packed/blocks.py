@@ -16,6 +16,7 @@ from torch import nn
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.packed.attention import FULL, varlen_attention
+from bei.modeling.packed.cpu_attention import packed_attention_bf16, supports
 from bei.modeling.packed.int8 import project
 from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.pooling import pool_packed
@@ -92,7 +93,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Fused q / k / v projection -> (rotary) -> variable-length attention -> output projection."""
+    """Fused q / k / v projection -> (rotary) -> variable-length attention -> output projection.
+    With `bf16_kernel` (CPU engines whose GEMMs take bf16, `use_cpu_attention`), full attention runs
+    on bei's CPU kernel over the packed q / k / v in bf16 (bei/modeling/packed/cpu_attention.py)."""
+
+    bf16_kernel: bool = False
 
     def __init__(self, hidden: int, heads: int, bias: bool) -> None:
         super().__init__()
@@ -105,10 +110,25 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, packed: Packed, window: tuple[int, int], rotary: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        q, k, v = project(self.qkv, x, packed).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        qkv = project(self.qkv, x, packed).view(x.shape[0], 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
         if rotary is not None:
             q, k = _rotate(q, *rotary), _rotate(k, *rotary)
-        return project(self.out, varlen_attention(q, k, v, packed, window=window).reshape(x.shape[0], -1), packed)
+        if self.bf16_kernel and window == FULL:
+            packed_qkv = (qkv if rotary is None else torch.stack((q, k, v), dim=1)).reshape(x.shape[0], -1)
+            out = packed_attention_bf16(packed_qkv.to(torch.bfloat16), packed.cu_seqlens, self.heads, self.head_dim**-0.5)
+        else:
+            out = varlen_attention(q, k, v, packed, window=window)
+        return project(self.out, out.reshape(x.shape[0], -1), packed)
+
+
+def use_cpu_attention(module: nn.Module) -> int:
+    """Run `module`'s full attention layers on bei's bf16 CPU kernel where it runs here (`supports`);
+    returns how many layers do. For CPU engines whose GEMMs take bf16 inputs (bf16, W8A8)."""
+    layers = [m for m in module.modules() if isinstance(m, Attention) and supports(m.head_dim)]
+    for layer in layers:
+        layer.bf16_kernel = True
+    return len(layers)
 
 
 class MLP(nn.Module):

@@ -102,7 +102,7 @@ class Int8Linear(torch.nn.Module):
             out = torch.where(slots[:, None] >= 0, exact[slots.clamp(min=0)], out)
         if self.bias is not None:
             out = out + self.bias
-        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return out.reshape(*shape[:-1], self.out_features)  # fp32 between GEMMs, whatever x is
 
 
 def project(layer: torch.nn.Module, x: torch.Tensor, packed: Packed | None) -> torch.Tensor:

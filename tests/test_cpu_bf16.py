@@ -24,7 +24,9 @@ from bei.errors import ConfigError, EngineError
 from bei.hardware import Host, detect_host
 from bei.kinds import Precision
 from bei.modeling.detect import read_model_spec
-from bei.modeling.packed.bf16 import Bf16Linear, bf16_layers, to_bf16
+from bei.modeling.packed.bf16 import FALLBACK_ACTIVATIONS, Bf16Linear, bf16_layers, to_bf16
+from bei.modeling.packed.blocks import MLP, fuse_mlp_activations
+from bei.modeling.packed.layout import Packed
 from bei.modeling.packed.model import build_packed_module
 from bei.progress import Progress
 from bei.targets.plan import check_target_hardware, make_plan
@@ -38,18 +40,56 @@ AVX2_ONLY = Host(versions={"onnxruntime": "1", "torch": torch.__version__}, cpu_
 HERE = detect_host()
 
 
-def test_bf16_linear_rounds_only_the_gemm_inputs() -> None:
+@pytest.mark.parametrize("onednn", [True, False])  # oneDNN's fused op (packed weight), and F.linear's fallback
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh", "relu"])
+def test_bf16_linear_rounds_the_gemm_inputs_and_its_output(onednn: bool, activation: str) -> None:
+    """bf16 inputs, fp32 accumulation, bias and activation in fp32, one rounding of the output to bf16."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    x = torch.randn(5, 64)
+    x = torch.randn(2, 5, 64)
     layer = Bf16Linear.from_linear(linear)
+    layer.activation = activation
+    layer.onednn = onednn and layer.onednn
     assert layer.weight.dtype == torch.bfloat16 and layer.bias is not None and layer.bias.dtype == torch.float32
-    want = F.linear(x.bfloat16(), linear.weight.detach().bfloat16()).float() + linear.bias.detach()
+    exact = F.linear(x.bfloat16().float(), linear.weight.detach().bfloat16().float()) + linear.bias.detach()
+    want = FALLBACK_ACTIVATIONS[activation](exact)
     got = layer(x)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert (got - linear(x)).abs().max() > 0  # it did round
-    assert layer(x.bfloat16()).dtype == torch.float32  # fp32 between GEMMs, also after a bf16 input
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 48)
+    # within the output's rounding (oneDNN adds a bf16 copy of the bias, and sums in its own order)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2e-2)
+    assert (got.float() - FALLBACK_ACTIVATIONS[activation](linear(x))).abs().max() > 0  # it did round
+    assert torch.equal(layer(x.bfloat16()), got)  # a bf16 input is the same input
+
+
+def test_the_packed_weight_follows_the_weight() -> None:
+    """oneDNN's packed copy of a weight is made again when the weight changes (an engine's weights load
+    into layers built empty)."""
+    layer = Bf16Linear(64, 48, bias=False)
+    if not layer.onednn:
+        pytest.skip("this torch has no oneDNN")
+    x = torch.randn(3, 64)
+    assert torch.count_nonzero(layer(x)) == 0
+    layer.weight.copy_(torch.randn(48, 64).bfloat16())
+    want = (x.bfloat16().float() @ layer.weight.float().T).bfloat16()
+    torch.testing.assert_close(layer(x), want, rtol=2**-7, atol=1e-2)
+
+
+def test_mlps_hand_their_activation_to_the_up_projection(tiny_checkpoint_factory: Callable[..., Path]) -> None:
+    spec = read_model_spec(tiny_checkpoint_factory("bert", "embed"))
+    module = build_packed_module(spec).eval()
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, 6:] = 0
+    packed = Packed.from_padded(torch.randint(5, 90, (2, 9)), mask)
+    with torch.no_grad():
+        exact = module.body(packed)
+        to_bf16(module)
+        separate = module.body(packed)
+        assert fuse_mlp_activations(module) == 2  # the tiny BERT's two layers (GELU)
+        fused = module.body(packed)
+    mlps = [m for m in module.modules() if isinstance(m, MLP)]
+    assert all(m.fused and isinstance(m.up, Bf16Linear) and m.up.activation == "gelu" for m in mlps)
+    for got in (separate, fused):
+        assert F.cosine_similarity(got.float(), exact, dim=-1).min() >= 0.9999
 
 
 def test_heads_stay_fp32(tiny_checkpoint_factory: Callable[..., Path]) -> None:

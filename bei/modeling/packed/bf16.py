@@ -1,22 +1,29 @@
 """bf16 Linear layers for CPU engines: the weights stored in bf16 and every GEMM run in bf16 with
-fp32 accumulation (oneDNN, on CPUs with AVX512-BF16 or AMX-BF16 units), while the activations
-between GEMMs, LayerNorm, softmax, attention, pooling and the task heads stay fp32. Rounding only
-the GEMM inputs keeps an embedder within cosine 0.9999 of its fp32 outputs, where casting the whole
-model to bf16 (as `torch_dtype=torch.bfloat16` does) loses an order of magnitude more.
+fp32 accumulation (oneDNN, on CPUs with AVX512-BF16 or AMX-BF16 units); each GEMM's output (bias
+and fused activation included) is rounded to bf16 once, while residual sums, LayerNorm, softmax,
+pooling and the task heads stay fp32. Rounding only the GEMMs' inputs and outputs keeps an embedder
+within cosine 0.9999 of its fp32 outputs, where casting the whole model to bf16 (as
+`torch_dtype=torch.bfloat16` does) loses an order of magnitude more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+from bei.modeling.packed import onednn
 from bei.modeling.packed.replace import replace_linears
 from bei.modeling.quant_layers import quantized_layer_names
 
 
 class Bf16Linear(torch.nn.Module):
+    """y = act(x @ W^T + b) on bf16 inputs with fp32 accumulation, rounded to bf16 once: on oneDNN with
+    the weight packed and the bias and `activation` in the GEMM's epilogue (bei/modeling/packed/onednn.py)
+    where torch has it, else `F.linear` and the same steps in fp32. `activation` is set when an MLP
+    hands its activation to the layer (`fuse_mlp_activations`)."""
+
     weight: torch.Tensor  # bf16 [out, in]
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -24,6 +31,9 @@ class Bf16Linear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.activation = "none"  # a key of onednn.POST_OPS
+        self.key = onednn.new_key()  # its packed weight's (onednn.py)
+        self.onednn = onednn.available()
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> Bf16Linear:
@@ -35,8 +45,28 @@ class Bf16Linear(torch.nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.to(torch.bfloat16), self.weight).float()  # fp32 between GEMMs, whatever x is
-        return out + self.bias if self.bias is not None else out
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.onednn and flat.device.type == "cpu":
+            bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+            out = onednn.onednn_linear(flat, self.weight, bias, self.key, self.activation)
+        else:
+            out = F.linear(flat, self.weight).float()
+            if self.bias is not None:
+                out = out + self.bias
+            out = FALLBACK_ACTIVATIONS[self.activation](out).to(torch.bfloat16)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+FALLBACK_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda x: x,
+    "gelu": F.gelu,
+    "gelu_tanh": _tanh_gelu,
+    "relu": F.relu,
+}
 
 
 def bf16_layers(module: torch.nn.Module) -> list[str]:

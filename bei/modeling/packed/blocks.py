@@ -16,6 +16,7 @@ from torch import nn
 from bei.errors import ModelError
 from bei.kinds import Task
 from bei.modeling.packed.attention import FULL, varlen_attention
+from bei.modeling.packed.bf16 import Bf16Linear
 from bei.modeling.packed.cpu_attention import packed_attention_bf16, supports
 from bei.modeling.packed.int8 import project
 from bei.modeling.packed.layout import Packed
@@ -122,6 +123,28 @@ class Attention(nn.Module):
         return project(self.out, out.reshape(x.shape[0], -1), packed)
 
 
+# activations oneDNN applies in a GEMM's epilogue (bei/modeling/packed/onednn.py): the function -> its name there
+FUSABLE_ACTIVATIONS: dict[Activation, str] = {F.gelu: "gelu", _tanh_gelu: "gelu_tanh", F.relu: "relu"}
+
+
+def fuse_mlp_activations(module: nn.Module) -> int:
+    """Hand each plain (not gated) MLP's activation to its bf16 up projection, which applies it before
+    rounding its output; returns how many MLPs."""
+    count = 0
+    for mlp in module.modules():
+        if isinstance(mlp, MLP) and not mlp.gated and isinstance(mlp.up, Bf16Linear) and mlp.act in FUSABLE_ACTIVATIONS:
+            mlp.up.activation, mlp.fused = FUSABLE_ACTIVATIONS[mlp.act], True
+            count += 1
+    return count
+
+
+def use_cpu_kernels(module: nn.Module) -> tuple[int, int]:
+    """A CPU engine whose GEMMs take bf16 (precision bf16, W8A8): attention on bei's kernel where it runs
+    (`use_cpu_attention`), MLP activations in the up projection's GEMM (`fuse_mlp_activations`).
+    Returns how many layers of each."""
+    return use_cpu_attention(module), fuse_mlp_activations(module)
+
+
 def use_cpu_attention(module: nn.Module) -> int:
     """Run `module`'s full attention layers on bei's bf16 CPU kernel where it runs here (`supports`);
     returns how many layers do. For CPU engines whose GEMMs take bf16 inputs (bf16, W8A8)."""
@@ -140,12 +163,17 @@ class MLP(nn.Module):
         self.up = nn.Linear(hidden, inner * (2 if gated else 1), bias=bias)
         self.down = nn.Linear(inner, hidden, bias=bias)
 
+    act: Activation
+    gated: bool
+    up: nn.Module
+    fused = False  # the up projection applies `act` in its GEMM (`fuse_mlp_activations`)
+
     def forward(self, x: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
         h = project(self.up, x, packed)
         if self.gated:
             h, gate = h.chunk(2, dim=-1)
             h = self.act(h) * gate
-        else:
+        elif not self.fused:
             h = self.act(h)
         return project(self.down, h, packed)
 

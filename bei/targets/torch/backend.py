@@ -27,7 +27,7 @@ from bei.engine.manifest import Manifest
 from bei.errors import EngineError
 from bei.kinds import PER_TOKEN_TASKS
 from bei.modeling.packed.bf16 import to_bf16
-from bei.modeling.packed.blocks import use_cpu_attention
+from bei.modeling.packed.blocks import use_cpu_kernels
 from bei.modeling.packed.fp8 import quantize_fp8
 from bei.modeling.packed.int8 import int8_structure
 from bei.modeling.packed.layout import Packed, bucket
@@ -219,7 +219,7 @@ class TorchBackend(Backend):
             int8_structure(module, quantization.get("layers", []), bf16_edges=bool(quantization.get("bf16_edges")))
             to_bf16(module, quantization.get("bf16_layers", []))
         if manifest.precision in ("bf16", "int8") and device == "cpu":  # bei's bf16 attention where it runs here
-            use_cpu_attention(module)
+            use_cpu_kernels(module)
         missing, unexpected = load_model(module, folder / WEIGHTS_FILE, strict=False)
         if missing or unexpected:
             raise EngineError(f"{folder / WEIGHTS_FILE} does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")

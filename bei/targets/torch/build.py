@@ -32,7 +32,7 @@ from bei.engine.manifest import TargetInfo
 from bei.errors import ExportError
 from bei.modeling.module import build_module, input_names
 from bei.modeling.packed.bf16 import bf16_layers, to_bf16
-from bei.modeling.packed.blocks import use_cpu_attention
+from bei.modeling.packed.blocks import use_cpu_kernels
 from bei.modeling.packed.fp8 import calibrate_static_scales, quantize_fp8
 from bei.modeling.packed.model import PackedEngineModule, build_packed_module, pad_token_id, read_config
 from bei.modeling.spec import ModelSpec
@@ -110,7 +110,7 @@ def build(ctx: BuildContext) -> BuildResult:
             if cpu_bf16:  # judged on held-out texts too: the 4 samples say little of the rounding
                 check_batch = builtin_heldout_batch(ctx.config.trt_llm.build.quantization_config, spec, ctx.tokenizer)
                 check_reference = _run(module, check_batch, names)
-                bf16, attention = len(to_bf16(module)), _attention_note(use_cpu_attention(module))
+                bf16, attention = len(to_bf16(module)), _kernels_note(*use_cpu_kernels(module))
                 progress.note(f"{bf16} Linear layers in bf16 (fp32 accumulation), the rest fp32; {attention}")
         with progress.stage("verify"):
             agreement = compare(check_reference, _run(module, check_batch, names))
@@ -187,10 +187,13 @@ def _quantize_fp8(
     return entry, heldout, reference
 
 
-def _attention_note(kernel_layers: int) -> str:
-    if kernel_layers:
-        return f"attention in {kernel_layers} layers on bei's bf16 CPU kernel (bei/modeling/packed/cpu_attention.py)"
-    return "attention on torch's scaled_dot_product_attention"
+def _kernels_note(attention_layers: int, fused_mlps: int) -> str:
+    attention = (
+        f"attention in {attention_layers} layers on bei's bf16 CPU kernel (bei/modeling/packed/cpu_attention.py)"
+        if attention_layers
+        else "attention on torch's scaled_dot_product_attention"
+    )
+    return f"{attention}; the activation of {fused_mlps} MLPs in their up projection's GEMM" if fused_mlps else attention
 
 
 def _quantize_int8(
@@ -225,7 +228,7 @@ def _quantize_int8(
         copied = copy.deepcopy(module)
         quantize_int8(copied, [n for n in layers if n in int8], amax, bf16_edges=True)
         to_bf16(copied, [n for n in layers if n not in int8])
-        use_cpu_attention(copied)  # judged as served
+        use_cpu_kernels(copied)  # judged as served
         return copied
 
     def min_cosine(int8_kinds: Sequence[str]) -> float:
@@ -248,7 +251,7 @@ def _quantize_int8(
     progress.note(
         f"{len(int8_layers)} of {len(layers)} Linear layers W8A8 ({', '.join(chosen)}; each sequence's first and last "
         f"token in bf16), the rest bf16: each kind alone, then together while the held-out cosine stays >= {search_target:.5f}; "
-        f"{_attention_note(use_cpu_attention(module))}; {accuracy.summary()}"
+        f"{_kernels_note(*use_cpu_kernels(module))}; {accuracy.summary()}"
     )
     entry = {
         "type": "int8",

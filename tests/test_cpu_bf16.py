@@ -54,10 +54,11 @@ def test_bf16_linear_rounds_the_gemm_inputs_and_its_output(onednn: bool, activat
     exact = F.linear(x.bfloat16().float(), linear.weight.detach().bfloat16().float()) + linear.bias.detach()
     want = FALLBACK_ACTIVATIONS[activation](exact)
     got = layer(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 48)
+    assert got.dtype == torch.float32 and got.shape == (2, 5, 48)  # fp32 between GEMMs
+    assert torch.equal(got.bfloat16().float(), got)  # rounded to bf16 once
     # within the output's rounding (oneDNN adds a bf16 copy of the bias, and sums in its own order)
-    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2e-2)
-    assert (got.float() - FALLBACK_ACTIVATIONS[activation](linear(x))).abs().max() > 0  # it did round
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=2e-2)
+    assert (got - FALLBACK_ACTIVATIONS[activation](linear(x))).abs().max() > 0  # it did round
     assert torch.equal(layer(x.bfloat16()), got)  # a bf16 input is the same input
 
 
@@ -70,7 +71,7 @@ def test_the_packed_weight_follows_the_weight() -> None:
     x = torch.randn(3, 64)
     assert torch.count_nonzero(layer(x)) == 0
     layer.weight.copy_(torch.randn(48, 64).bfloat16())
-    want = (x.bfloat16().float() @ layer.weight.float().T).bfloat16()
+    want = x.bfloat16().float() @ layer.weight.float().T
     torch.testing.assert_close(layer(x), want, rtol=2**-7, atol=1e-2)
 
 

@@ -232,7 +232,8 @@ def test_edges_are_each_rows_first_and_last_token() -> None:
 
 def test_bf16_edges_compute_first_and_last_tokens_in_bf16_and_the_rest_in_int8() -> None:
     """With `bf16_edges`, a row at a sequence's edge is the bf16 GEMM of the original (unsmoothed)
-    weights, exactly as Bf16Linear computes it; every other row is the int8 layer's."""
+    weights, as Bf16Linear computes it (within its output's bf16 rounding: the edges stay fp32);
+    every other row is the int8 layer's."""
     torch.manual_seed(5)
     linear = torch.nn.Linear(64, 48)
     amax = torch.rand(64) * 4 + 0.5
@@ -243,7 +244,7 @@ def test_bf16_edges_compute_first_and_last_tokens_in_bf16_and_the_rest_in_int8()
     got = project(edged, x, packed)
     edges = packed.edges.unique()
     middle = torch.tensor([t for t in range(packed.tokens) if t not in set(edges.tolist())])
-    torch.testing.assert_close(got[edges], Bf16Linear.from_linear(linear)(x)[edges], rtol=0, atol=0)
+    torch.testing.assert_close(got[edges], Bf16Linear.from_linear(linear)(x)[edges], rtol=2**-7, atol=1e-2)
     assert torch.equal(got[middle], plain(x)[middle])
     assert not torch.equal(got[edges], plain(x)[edges])  # the int8 rows would differ there
     assert torch.equal(project(plain, x, packed), plain(x))  # a layer without edge weights ignores them

@@ -1,9 +1,9 @@
 """bf16 Linear layers for CPU engines: the weights stored in bf16 and every GEMM run in bf16 with
 fp32 accumulation (oneDNN, on CPUs with AVX512-BF16 or AMX-BF16 units); each GEMM's output (bias
-and fused activation included) is rounded to bf16 once, while residual sums, LayerNorm, softmax,
-pooling and the task heads stay fp32. Rounding only the GEMMs' inputs and outputs keeps an embedder
-within cosine 0.9999 of its fp32 outputs, where casting the whole model to bf16 (as
-`torch_dtype=torch.bfloat16` does) loses an order of magnitude more.
+and fused activation included) is rounded to bf16 once and handed on in fp32, like the residual
+sums, LayerNorm, softmax, pooling and the task heads. Rounding only the GEMMs' inputs and outputs
+keeps an embedder within cosine 0.9999 of its fp32 outputs, where casting the whole model to bf16
+(as `torch_dtype=torch.bfloat16` does) loses an order of magnitude more.
 """
 
 from __future__ import annotations
@@ -45,16 +45,20 @@ class Bf16Linear(torch.nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # fp32 out, whatever x is: the modules around stay fp32. Under torch.compile a bf16 consumer's
+        # cast back is no pass at all (inductor drops a bf16 -> fp32 -> bf16 chain of casts).
+        flat = x.to(torch.bfloat16)
+        if flat.dim() != 2:
+            flat = flat.reshape(-1, self.in_features)
         if self.onednn and flat.device.type == "cpu":
             bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
-            out = onednn.onednn_linear(flat, self.weight, bias, self.key, self.activation)
+            out = onednn.onednn_linear(flat, self.weight, bias, self.key, self.activation).float()
         else:
             out = F.linear(flat, self.weight).float()
             if self.bias is not None:
                 out = out + self.bias
-            out = FALLBACK_ACTIVATIONS[self.activation](out).to(torch.bfloat16)
-        return out.reshape(*x.shape[:-1], self.out_features)
+            out = FALLBACK_ACTIVATIONS[self.activation](out).to(torch.bfloat16).float()
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
 
 def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:

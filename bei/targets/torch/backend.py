@@ -192,7 +192,8 @@ class TorchBackend(Backend):
             _dynamo.config.specialize_float = True
             # no inductor `freezing` on the CPU: `options={"freezing": True}` never froze (the weights stayed
             # graph inputs), and freezing for real (the global config) packs the bf16 weights for oneDNN
-            # but measured no faster (54.5 against 54.9 texts/s per core on all-minilm-l6-v2)
+            # but measured no faster (54.5 against 54.9 texts/s per core on all-minilm-l6-v2); the bf16
+            # layers pack their weights themselves and fuse bias and activation (bei/modeling/packed/onednn.py)
             self.forward = torch.compile(module, dynamic=True)
             if static:  # torch.compile captures and replays one CUDA graph per bucket
                 self.graphed = torch.compile(module, mode="reduce-overhead", dynamic=False)
@@ -219,7 +220,13 @@ class TorchBackend(Backend):
             int8_structure(module, quantization.get("layers", []), bf16_edges=bool(quantization.get("bf16_edges")))
             to_bf16(module, quantization.get("bf16_layers", []))
         if manifest.precision in ("bf16", "int8") and device == "cpu":  # bei's bf16 attention where it runs here
-            use_cpu_kernels(module)
+            attention, fused = use_cpu_kernels(module)
+            log.info(
+                "%s: attention in %d layers on bei's bf16 CPU kernel, the activation of %d MLPs in their GEMM",
+                manifest.name,
+                attention,
+                fused,
+            )
         missing, unexpected = load_model(module, folder / WEIGHTS_FILE, strict=False)
         if missing or unexpected:
             raise EngineError(f"{folder / WEIGHTS_FILE} does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -58,7 +58,8 @@ def _plan(request: PlanRequest) -> PlanDetails:
             notes=[
                 "int8 on the CPU: W8A8 (int8 weights per channel, int8 activations per token, SmoothQuant) on the kinds "
                 "of layer that keep quantization_config.min_accuracy on held-out texts, bf16 GEMMs for the others and for "
-                "each sequence's first and last token; LayerNorm, attention, pooling and the heads in fp32"
+                "each sequence's first and last token; attention in bf16 with an fp32 softmax (bei's CPU kernel, where it "
+                "runs); LayerNorm, pooling and the heads in fp32"
             ],  # fmt: skip
             cpu_features=bf16_units(request.cpu_features)[:1],
         )
@@ -67,8 +68,8 @@ def _plan(request: PlanRequest) -> PlanDetails:
             return PlanDetails(
                 Precision.BF16,
                 notes=[
-                    "bf16 on the CPU: every transformer GEMM in bf16 with fp32 accumulation; the activations between "
-                    "them, LayerNorm, attention, pooling and the heads in fp32"
+                    "bf16 on the CPU: every transformer GEMM in bf16 with fp32 accumulation, attention too (bei's CPU "
+                    "kernel, where it runs) with an fp32 softmax; LayerNorm, pooling and the heads in fp32"
                 ],  # fmt: skip
                 cpu_features=bf16_units(request.cpu_features)[:1],
             )

@@ -160,3 +160,15 @@ def test_compiled_once_per_source_and_a_failed_compile_leaves_nothing(
         assert cpu_attention.kernel() is None
     assert f"{broken} failed: no bf16 here" in caplog.text
     assert list(fresh_kernel.iterdir()) == built
+
+
+@needs_kernel
+def test_a_cache_that_cannot_be_written_leaves_torch_attention(
+    fresh_kernel: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = fresh_kernel.parent.parent / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    with caplog.at_level(logging.INFO, logger="bei.modeling.packed.cpu_attention"):
+        assert cpu_attention.kernel() is None
+    assert f"no kernel from {blocked}/bei/kernels" in caplog.text

@@ -39,6 +39,7 @@ ISA = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma")
 HEAD_DIMS = (32, 64, 128)
 SWITCH = "BEI_CPU_ATTENTION"  # "0": torch's attention everywhere
+COMPILE_TIMEOUT_S = 120
 MIN_SPLIT_TOKENS = 64  # a call with fewer tokens runs on one thread whatever the intra-op count
 
 
@@ -63,7 +64,7 @@ def _compiler() -> str | None:
 def _compiled(compiler: str) -> Path:
     """The shared library for this source and compiler, compiled now unless cached; written under a
     temporary name and renamed, so that a concurrent or failed compile leaves no half-written file."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=COMPILE_TIMEOUT_S).stdout
     digest = hashlib.sha256("\0".join((SOURCE.read_text(), version, *FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_attention-{digest}.so"
     if target.exists():
@@ -71,7 +72,9 @@ def _compiled(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, check=True, timeout=COMPILE_TIMEOUT_S
+        )
         os.replace(built, target)
     return target
 
@@ -88,8 +91,10 @@ def kernel() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(_compiled(compiler)))
         except subprocess.CalledProcessError as err:
             why = f"{compiler} failed: {(err.stderr or '').strip()[-500:]}"
-        except OSError as err:
-            why = f"the compiled kernel did not load: {err}"
+        except subprocess.TimeoutExpired:
+            why = f"{compiler} took over {COMPILE_TIMEOUT_S} s"
+        except OSError as err:  # the cache not writable, or the library not loadable
+            why = f"no kernel from {cache_dir()}: {err}"
         else:
             entry = library.bei_attention_bf16
             entry.restype = ctypes.c_int

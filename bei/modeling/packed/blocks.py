@@ -157,16 +157,16 @@ def use_cpu_attention(module: nn.Module) -> int:
 class MLP(nn.Module):
     """up -> act -> down; gated (GeGLU): `up` makes [input, gate] and the output is act(input) * gate."""
 
+    act: Activation
+    gated: bool
+    up: nn.Module
+    fused = False  # the up projection applies `act` in its GEMM (`fuse_mlp_activations`)
+
     def __init__(self, hidden: int, inner: int, act: Activation, bias: bool, gated: bool) -> None:
         super().__init__()
         self.act, self.gated = act, gated
         self.up = nn.Linear(hidden, inner * (2 if gated else 1), bias=bias)
         self.down = nn.Linear(inner, hidden, bias=bias)
-
-    act: Activation
-    gated: bool
-    up: nn.Module
-    fused = False  # the up projection applies `act` in its GEMM (`fuse_mlp_activations`)
 
     def forward(self, x: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
         h = project(self.up, x, packed)

@@ -21,8 +21,8 @@ from bei.modeling.quant_layers import quantized_layer_names
 class Bf16Linear(torch.nn.Module):
     """y = act(x @ W^T + b) on bf16 inputs with fp32 accumulation, rounded to bf16 once: on oneDNN with
     the weight packed and the bias and `activation` in the GEMM's epilogue (bei/modeling/packed/onednn.py)
-    where torch has it, else `F.linear` and the same steps in fp32. `activation` is set when an MLP
-    hands its activation to the layer (`fuse_mlp_activations`)."""
+    where torch has it, else `F.linear` and the same steps in fp32. An MLP hands its activation to the
+    layer with `fuse` (`fuse_mlp_activations`)."""
 
     weight: torch.Tensor  # bf16 [out, in]
 
@@ -31,7 +31,8 @@ class Bf16Linear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.activation = "none"  # a key of onednn.POST_OPS
+        self.activation = "none"  # a key of onednn.POST_OPS (`fuse`)
+        self.activate: Callable[[torch.Tensor], torch.Tensor] | None = None  # the same, for the F.linear path
         self.key = onednn.new_key()  # its packed weight's (onednn.py)
         self.onednn = onednn.available()
 
@@ -43,6 +44,10 @@ class Bf16Linear(torch.nn.Module):
             assert layer.bias is not None
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer.to(linear.weight.device)
+
+    def fuse(self, function: Callable[[torch.Tensor], torch.Tensor], name: str) -> None:
+        """Apply `function` to the output before rounding it; `name`: oneDNN's for it (onednn.POST_OPS)."""
+        self.activate, self.activation = function, name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 out, whatever x is: the modules around stay fp32. Under torch.compile a bf16 consumer's
@@ -57,20 +62,10 @@ class Bf16Linear(torch.nn.Module):
             out = F.linear(flat, self.weight).float()
             if self.bias is not None:
                 out = out + self.bias
-            out = FALLBACK_ACTIVATIONS[self.activation](out).to(torch.bfloat16).float()
+            if self.activate is not None:
+                out = self.activate(out)
+            out = out.to(torch.bfloat16).float()
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
-
-
-def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-FALLBACK_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda x: x,
-    "gelu": F.gelu,
-    "gelu_tanh": _tanh_gelu,
-    "relu": F.relu,
-}
 
 
 def bf16_layers(module: torch.nn.Module) -> list[str]:

@@ -133,7 +133,8 @@ def fuse_mlp_activations(module: nn.Module) -> int:
     count = 0
     for mlp in module.modules():
         if isinstance(mlp, MLP) and not mlp.gated and isinstance(mlp.up, Bf16Linear) and mlp.act in FUSABLE_ACTIVATIONS:
-            mlp.up.activation, mlp.fused = FUSABLE_ACTIVATIONS[mlp.act], True
+            mlp.up.fuse(mlp.act, FUSABLE_ACTIVATIONS[mlp.act])
+            mlp.fused = True
             count += 1
     return count
 

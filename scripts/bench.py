@@ -176,6 +176,21 @@ def make_workload(name: str, target: int, tokenizer_file: Path, max_tokens: int,
     return Workload(name, target, texts, tokens)
 
 
+def add_engine_arguments(p: argparse.ArgumentParser, rounds: int) -> None:
+    """The arguments the per-core scripts share (cpu_roofline.py, cpu_parts.py): the engine, the
+    workload and how many of its texts, the batch size and the timed rounds."""
+    p.add_argument("engine", type=Path, nargs="?", default=Path("engines/all-minilm-l6-v2"))
+    p.add_argument("--workload", choices=list(WORKLOADS), default="medium")
+    p.add_argument("--texts", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=rounds)
+
+
+def engine_workload(args: argparse.Namespace, max_tokens: int) -> Workload:
+    """`args.texts` texts of `args.workload` for the engine of `add_engine_arguments`, cut at `max_tokens`."""
+    return make_workload(args.workload, WORKLOADS[args.workload], args.engine / "tokenizer.json", max_tokens, args.texts)
+
+
 # --- measurement ---------------------------------------------------------------------------------
 
 

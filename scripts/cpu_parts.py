@@ -22,17 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORKLOADS, make_workload  # noqa: E402
+from bench import add_engine_arguments, engine_workload  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("engine", type=Path, nargs="?", default=Path("engines/all-minilm-l6-v2"))
-    p.add_argument("--workload", choices=list(WORKLOADS), default="medium")
-    p.add_argument("--texts", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32)
+    add_engine_arguments(p, rounds=5)
     p.add_argument("--parts", default="256,512,1024,2048,0", help="part sizes in tokens; 0: the whole batch")
-    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
 
     from bei.backend import Batch
@@ -45,7 +41,7 @@ def main() -> int:
         print(f"cpu_parts: {args.engine} is not a torch engine", file=sys.stderr)
         return 2
     tokenizer, manifest = engine.tokenizer, engine.manifest
-    workload = make_workload(args.workload, 128, args.engine / "tokenizer.json", manifest.max_input_tokens, args.texts)
+    workload = engine_workload(args, manifest.max_input_tokens)
     encoded = [tokenizer.encode(text, truncate=True) for text in workload.texts]
     batches = [Batch.pad(encoded[i : i + args.batch], tokenizer.pad_id, manifest.padding_side) for i in range(0, len(encoded), args.batch)]
     sizes = [int(s) for s in args.parts.split(",")]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORKLOADS, cosine, make_workload  # noqa: E402
+from bench import add_engine_arguments, cosine, engine_workload  # noqa: E402
 
 # the Linear kinds of a BERT layer, by the suffix of their sentence-transformers / transformers name
 LAYER_KINDS: dict[str, Callable[[str], bool]] = {
@@ -131,11 +131,7 @@ def int8_sensitivity(model_dir: str, texts: list[str], reference: np.ndarray) ->
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("engine", type=Path, nargs="?", default=Path("engines/all-minilm-l6-v2"))
-    p.add_argument("--workload", choices=list(WORKLOADS), default="medium")
-    p.add_argument("--texts", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    add_engine_arguments(p, rounds=3)
     p.add_argument("--int8-sensitivity", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -152,7 +148,7 @@ def main() -> int:
     config = __import__("json").loads((args.engine / "config.json").read_text())
     hidden, heads, inner, layers = (config[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers"))
 
-    workload = make_workload(args.workload, WORKLOADS[args.workload], args.engine / "tokenizer.json", manifest.max_input_tokens, args.texts)
+    workload = engine_workload(args, manifest.max_input_tokens)
     texts, lengths = workload.texts, np.array(workload.tokens)
     print(f"{manifest.name} ({manifest.precision}, {manifest.target.name}); {len(texts)} {args.workload} texts, "
           f"{lengths.mean():.0f} tokens on average; batch {args.batch}; one thread, thread CPU time")  # fmt: skip
